@@ -1,0 +1,16 @@
+"""The continuous-batching engine: scheduler, paged KV cache, model runner, sampler."""
+
+from .config import EngineConfig
+from .engine import Engine, GenerationOutput, PromptTooLong, RequestError
+from .request import FinishReason
+from .sampling import SamplingParams
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "FinishReason",
+    "GenerationOutput",
+    "PromptTooLong",
+    "RequestError",
+    "SamplingParams",
+]

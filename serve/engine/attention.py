@@ -1,0 +1,63 @@
+"""Attention against the paged KV cache, plugged into transformers' attention-function registry.
+
+The HF modelling code computes q/k/v (and RoPE at each token's own position) for the flat batch, then
+calls this function. It writes the step's new keys and values into the cache, then attends each group of
+queries to its gathered context. The model runs with `attn_implementation=ATTENTION_NAME`, and the step's
+metadata travels down the model's forward kwargs as `loradock_step`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from .batch import StepBatch
+
+ATTENTION_NAME = "loradock_paged"
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, H, T, D]
+    key: torch.Tensor,  # [1, Hkv, T, D]
+    value: torch.Tensor,  # [1, Hkv, T, D]
+    attention_mask: torch.Tensor | None,  # unused: masks come from the step metadata
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    loradock_step: StepBatch | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if loradock_step is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside the loradock engine")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention logit soft-capping is not supported")
+    step = loradock_step
+    k_cache = step.kv_cache.keys[module.layer_idx]  # [slots, Hkv, D]
+    v_cache = step.kv_cache.values[module.layer_idx]
+    k_cache.index_copy_(0, step.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(0, step.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    out = q.new_empty(q.shape) if len(step.groups) > 1 else None
+    for group in step.groups:
+        keys = k_cache[group.kv_index].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
+        values = v_cache[group.kv_index].transpose(1, 2).to(q.dtype)
+        queries = q[group.rows].view(group.num_seqs, -1, *q.shape[1:]).transpose(1, 2)  # [B, H, Q, D]
+        attended = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=group.mask(sliding_window),
+            scale=scaling,
+            enable_gqa=keys.shape[1] != queries.shape[1],
+        )  # [B, H, Q, D]
+        attended = attended.transpose(1, 2).reshape(-1, *q.shape[1:])  # [B*Q, H, D]
+        if out is None:
+            return attended[None], None
+        out[group.rows] = attended
+    return out[None], None  # [1, T, H, D]
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)

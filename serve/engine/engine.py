@@ -1,0 +1,288 @@
+"""The engine: one thread owns the model and the device; asyncio callers only send it commands.
+
+    caller (asyncio)                      engine thread
+    generate() ── AddRequest ──────────►  scheduler.add
+               ◄── TokenEvent per step ─  schedule → model_runner.run → sample → finish checks
+    (stream closed) ── Abort ──────────►  scheduler.remove (KV freed before the next step)
+
+Text (detokenization, stop strings) is produced on the caller's side so the engine thread only runs the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from ..model_loader import default_dtype, default_quantize, load_model, resolve_device, resolve_model_path
+from ..model_loader import DTYPES, ModelLoadError
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .kv_cache import CacheShape, PagedKVCache, free_device_memory, parse_size
+from .model_runner import ModelRunner
+from .request import FinishReason, Request, TokenEvent
+from .sampling import SamplingParams, make_generator, sample
+from .scheduler import Scheduler
+
+log = logging.getLogger("loradock.engine")
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take; the message says why."""
+
+
+class PromptTooLong(RequestError):
+    """The prompt alone does not fit the context."""
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One new token of a request, with the text it completes."""
+
+    token_id: int | None
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class _Add:
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig, device: torch.device):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        model_config = model.config
+        self.max_model_len = min(
+            config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings
+        )
+        self.vocab_size = model_config.vocab_size
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        shape = CacheShape(
+            num_layers=model_config.num_hidden_layers,
+            num_kv_heads=model_config.num_key_value_heads,
+            head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
+            dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()),
+        )
+        budget = (
+            parse_size(config.kv_cache_memory)
+            if config.kv_cache_memory is not None
+            else int(free_device_memory(device) * config.kv_cache_fraction)
+        )
+        usable_blocks = config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        self.cache = PagedKVCache.from_budget(shape, budget, config.block_size, device, usable_blocks)
+        if self.cache.capacity_tokens < self.max_model_len:
+            log.warning("KV cache holds %d tokens: max_model_len lowered from %d", self.cache.capacity_tokens, self.max_model_len)
+            self.max_model_len = self.cache.capacity_tokens
+        log.info(
+            "KV cache: %d blocks x %d tokens (%.1f MiB), max_model_len %d",
+            self.cache.num_blocks,
+            config.block_size,
+            self.cache.capacity_tokens * shape.bytes_per_token / 2**20,
+            self.max_model_len,
+        )
+        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_num_seqs)
+        self.runner = ModelRunner(model, self.cache, device)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._requests: dict[str, Request] = {}
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        device = resolve_device(config.device)
+        dtype = DTYPES[config.dtype] if config.dtype else default_dtype(device)
+        if config.dtype and config.dtype not in DTYPES:
+            raise ModelLoadError(f"--dtype must be one of {', '.join(DTYPES)}")
+        model, tokenizer = load_model(
+            resolve_model_path(config.model), config.quantize or default_quantize(device), dtype, device
+        )
+        return cls(model, tokenizer, config, device)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="loradock-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; requests still running end with an error event."""
+        if self._thread is not None:
+            self._commands.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- caller side -----------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if any(not (0 <= t < self.vocab_size) for t in ids):
+            raise RequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        return ids
+
+    def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens"
+            )
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - len(prompt_ids)}"
+            )
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[GenerationOutput]:
+        """Submit a request and iterate over its tokens. Closing the iterator early cancels the request."""
+        params = params or SamplingParams()
+        prompt_ids = self.tokenize(prompt)
+        self.check_fits(prompt_ids, params)
+        if self._thread is None:
+            raise RuntimeError("the engine is not started")
+        request = Request(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_ids=prompt_ids,
+            params=params,
+            generator=make_generator(params, self.device),
+        )
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._commands.put(_Add(request, asyncio.get_running_loop(), events))
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        stops = StopStringMatcher(params.stop)
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                if event.error is not None:
+                    finished = True
+                    raise RuntimeError(event.error)
+                text = detokenizer.push(event.token_id) if event.token_id is not None else ""
+                match = stops.feed(text)
+                finish = FinishReason.STOP if match.stopped else event.finish_reason
+                if match.stopped and event.finish_reason is None:
+                    self._commands.put(_Abort(request.request_id))
+                finished = finish is not None
+                yield GenerationOutput(event.token_id, match.text + (stops.flush() if finished else ""), finish)
+        finally:
+            if not finished:
+                self._commands.put(_Abort(request.request_id))
+
+    # ---- engine thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            if not self._drain_commands(block=len(self.scheduler) == 0):
+                break
+            entries = self.scheduler.schedule()
+            if not entries:
+                continue
+            try:
+                self._step(entries)
+            except Exception as exc:  # a failed step fails its requests, never the engine
+                log.exception("engine step failed")
+                for request, _ in entries:
+                    self._finish(request, TokenEvent(None, error=f"{type(exc).__name__}: {exc}"))
+        for request in list(self._requests.values()):
+            self._finish(request, TokenEvent(None, error="the engine shut down"))
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued commands; block for one if idle. False once asked to stop."""
+        while True:
+            try:
+                command = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if command is _STOP:
+                return False
+            if isinstance(command, _Add):
+                self._requests[command.request.request_id] = command.request
+                self._sinks[command.request.request_id] = (command.loop, command.events)
+                self.scheduler.add(command.request)
+            elif isinstance(command, _Abort) and command.request_id in self._requests:
+                self._finish(self._requests[command.request_id], TokenEvent(None, FinishReason.ABORT))
+
+    def _step(self, entries: list[tuple[Request, int]]) -> None:
+        logits, step = self.runner.run(entries)
+        for request, n in entries:
+            request.num_computed += n
+        tokens = sample(logits, [r.params for r in step.sampled], [r.generator for r in step.sampled])
+        self.steps += 1
+        for request, token in zip(step.sampled, tokens):
+            request.output_ids.append(token)
+            reason = self._finish_reason(request, token)
+            event = TokenEvent(token, reason)
+            if reason is None:
+                self._emit(request, event)
+            else:
+                self._finish(request, event)
+
+    def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            return FinishReason.STOP
+        if len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, event: TokenEvent) -> None:
+        self._emit(request, event)
+        self._drop(request)
+
+    def _drop(self, request: Request) -> None:
+        """Forget a request: its KV blocks are free before the next step."""
+        self.scheduler.remove(request)
+        self._requests.pop(request.request_id, None)
+        self._sinks.pop(request.request_id, None)
+
+    def _emit(self, request: Request, event: TokenEvent) -> None:
+        sink = self._sinks.get(request.request_id)
+        if sink is None:
+            return
+        loop, events = sink
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the caller's event loop is closed: nobody listens any more
+            self._drop(request)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
+    ids = set()
+    generation = getattr(model, "generation_config", None)
+    for value in (getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return frozenset(ids)

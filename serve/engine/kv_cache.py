@@ -1,0 +1,107 @@
+"""The paged KV cache: fixed-size blocks of token slots, handed out to requests on demand.
+
+Per layer, keys and values live in one flat tensor of `num_blocks * block_size` token slots; a request
+owns a list of blocks and token `p` of it sits in slot `blocks[p // block_size] * block_size + p % block_size`.
+The whole cache is allocated once from a memory budget; requests that do not fit wait in the scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB', '512MB', '1.5g', '1048576' -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a memory size: {text!r} (examples: 2GiB, 512MB, 1073741824)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or not unit else 1000
+    return int(float(number) * base ** "bkmgt".index(unit.lower() or "b"))
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes the cache could take: free CUDA memory, or the host's available RAM."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+class BlockAllocator:
+    """Free list of block ids. O(1) allocate and free."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise MemoryError(f"asked for {count} KV blocks, {len(self._free)} free")
+        taken = self._free[-count:] if count else []
+        del self._free[len(self._free) - count :]
+        return taken
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+class PagedKVCache:
+    def __init__(self, shape: CacheShape, num_blocks: int, block_size: int, device: torch.device):
+        if num_blocks < 1:
+            raise ValueError("the KV cache budget is too small for even one block")
+        self.shape = shape
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.allocator = BlockAllocator(num_blocks)
+        slots = num_blocks * block_size
+        # per layer: [slots, kv_heads, head_dim]
+        self.keys = [
+            torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype, device=device)
+            for _ in range(shape.num_layers)
+        ]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+
+    @classmethod
+    def from_budget(
+        cls, shape: CacheShape, budget_bytes: int, block_size: int, device: torch.device, max_blocks: int
+    ) -> PagedKVCache:
+        """As many blocks as `budget_bytes` holds, but never more than `max_blocks` (all that could be used)."""
+        num_blocks = min(budget_bytes // (shape.bytes_per_token * block_size), max_blocks)
+        return cls(shape, num_blocks, block_size, device)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.allocator.num_free / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)

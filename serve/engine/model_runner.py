@@ -1,0 +1,31 @@
+"""Runs one engine step through the HF model: flat batch in, next-token logits out."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import ATTENTION_NAME
+from .batch import StepBatch, build_step
+from .kv_cache import PagedKVCache
+from .request import Request
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
+        model.set_attn_implementation(ATTENTION_NAME)
+        self.model = model
+        self.cache = cache
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, entries: list[tuple[Request, int]]) -> tuple[torch.Tensor, StepBatch]:
+        """entries: (request, tokens to run). Returns logits [N, vocab] for `step.sampled`, and the step."""
+        step = build_step(entries, self.cache, self.device)
+        output = self.model(
+            input_ids=step.input_ids,
+            position_ids=step.position_ids,
+            use_cache=False,
+            logits_to_keep=step.logits_rows,
+            loradock_step=step,
+        )
+        return output.logits[0], step  # [N, vocab]

@@ -1,0 +1,54 @@
+"""A request as the engine thread sees it: its tokens, its KV blocks, where it stands."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass(eq=False)  # requests compare by identity
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    # Tokens whose K/V sit in the cache. After preemption this drops to 0 and prompt+output is recomputed.
+    num_computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+    # The base model for now; the adapter slot of every token of this request once adapters land.
+    adapter_slot: int = -1
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step's news for one request, sent from the engine thread to the request's consumer."""
+
+    token_id: int | None  # None when the request ends without a new token (abort, error)
+    finish_reason: FinishReason | None = None
+    error: str | None = None

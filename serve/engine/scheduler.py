@@ -1,0 +1,95 @@
+"""Iteration-level scheduling: which requests run in the next step, and how many tokens each.
+
+Every step, running requests go first, oldest first: a decode costs one token of the step's budget, a
+prefill runs in chunks of what budget is left. Then waiting requests are admitted, first come first served,
+while the budget and the KV cache allow. KV blocks are taken as tokens need them; when the cache runs dry,
+the newest running request is preempted (its blocks freed, its tokens recomputed later) so older ones finish.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .kv_cache import PagedKVCache
+from .request import Request
+
+
+class Scheduler:
+    def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_num_seqs: int):
+        self.cache = cache
+        self.max_batch_tokens = max_batch_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        # Blocks left free when admitting new work, so running requests can grow a little before preemption.
+        self.watermark_blocks = max(1, cache.num_blocks // 100)
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Drop a finished or aborted request and free its KV blocks at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+
+    def schedule(self) -> list[tuple[Request, int]]:
+        """The next step: (request, number of its pending tokens to run)."""
+        budget = self.max_batch_tokens
+        entries: list[tuple[Request, int]] = []
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request not in self.running:  # preempted for an older request in this loop
+                continue
+            n = min(request.num_pending, budget)
+            if not self._grow_or_preempt(request, request.num_computed + n):
+                continue
+            entries.append((request, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            n = min(request.num_pending, budget)
+            needed = self.cache.blocks_needed(request.num_computed + n) - len(request.blocks)
+            reserve = self.watermark_blocks if self.running else 0
+            if needed + reserve > self.cache.allocator.num_free:
+                break  # wait for running requests to free blocks
+            self._grow(request, request.num_computed + n)
+            self.waiting.popleft()
+            self.running.append(request)
+            entries.append((request, n))
+            budget -= n
+        return entries
+
+    def _grow_or_preempt(self, request: Request, num_tokens: int) -> bool:
+        """Give `request` blocks for `num_tokens`, preempting newer requests if needed. False if it was preempted."""
+        needed = self.cache.blocks_needed(num_tokens) - len(request.blocks)
+        while needed > self.cache.allocator.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is request:
+                return False
+        self._grow(request, num_tokens)
+        return True
+
+    def _grow(self, request: Request, num_tokens: int) -> None:
+        needed = self.cache.blocks_needed(num_tokens) - len(request.blocks)
+        if needed > 0:
+            request.blocks.extend(self.cache.allocator.allocate(needed))
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _release(self, request: Request) -> None:
+        self.cache.allocator.free(request.blocks)
+        request.blocks = []
+        request.num_computed = 0

@@ -1,0 +1,98 @@
+"""Loading the base model and its tokenizer from a local directory, quantized or not. Never downloads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+log = logging.getLogger("loradock.model")
+
+Quantize = Literal["nf4", "int8", "none"]
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be loaded; the message says why and what to do."""
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but torch sees no CUDA device")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"--device must be cpu or cuda, not {device!r}")
+    return resolved
+
+
+def default_quantize(device: torch.device) -> Quantize:
+    return "nf4" if device.type == "cuda" else "none"
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """A local HF model directory; the built-in demo model when none is given."""
+    if model is None:
+        from .demo_model import demo_model_path
+
+        return demo_model_path()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model {str(model)!r} is not a local directory. loradock never downloads weights: fetch the model "
+            f"first (for example `hf download {model} --local-dir ./models/NAME`) and pass --model ./models/NAME"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: it is not a Hugging Face model directory")
+    return path
+
+
+def quantization_config(quantize: Quantize, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize == "none":
+        return None
+    raise ModelLoadError(f"--quantize must be nf4, int8 or none, not {quantize!r}")
+
+
+def load_model(
+    path: Path, quantize: Quantize, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.nn.Module, AutoTokenizer]:
+    """The model in eval mode on `device`, and its tokenizer. Quantization goes through bitsandbytes."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        log.warning(
+            "model type %r is not among the tested architectures %s; trying it anyway",
+            config.model_type,
+            ", ".join(SUPPORTED_ARCHITECTURES),
+        )
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ModelLoadError(f"{config.model_type}: attention logit soft-capping is not supported")
+    log.info("loading %s (%s) on %s, quantize=%s, dtype=%s", path, config.model_type, device, quantize, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        local_files_only=True,
+        dtype=dtype,
+        quantization_config=quantization_config(quantize, dtype),
+        device_map={"": device},
+    )
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer
