@@ -25,7 +25,7 @@ class AttentionGroup:
     """Queries `rows` of the flat batch attending to gathered cache slots; B sequences, Q queries, L keys each."""
 
     rows: slice  # the group's tokens are contiguous in the flat batch
-    kv_index: torch.Tensor  # [B, L] cache slot of each context token (padding: slot 0)
+    kv_index: torch.Tensor  # [B, L] cache slot of each context token (padding: the query's own slot)
     query_pos: torch.Tensor  # [B, Q] absolute position of each query token
     key_pos: torch.Tensor  # [B, L] absolute position of each context token (padding: _PAD_POS)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
@@ -83,7 +83,8 @@ def build_step(entries: list[tuple[Request, int]], cache: PagedKVCache, device: 
         query_pos = (ctx - 1)[:, None]  # [B, 1]
         key_pos = torch.arange(int(ctx.max()))[None, :].expand(len(decodes), -1)  # [B, L]
         valid = key_pos < ctx[:, None]
-        kv_index = torch.where(valid, _slots(blocks, key_pos, bs), 0)
+        # padding reads the query's own slot, just written, so nothing uninitialised enters attention
+        kv_index = _slots(blocks, torch.minimum(key_pos, query_pos), bs)
         groups.append(
             AttentionGroup(slice(0, len(decodes)), kv_index, query_pos, torch.where(valid, key_pos, _PAD_POS))
         )
@@ -126,6 +127,6 @@ def build_step(entries: list[tuple[Request, int]], cache: PagedKVCache, device: 
 
 
 def _block_table(block_lists: list[list[int]]) -> torch.Tensor:
-    """[B, max_blocks] padded with block 0 (padding positions are masked)."""
+    """[B, max_blocks] padded with block 0 (never read: padding positions are clamped to real ones)."""
     width = max(len(b) for b in block_lists)
     return torch.tensor([b + [0] * (width - len(b)) for b in block_lists])

@@ -80,12 +80,13 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.allocator = BlockAllocator(num_blocks)
         slots = num_blocks * block_size
-        # per layer: [slots, kv_heads, head_dim]
+        # per layer: [slots, kv_heads, head_dim]; left uninitialised (pages are committed as they are used),
+        # attention only ever reads slots written earlier in the same or a previous step
         self.keys = [
-            torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype, device=device)
+            torch.empty(slots, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype, device=device)
             for _ in range(shape.num_layers)
         ]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.values = [torch.empty_like(k) for k in self.keys]
 
     @classmethod
     def from_budget(

@@ -1,0 +1,138 @@
+"""The `loradock` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+
+import transformers
+
+from .engine import Engine, EngineConfig, RequestError, SamplingParams
+from .model_loader import DTYPES, ModelLoadError
+
+DEMO_NOTE = (
+    "No --model given: using the built-in demo model, a tiny randomly initialised Llama built on this machine "
+    "so loradock runs offline. Its text is gibberish; it exists to try the system. For real output pass "
+    "--model DIR, a local Hugging Face model directory (config.json, safetensors, tokenizer)."
+)
+
+DEMO_PROMPTS = (
+    "The quick brown fox",
+    "def fibonacci(n):",
+    "import os\nimport sys\n",
+    "Once upon a time, in a small village,",
+    "SELECT name FROM users WHERE",
+    "Dear team, the release",
+)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and engine")
+    group.add_argument("--model", help="local HF model directory (default: the built-in demo model)")
+    group.add_argument("--quantize", choices=["nf4", "int8", "none"], help="default: nf4 on CUDA, none on CPU")
+    group.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    group.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    group.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step (default 2048)")
+    group.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once (default 256)")
+    group.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
+    group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (default: a share of free memory)")
+    group.add_argument("--kv-cache-fraction", type=float, default=0.9, help="that share (default 0.9)")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        quantize=args.quantize,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_tokens=args.max_batch_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory,
+        kv_cache_fraction=args.kv_cache_fraction,
+        block_size=args.block_size,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loradock", description="Serve many LoRA adapters on one quantized base model."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser(
+        "generate",
+        help="run prompts through the engine, all at once in one continuous batch, and print the completions",
+        description="Run prompts through the engine concurrently and print each completion. " + DEMO_NOTE,
+    )
+    add_engine_arguments(generate)
+    generate.add_argument("--prompt", action="append", help="a prompt (repeatable; default: a few demo prompts)")
+    generate.add_argument("--max-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    generate.add_argument("--ignore-eos", action="store_true")
+    generate.set_defaults(handler=run_generate)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if args.model is None:
+        print(DEMO_NOTE, file=sys.stderr)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    prompts = args.prompt or list(DEMO_PROMPTS)
+    with Engine.from_config(engine_config(args)) as engine:
+
+        async def complete(prompt: str) -> tuple[str, str, int]:
+            text, count, reason = [], 0, None
+            async for output in engine.generate(prompt, params):
+                text.append(output.text)
+                count += 1
+                reason = output.finish_reason
+            return "".join(text), reason.value, count
+
+        started = time.perf_counter()
+
+        async def complete_all():
+            return await asyncio.gather(*(complete(p) for p in prompts))
+
+        results = asyncio.run(complete_all())
+        elapsed = time.perf_counter() - started
+    for prompt, (text, reason, _count) in zip(prompts, results):
+        print(f"--- prompt: {prompt!r}\n{text!r}  [finish: {reason}]")
+    tokens = sum(count for *_, count in results)
+    print(f"\n{len(prompts)} requests, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.0f} tokens/s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not args.verbose:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        return args.handler(args)
+    except (ModelLoadError, RequestError, ValueError) as exc:
+        print(f"loradock: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

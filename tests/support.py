@@ -1,0 +1,52 @@
+"""Helpers the tests share: starting an engine on a local model, collecting a request, the HF reference."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+
+from loradock.serve.engine import Engine, EngineConfig, SamplingParams
+from loradock.serve.model_loader import load_model
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+CPU = torch.device("cpu")
+
+
+def start_engine(path: Path, quantize: str = "none", **config) -> Engine:
+    model, tok = load_model(path, quantize, torch.float32, CPU)
+    return Engine(model, tok, EngineConfig(**config), CPU).start()
+
+
+async def collect(engine: Engine, prompt, params: SamplingParams, delay: float = 0.0) -> tuple[list[int], str, str]:
+    """Token ids, text and finish reason of one request, submitted after `delay` seconds."""
+    await asyncio.sleep(delay)
+    ids, text, reason = [], [], None
+    async for output in engine.generate(prompt, params):
+        if output.token_id is not None:
+            ids.append(output.token_id)
+        text.append(output.text)
+        reason = output.finish_reason
+    return ids, "".join(text), reason.value
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """HF generate, greedy, one request alone: the reference the engine must equal token for token."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def varied_prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
+    """`count` prompts of different lengths (3 to 70 tokens) from seeded random ordinary token ids."""
+    generator = torch.Generator().manual_seed(seed)
+    specials = set(tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in specials])
+    lengths = torch.linspace(3, 70, count).round().int().tolist()
+    return [
+        [tokenizer.bos_token_id] + ordinary[torch.randint(len(ordinary), (n,), generator=generator)].tolist()
+        for n in lengths
+    ]
