@@ -42,8 +42,8 @@ def paged_attention(
     q = query[0].transpose(0, 1)  # [T, H, D]
     out = q.new_empty(q.shape) if len(step.groups) > 1 else None
     for group in step.groups:
-        keys = k_cache[group.kv_index].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
-        values = v_cache[group.kv_index].transpose(1, 2).to(q.dtype)
+        keys = _gather(k_cache, group.kv_index).to(q.dtype)  # [B, Hkv, L, D]
+        values = _gather(v_cache, group.kv_index).to(q.dtype)
         queries = q[group.rows].view(group.num_seqs, -1, *q.shape[1:]).transpose(1, 2)  # [B, H, Q, D]
         attended = F.scaled_dot_product_attention(
             queries,
@@ -58,6 +58,13 @@ def paged_attention(
             return attended[None], None
         out[group.rows] = attended
     return out[None], None  # [1, T, H, D]
+
+
+def _gather(cache: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
+    """cache [slots, Hkv, D], kv_index [B, L] -> [B, Hkv, L, D]. index_select: several times faster than
+    advanced indexing on the CPU."""
+    batch, length = kv_index.shape
+    return cache.index_select(0, kv_index.view(-1)).view(batch, length, *cache.shape[1:]).transpose(1, 2)
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)

@@ -104,6 +104,7 @@ class Engine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._requests: dict[str, Request] = {}
+        self._outbox: list = []  # (request, sink, event) waiting for the end of this iteration
         self._thread: threading.Thread | None = None
         self.steps = 0
 
@@ -201,20 +202,19 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            if not self._drain_commands(block=len(self.scheduler) == 0):
-                break
+        while self._drain_commands(block=len(self.scheduler) == 0):
             entries = self.scheduler.schedule()
-            if not entries:
-                continue
-            try:
-                self._step(entries)
-            except Exception as exc:  # a failed step fails its requests, never the engine
-                log.exception("engine step failed")
-                for request, _ in entries:
-                    self._finish(request, TokenEvent(None, error=f"{type(exc).__name__}: {exc}"))
+            if entries:
+                try:
+                    self._step(entries)
+                except Exception as exc:  # a failed step fails its requests, never the engine
+                    log.exception("engine step failed")
+                    for request, _ in entries:
+                        self._finish(request, TokenEvent(None, error=f"{type(exc).__name__}: {exc}"))
+            self._flush()
         for request in list(self._requests.values()):
             self._finish(request, TokenEvent(None, error="the engine shut down"))
+        self._flush()
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands; block for one if idle. False once asked to stop."""
@@ -268,13 +268,26 @@ class Engine:
 
     def _emit(self, request: Request, event: TokenEvent) -> None:
         sink = self._sinks.get(request.request_id)
-        if sink is None:
-            return
-        loop, events = sink
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the caller's event loop is closed: nobody listens any more
-            self._drop(request)
+        if sink is not None:
+            self._outbox.append((request, sink, event))
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to their callers: one wake-up per event loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request, (loop, events), event in self._outbox:
+            by_loop.setdefault(loop, []).append((request, events, event))
+        self._outbox.clear()
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the caller's event loop is closed: nobody listens any more
+                for request, _events, _event in batch:
+                    self._drop(request)
+
+
+def _deliver(batch: list) -> None:
+    for _request, events, event in batch:
+        events.put_nowait(event)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
