@@ -19,11 +19,13 @@ def start_engine(path: Path, quantize: str = "none", **config) -> Engine:
     return Engine(model, tok, EngineConfig(**config), CPU).start()
 
 
-async def collect(engine: Engine, prompt, params: SamplingParams, delay: float = 0.0) -> tuple[list[int], str, str]:
+async def collect(
+    engine: Engine, prompt, params: SamplingParams, delay: float = 0.0, adapter: str | None = None
+) -> tuple[list[int], str, str]:
     """Token ids, text and finish reason of one request, submitted after `delay` seconds."""
     await asyncio.sleep(delay)
     ids, text, reason = [], [], None
-    async for output in engine.generate(prompt, params):
+    async for output in engine.generate(prompt, params, adapter=adapter):
         if output.token_id is not None:
             ids.append(output.token_id)
         text.append(output.text)
@@ -50,3 +52,32 @@ def varied_prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
         [tokenizer.bos_token_id] + ordinary[torch.randint(len(ordinary), (n,), generator=generator)].tolist()
         for n in lengths
     ]
+
+
+def write_peft_adapter(base_path: Path, out_dir: Path, seed: int, std: float = 0.15, **lora_config) -> Path:
+    """Train-free PEFT adapter: real peft wraps the base model, A and B get seeded random values (peft starts
+    B at zero, which would make the adapter a no-op), and peft's own save_pretrained writes the files."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def peft_greedy(base_path: Path, adapter_dir: Path | None, prompts: list[list[int]], max_new_tokens: int,
+                quantize: str = "none") -> list[list[int]]:
+    """PEFT's greedy output for each prompt alone: the oracle for an adapter (None: the bare base model)."""
+    from peft import PeftModel
+
+    model, _ = load_model(base_path, quantize, torch.float32, CPU)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return [hf_greedy(model, p, max_new_tokens) for p in prompts]

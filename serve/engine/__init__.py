@@ -1,13 +1,14 @@
 """The continuous-batching engine: scheduler, paged KV cache, model runner, sampler."""
 
 from .config import EngineConfig
-from .engine import Engine, GenerationOutput, PromptTooLong, RequestError
+from .engine import Engine, EngineShutdown, GenerationOutput, PromptTooLong, RequestError
 from .request import FinishReason
 from .sampling import SamplingParams
 
 __all__ = [
     "Engine",
     "EngineConfig",
+    "EngineShutdown",
     "FinishReason",
     "GenerationOutput",
     "PromptTooLong",

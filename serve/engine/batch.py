@@ -52,7 +52,7 @@ class StepBatch:
     position_ids: torch.Tensor  # [1, T]
     slot_mapping: torch.Tensor  # [T] cache slot each token's K/V is written to
     logits_rows: torch.Tensor  # [N] rows of the flat batch whose next token is sampled
-    adapter_slots: torch.Tensor  # [T] adapter slot per token, -1 = base model
+    adapter_slots: torch.Tensor  # [T] adapter slot per token, -1 = base model (host tensor)
     groups: list[AttentionGroup]
     kv_cache: PagedKVCache
     # the requests due a token, in the order of logits_rows
@@ -119,7 +119,7 @@ def build_step(entries: list[tuple[Request, int]], cache: PagedKVCache, device: 
         position_ids=on_device(torch.cat(positions)[None]),
         slot_mapping=on_device(torch.cat(slot_parts)),
         logits_rows=on_device(torch.tensor(logits_rows, dtype=torch.long)),
-        adapter_slots=on_device(torch.tensor(adapter_slots, dtype=torch.long)),
+        adapter_slots=torch.tensor(adapter_slots, dtype=torch.int32),
         groups=groups,
         kv_cache=cache,
         sampled=sampled,

@@ -18,3 +18,10 @@ class EngineConfig(BaseModel):
     kv_cache_memory: str | int | None = Field(default=None, description="KV cache budget, e.g. 2GiB")
     kv_cache_fraction: float = Field(default=0.9, gt=0, le=1, description="share of free memory for KV if no budget")
     block_size: int = Field(default=16, ge=1, description="tokens per KV cache block")
+    adapters_dir: str | None = Field(default=None, description="folder of PEFT adapters, one per subfolder")
+    max_gpu_adapters: int = Field(default=8, ge=0, description="adapter slots on the device; 0 disables LoRA")
+    max_cpu_adapters: int = Field(default=32, ge=1, description="adapters kept in the host cache")
+    max_lora_rank: int = Field(default=64, ge=1, description="largest adapter rank accepted")
+    lora_target_modules: list[str] | None = Field(
+        default=None, description="short names of the linears adapters may target; default every linear"
+    )

@@ -17,11 +17,22 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from ..model_loader import default_dtype, default_quantize, load_model, resolve_device, resolve_model_path
-from ..model_loader import DTYPES, ModelLoadError
+from ...adapters.lora_layer import attach_lora_layers
+from ...adapters.manager import AdapterManager, AdapterVersion, UnknownAdapter
+from ...adapters.peft_format import BaseModelInfo
+from ..model_loader import (
+    DTYPES,
+    ModelLoadError,
+    default_dtype,
+    default_quantize,
+    load_model,
+    resolve_device,
+    resolve_model_path,
+)
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .kv_cache import CacheShape, PagedKVCache, free_device_memory, parse_size
@@ -62,6 +73,24 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _AdapterRead:
+    """A disk read of an adapter ended (from the reader pool)."""
+
+    version: AdapterVersion
+
+
+@dataclass(frozen=True)
+class _Retire:
+    """An adapter version was unregistered or replaced: free it once idle."""
+
+    version: AdapterVersion
+
+
+class EngineShutdown(RuntimeError):
+    """The engine stopped before the request finished."""
+
+
 _STOP = object()
 
 
@@ -100,8 +129,17 @@ class Engine:
             self.max_model_len,
         )
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_num_seqs)
-        self.runner = ModelRunner(model, self.cache, device)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.adapters: AdapterManager | None = None
+        if config.max_gpu_adapters > 0:
+            self.adapters = self._attach_adapters(model, config, shape.dtype)
+        self.runner = ModelRunner(
+            model,
+            self.cache,
+            device,
+            lora=self.adapters.context if self.adapters else None,
+            num_slots=config.max_gpu_adapters,
+        )
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._requests: dict[str, Request] = {}
         self._outbox: list = []  # (request, sink, event) waiting for the end of this iteration
@@ -119,6 +157,26 @@ class Engine:
         )
         return cls(model, tokenizer, config, device)
 
+    def _attach_adapters(self, model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype) -> AdapterManager:
+        """Wrap the linears adapters may target in LoRA layers with preallocated slots; register the adapter dir."""
+        base = BaseModelInfo.from_model(model)
+        targets = config.lora_target_modules
+        names = [n for n in base.linear_modules if targets is None or n.rsplit(".", 1)[-1] in targets]
+        context, layers = attach_lora_layers(model, names, config.max_gpu_adapters, config.max_lora_rank, dtype)
+        manager = AdapterManager(
+            layers,
+            context,
+            base,
+            num_slots=config.max_gpu_adapters,
+            max_cpu_adapters=config.max_cpu_adapters,
+            max_rank=config.max_lora_rank,
+            on_loaded=lambda version: self._commands.put(_AdapterRead(version)),
+        )
+        if config.adapters_dir is not None:
+            found = manager.scan(Path(config.adapters_dir))
+            log.info("adapters in %s: %s", config.adapters_dir, ", ".join(found) or "none")
+        return manager
+
     # ---- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> Engine:
@@ -133,6 +191,8 @@ class Engine:
             self._commands.put(_STOP)
             self._thread.join()
             self._thread = None
+        if self.adapters is not None:
+            self.adapters.shutdown()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -161,13 +221,38 @@ class Engine:
                 f"{self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - len(prompt_ids)}"
             )
 
+    def register_adapter(self, name: str, path: str | Path, replace: bool = False) -> None:
+        """Make `name` usable by new requests (read from `path` on first use). With `replace`, requests in
+        flight on the old version finish on it; new ones get the new one."""
+        old = self._require_adapters().register(name, Path(path), replace=replace)
+        if old is not None:
+            self._commands.put(_Retire(old))
+
+    def unregister_adapter(self, name: str) -> None:
+        """New requests for `name` fail at once; requests in flight finish; its memory is freed after them."""
+        self._commands.put(_Retire(self._require_adapters().unregister(name)))
+
+    def resolve_adapter(self, name: str) -> AdapterVersion:
+        return self._require_adapters().resolve(name)
+
+    def _require_adapters(self) -> AdapterManager:
+        if self.adapters is None:
+            raise UnknownAdapter("adapters are disabled (--max-gpu-adapters 0)")
+        return self.adapters
+
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[GenerationOutput]:
-        """Submit a request and iterate over its tokens. Closing the iterator early cancels the request."""
+        """Submit a request (on the base model, or through the named adapter) and iterate over its tokens.
+        Closing the iterator early cancels the request."""
         params = params or SamplingParams()
         prompt_ids = self.tokenize(prompt)
         self.check_fits(prompt_ids, params)
+        version = self.resolve_adapter(adapter) if adapter is not None else None
         if self._thread is None:
             raise RuntimeError("the engine is not started")
         request = Request(
@@ -175,6 +260,8 @@ class Engine:
             prompt_ids=prompt_ids,
             params=params,
             generator=make_generator(params, self.device),
+            adapter=version,
+            adapter_slot=None if version is not None else -1,
         )
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._commands.put(_Add(request, asyncio.get_running_loop(), events))
@@ -186,7 +273,7 @@ class Engine:
                 event = await events.get()
                 if event.error is not None:
                     finished = True
-                    raise RuntimeError(event.error)
+                    raise event.error
                 text = detokenizer.push(event.token_id) if event.token_id is not None else ""
                 match = stops.feed(text)
                 finish = FinishReason.STOP if match.stopped else event.finish_reason
@@ -202,19 +289,29 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while self._drain_commands(block=len(self.scheduler) == 0):
+        idle = True
+        while self._drain_commands(block=idle):
+            self._assign_adapter_slots()
             entries = self.scheduler.schedule()
+            idle = not entries  # nothing can run until a command arrives (a request, an adapter read)
             if entries:
                 try:
                     self._step(entries)
                 except Exception as exc:  # a failed step fails its requests, never the engine
                     log.exception("engine step failed")
+                    error = RuntimeError(f"the engine step failed: {type(exc).__name__}: {exc}")
                     for request, _ in entries:
-                        self._finish(request, TokenEvent(None, error=f"{type(exc).__name__}: {exc}"))
+                        self._finish(request, TokenEvent(None, error=error))
             self._flush()
         for request in list(self._requests.values()):
-            self._finish(request, TokenEvent(None, error="the engine shut down"))
+            self._finish(request, TokenEvent(None, error=EngineShutdown("the engine shut down")))
         self._flush()
+
+    def _assign_adapter_slots(self) -> None:
+        """Give waiting requests whose adapter is on the host a device slot, between steps."""
+        for request in self.scheduler.waiting:
+            if request.adapter_slot is None:
+                request.adapter_slot = self.adapters.ensure_slot(request.adapter)
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands; block for one if idle. False once asked to stop."""
@@ -227,11 +324,24 @@ class Engine:
             if command is _STOP:
                 return False
             if isinstance(command, _Add):
-                self._requests[command.request.request_id] = command.request
-                self._sinks[command.request.request_id] = (command.loop, command.events)
-                self.scheduler.add(command.request)
+                request = command.request
+                self._requests[request.request_id] = request
+                self._sinks[request.request_id] = (command.loop, command.events)
+                if request.adapter is not None:
+                    self.adapters.pin(request.adapter)
+                self.scheduler.add(request)
             elif isinstance(command, _Abort) and command.request_id in self._requests:
                 self._finish(self._requests[command.request_id], TokenEvent(None, FinishReason.ABORT))
+            elif isinstance(command, _AdapterRead):
+                self._adapter_read(command.version)
+            elif isinstance(command, _Retire):
+                self.adapters.retire(command.version)
+
+    def _adapter_read(self, version: AdapterVersion) -> None:
+        error = self.adapters.finish_loading(version)
+        if error is not None:
+            for request in [r for r in self.scheduler.waiting if r.adapter is version]:
+                self._finish(request, TokenEvent(None, error=error))
 
     def _step(self, entries: list[tuple[Request, int]]) -> None:
         logits, step = self.runner.run(entries)
@@ -261,10 +371,13 @@ class Engine:
         self._drop(request)
 
     def _drop(self, request: Request) -> None:
-        """Forget a request: its KV blocks are free before the next step."""
+        """Forget a request: its KV blocks and its adapter pin are released before the next step."""
+        if self._requests.pop(request.request_id, None) is None:
+            return
         self.scheduler.remove(request)
-        self._requests.pop(request.request_id, None)
         self._sinks.pop(request.request_id, None)
+        if request.adapter is not None:
+            self.adapters.unpin(request.adapter)
 
     def _emit(self, request: Request, event: TokenEvent) -> None:
         sink = self._sinks.get(request.request_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ...adapters.lora_layer import LoraContext
+from ...kernels import build_lora_meta
 from .attention import ATTENTION_NAME
 from .batch import StepBatch, build_step
 from .kv_cache import PagedKVCache
@@ -11,16 +13,27 @@ from .request import Request
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: PagedKVCache,
+        device: torch.device,
+        lora: LoraContext | None = None,
+        num_slots: int = 0,
+    ):
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model
         self.cache = cache
         self.device = device
+        self.lora = lora
+        self.num_slots = num_slots
 
     @torch.inference_mode()
     def run(self, entries: list[tuple[Request, int]]) -> tuple[torch.Tensor, StepBatch]:
         """entries: (request, tokens to run). Returns logits [N, vocab] for `step.sampled`, and the step."""
         step = build_step(entries, self.cache, self.device)
+        if self.lora is not None:
+            self.lora.meta = build_lora_meta(step.adapter_slots, self.num_slots, self.device)
         output = self.model(
             input_ids=step.input_ids,
             position_ids=step.position_ids,

@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ...adapters.manager import AdapterVersion
 
 
 class FinishReason(str, enum.Enum):
@@ -28,8 +32,9 @@ class Request:
     # Tokens whose K/V sit in the cache. After preemption this drops to 0 and prompt+output is recomputed.
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
-    # The base model for now; the adapter slot of every token of this request once adapters land.
-    adapter_slot: int = -1
+    adapter: AdapterVersion | None = None  # None: the base model
+    # The device slot of every token of this request: -1 = base model, None = waiting for its adapter.
+    adapter_slot: int | None = -1
 
     @property
     def all_ids(self) -> list[int]:
@@ -51,4 +56,4 @@ class TokenEvent:
 
     token_id: int | None  # None when the request ends without a new token (abort, error)
     finish_reason: FinishReason | None = None
-    error: str | None = None
+    error: Exception | None = None  # raised to the caller

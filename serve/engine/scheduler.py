@@ -2,7 +2,7 @@
 
 Every step, running requests go first, oldest first: a decode costs one token of the step's budget, a
 prefill runs in chunks of what budget is left. Then waiting requests are admitted, first come first served,
-while the budget and the KV cache allow. KV blocks are taken as tokens need them; when the cache runs dry,
+while the budget and the KV cache allow; one whose adapter is not in a device slot yet is passed over. KV blocks are taken as tokens need them; when the cache runs dry,
 the newest running request is preempted (its blocks freed, its tokens recomputed later) so older ones finish.
 """
 
@@ -53,15 +53,18 @@ class Scheduler:
                 continue
             entries.append((request, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+        for request in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if request.adapter_slot is None:
+                continue  # its adapter is not in a device slot yet: let others pass
             n = min(request.num_pending, budget)
             needed = self.cache.blocks_needed(request.num_computed + n) - len(request.blocks)
             reserve = self.watermark_blocks if self.running else 0
             if needed + reserve > self.cache.allocator.num_free:
                 break  # wait for running requests to free blocks
             self._grow(request, request.num_computed + n)
-            self.waiting.popleft()
+            self.waiting.remove(request)
             self.running.append(request)
             entries.append((request, n))
             budget -= n

@@ -1,0 +1,82 @@
+"""The LoRA layer: a base linear (plain or bitsandbytes) plus per-slot adapter weights applied per token.
+
+Every targeted linear of the base model is replaced by a LoraLinear that owns preallocated, stacked slot
+buffers `A[slots, r_max, in]`, `B[slots, out, r_max]`, `scales[slots]` and `ranks[slots]`. Loading an adapter
+into a slot is a copy into those buffers; no shapes change. Which slot each token uses comes from the step's
+LoraBatchMeta, built once per step and shared by every layer through a LoraContext.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kernels import LoraBatchMeta, apply_lora
+
+
+@dataclass
+class LoraContext:
+    """Shared by all LoRA layers of a model; the model runner sets `meta` before each forward pass."""
+
+    meta: LoraBatchMeta | None = None  # None: no token of this step uses an adapter
+
+
+class LoraLinear(nn.Module):
+    def __init__(
+        self, base: nn.Linear, context: LoraContext, num_slots: int, max_rank: int, dtype: torch.dtype
+    ):
+        super().__init__()
+        self.base = base
+        self.context = context
+        device = next(base.parameters()).device
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("lora_A", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_B", torch.zeros(num_slots, self.out_features, max_rank, dtype=dtype, device=device))
+        self.register_buffer("scales", torch.zeros(num_slots, dtype=torch.float32, device=device))
+        self.register_buffer("ranks", torch.zeros(num_slots, dtype=torch.int32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
+        y = self.base(x)  # [..., out]
+        meta = self.context.meta
+        if meta is not None:
+            apply_lora(
+                y.view(-1, self.out_features),
+                x.reshape(-1, self.in_features).to(self.lora_A.dtype),
+                self.lora_A,
+                self.lora_B,
+                self.scales,
+                self.ranks,
+                meta,
+            )
+        return y
+
+    def load_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
+        """Copy one adapter's weights for this module into `slot`; A: [r, in], B: [out, r]. None clears the slot."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        if A is None:
+            self.scales[slot] = 0.0
+            self.ranks[slot] = 0
+            return
+        rank = A.shape[0]
+        self.lora_A[slot, :rank].copy_(A, non_blocking=True)
+        self.lora_B[slot, :, :rank].copy_(B, non_blocking=True)
+        self.scales[slot] = scale
+        self.ranks[slot] = rank
+
+
+def attach_lora_layers(
+    model: nn.Module, module_names: list[str], num_slots: int, max_rank: int, dtype: torch.dtype
+) -> tuple[LoraContext, dict[str, LoraLinear]]:
+    """Replace each named linear of `model` by a LoraLinear around it. Returns the shared context and the layers."""
+    context = LoraContext()
+    layers: dict[str, LoraLinear] = {}
+    for name in module_names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = LoraLinear(getattr(parent, child), context, num_slots, max_rank, dtype)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return context, layers

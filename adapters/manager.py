@@ -1,0 +1,234 @@
+"""Adapter tiers: disk -> host cache -> device slots, and who may use what.
+
+    registry (name -> AdapterVersion)    caller threads: resolve, register, unregister (under a lock)
+    disk reads + validation              a small thread pool, never the engine thread
+    host cache (LRU, --max-cpu-adapters) engine thread
+    device slots (--max-gpu-adapters)    engine thread, between steps: a copy into preallocated buffers
+
+A request holds its AdapterVersion from submission to its end (a pin): a pinned version keeps its device slot
+and its host copy. Unregistering or replacing a name affects new requests at once; in-flight requests finish
+on the version they hold, which is freed when its last request ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .lora_layer import LoraContext, LoraLinear
+from .peft_format import AdapterError, AdapterWeights, BaseModelInfo, read_adapter
+
+log = logging.getLogger("loradock.adapters")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_versions = itertools.count(1)
+
+
+class UnknownAdapter(LookupError):
+    """No adapter of that name is registered."""
+
+
+def check_name(name: str) -> str:
+    """Adapter names are folder names: letters, digits, '.', '_', '-'; no separators, no '..'."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise AdapterError(
+            f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (no path separators, no '..')",
+            code="bad_name",
+        )
+    return name
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    """One loaded-or-loadable version of a named adapter. Mutated on the engine thread only."""
+
+    name: str
+    path: Path
+    version: int = field(default_factory=lambda: next(_versions))
+    weights: AdapterWeights | None = None  # the host copy
+    slot: int | None = None  # the device slot
+    pins: int = 0  # requests in flight on this version
+    last_used: float = 0.0
+    loading: Future | None = None
+    error: AdapterError | None = None
+    retired: bool = False  # unregistered or replaced (set by the engine thread): freed when the last pin goes
+    registered_at: float = field(default_factory=time.time)
+    requests_served: int = 0
+
+    @property
+    def tier(self) -> str:
+        return "device" if self.slot is not None else "host" if self.weights is not None else "disk"
+
+
+class AdapterManager:
+    def __init__(
+        self,
+        layers: dict[str, LoraLinear],
+        context: LoraContext,
+        base: BaseModelInfo,
+        num_slots: int,
+        max_cpu_adapters: int,
+        max_rank: int,
+        on_loaded: Callable[[AdapterVersion], None],
+    ):
+        self.layers = layers
+        self.context = context
+        self.base = base
+        self.max_rank = max_rank
+        self.max_cpu_adapters = max_cpu_adapters
+        self._on_loaded = on_loaded  # called from a pool thread when a disk read ends; wakes the engine
+        self._registry: dict[str, AdapterVersion] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loradock-adapter-read")
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.slots: dict[int, AdapterVersion] = {}
+        self.host: dict[AdapterVersion, None] = {}  # insertion-ordered: the host LRU, oldest first
+        self.loads = self.evictions = 0
+
+    # ---- caller threads --------------------------------------------------------------------------------
+
+    def register(self, name: str, path: Path, replace: bool = False) -> AdapterVersion | None:
+        """Make `name` resolve to the adapter at `path` (read lazily, on first use). Returns the version it
+        replaced, which the engine thread must then `retire`."""
+        version = AdapterVersion(check_name(name), Path(path))
+        with self._lock:
+            old = self._registry.get(name)
+            if old is not None and not replace:
+                raise AdapterError(f"an adapter named {name!r} is already registered", code="name_conflict")
+            self._registry[name] = version
+        return old
+
+    def unregister(self, name: str) -> AdapterVersion:
+        """New requests for `name` fail from now on. Returns the version, which the engine thread must `retire`."""
+        with self._lock:
+            version = self._registry.pop(name, None)
+        if version is None:
+            raise UnknownAdapter(name)
+        return version
+
+    def resolve(self, name: str) -> AdapterVersion:
+        with self._lock:
+            version = self._registry.get(name)
+        if version is None:
+            raise UnknownAdapter(name)
+        if version.error is not None:
+            raise version.error
+        return version
+
+    def registered(self) -> list[AdapterVersion]:
+        with self._lock:
+            return list(self._registry.values())
+
+    def scan(self, directory: Path) -> list[str]:
+        """Register every adapter folder under `directory` (one holding an adapter_config.json). At start-up."""
+        names = []
+        for path in sorted(Path(directory).iterdir()):
+            if path.is_dir() and (path / "adapter_config.json").is_file() and _NAME.match(path.name):
+                self.register(path.name, path)
+                names.append(path.name)
+        return names
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # ---- engine thread ---------------------------------------------------------------------------------
+
+    def pin(self, version: AdapterVersion) -> None:
+        """A request starts using `version`: keep it resident; start reading it from disk if needed."""
+        version.pins += 1
+        version.requests_served += 1
+        version.last_used = time.monotonic()
+        if version in self.host:  # most recently used goes last in the host LRU
+            del self.host[version]
+            self.host[version] = None
+        if version.weights is None and version.slot is None and version.loading is None:
+            log.info("reading adapter %s from %s", version.name, version.path)
+            version.loading = self._pool.submit(read_adapter, version.path, self.base, self.max_rank, version.name)
+            version.loading.add_done_callback(lambda _future: self._on_loaded(version))
+
+    def unpin(self, version: AdapterVersion) -> None:
+        version.pins -= 1
+        version.last_used = time.monotonic()
+        if version.pins == 0:
+            if version.retired:
+                self._free(version)
+            else:
+                self._trim_host()
+
+    def retire(self, version: AdapterVersion) -> None:
+        """The version is no longer registered: free it now, or when its last request ends."""
+        version.retired = True
+        if version.pins == 0:
+            self._free(version)
+
+    def finish_loading(self, version: AdapterVersion) -> AdapterError | None:
+        """Take a finished disk read into the host cache. Returns the error if the adapter was refused."""
+        future, version.loading = version.loading, None
+        error = future.exception()
+        if error is not None:
+            if not isinstance(error, AdapterError):
+                error = AdapterError(f"reading the adapter failed: {type(error).__name__}: {error}", code="read_failed")
+            version.error = error
+            log.warning("adapter %s refused: %s", version.name, version.error)
+            return version.error
+        self.loads += 1
+        if not version.retired:  # a version retired while being read is not kept
+            version.weights = future.result()
+            self._cache_on_host(version)
+        return None
+
+    def ensure_slot(self, version: AdapterVersion) -> int | None:
+        """The version's device slot, copying it in (evicting the least recently used idle slot) if needed.
+        None while its weights are still on their way or every slot is pinned."""
+        if version.slot is not None:
+            return version.slot
+        if version.weights is None:
+            return None
+        if not self.free_slots:
+            idle = [v for v in self.slots.values() if v.pins == 0]
+            if not idle:
+                return None
+            self._evict_slot(min(idle, key=lambda v: v.last_used))
+        slot = self.free_slots.pop()
+        for name, layer in self.layers.items():
+            module = version.weights.modules.get(name)
+            if module is None:
+                layer.load_slot(slot, None, None, 0.0)
+            else:
+                layer.load_slot(slot, module.A, module.B, module.scale)
+        version.slot = slot
+        self.slots[slot] = version
+        return slot
+
+    def _cache_on_host(self, version: AdapterVersion) -> None:
+        self.host[version] = None
+        self._trim_host()
+
+    def _trim_host(self) -> None:
+        """Drop the oldest idle host copies beyond --max-cpu-adapters (pinned ones stay until unpinned)."""
+        while len(self.host) > self.max_cpu_adapters:
+            victim = next((v for v in self.host if v.pins == 0), None)
+            if victim is None:
+                return
+            del self.host[victim]
+            victim.weights = None
+
+    def _evict_slot(self, version: AdapterVersion) -> None:
+        del self.slots[version.slot]
+        self.free_slots.append(version.slot)
+        version.slot = None
+        self.evictions += 1
+
+    def _free(self, version: AdapterVersion) -> None:
+        """Drop every copy of a retired version: its device slot and its host weights."""
+        if version.slot is not None:
+            self._evict_slot(version)
+        self.host.pop(version, None)
+        version.weights = None
