@@ -96,31 +96,40 @@ def make_prompts(tokenizer, vocab_size: int, count: int, lengths: tuple[int, int
 
 
 async def _timed_request(
-    engine: Engine, prompt: list[int], params: SamplingParams, slots: asyncio.Semaphore
+    engine: Engine, prompt: list[int], params: SamplingParams, slots: asyncio.Semaphore, adapter: str | None
 ) -> tuple[int, float, float]:
     """Run one request once a slot is free; (tokens, time to first token, time per later token)."""
     async with slots:
         start = time.perf_counter()
-        stamps = [time.perf_counter() async for _ in engine.generate(prompt, params)]
+        stamps = [time.perf_counter() async for _ in engine.generate(prompt, params, adapter=adapter)]
     per_token = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
     return len(stamps), stamps[0] - start, per_token
 
 
 async def _engine_pass(
-    engine: Engine, prompts: list[list[int]], concurrency: int, max_tokens: int
+    engine: Engine, prompts: list[list[int]], concurrency: int, max_tokens: int, adapters: list[str | None]
 ) -> tuple[float, list[tuple[int, float, float]]]:
-    """All `prompts` with at most `concurrency` in flight; (wall seconds, one timing per request)."""
+    """All `prompts` (request i through adapters[i]) with at most `concurrency` in flight;
+    (wall seconds, one timing per request)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     slots = asyncio.Semaphore(concurrency)
     start = time.perf_counter()
-    timings = await asyncio.gather(*(_timed_request(engine, p, params, slots) for p in prompts))
+    timings = await asyncio.gather(*(_timed_request(engine, p, params, slots, a) for p, a in zip(prompts, adapters)))
     return time.perf_counter() - start, timings
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> EngineRun:
-    """Warm up with `concurrency` short requests, then time all `prompts`."""
-    asyncio.run(_engine_pass(engine, prompts[:concurrency], concurrency, WARMUP_TOKENS))
-    wall, timings = asyncio.run(_engine_pass(engine, prompts, concurrency, max_tokens))
+def run_engine(
+    engine: Engine,
+    prompts: list[list[int]],
+    concurrency: int,
+    max_tokens: int,
+    adapters: list[str | None] | None = None,
+) -> EngineRun:
+    """Warm up with `concurrency` short requests, then time all `prompts` (request i through adapters[i],
+    default the base model)."""
+    adapters = adapters or [None] * len(prompts)
+    asyncio.run(_engine_pass(engine, prompts[:concurrency], concurrency, WARMUP_TOKENS, adapters[:concurrency]))
+    wall, timings = asyncio.run(_engine_pass(engine, prompts, concurrency, max_tokens, adapters))
     tokens = sum(n for n, _, _ in timings)
     _check_count(tokens, len(prompts) * max_tokens, "loradock")
     return EngineRun(

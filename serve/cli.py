@@ -10,6 +10,7 @@ import time
 
 import transformers
 
+from ..adapters.manager import UnknownAdapter
 from .engine import Engine, EngineConfig, RequestError, SamplingParams
 from .model_loader import DTYPES, ModelLoadError
 
@@ -41,6 +42,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (default: a share of free memory)")
     group.add_argument("--kv-cache-fraction", type=float, default=0.9, help="that share (default 0.9)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    lora = parser.add_argument_group("adapters")
+    lora.add_argument("--adapters", metavar="DIR", help="folder of PEFT LoRA adapters, one per subfolder (its name)")
+    lora.add_argument("--max-gpu-adapters", type=int, default=8, help="adapter slots on the device (default 8)")
+    lora.add_argument("--max-cpu-adapters", type=int, default=32, help="adapters in the host cache (default 32)")
+    lora.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default 64)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -55,6 +61,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory=args.kv_cache_memory,
         kv_cache_fraction=args.kv_cache_fraction,
         block_size=args.block_size,
+        adapters_dir=args.adapters,
+        max_gpu_adapters=args.max_gpu_adapters,
+        max_cpu_adapters=args.max_cpu_adapters,
+        max_lora_rank=args.max_lora_rank,
     )
 
 
@@ -72,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_arguments(generate)
     generate.add_argument("--prompt", action="append", help="a prompt (repeatable; default: a few demo prompts)")
+    generate.add_argument(
+        "--adapter", action="append", help="run every prompt through this adapter of --adapters (repeatable; "
+        "'base' for the bare model; default: the bare model)"
+    )
     generate.add_argument("--max-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--top-p", type=float, default=1.0)
@@ -95,28 +109,28 @@ def run_generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
-    prompts = args.prompt or list(DEMO_PROMPTS)
+    adapters = [None if a == "base" else a for a in args.adapter or ["base"]]
+    jobs = [(prompt, adapter) for prompt in args.prompt or DEMO_PROMPTS for adapter in adapters]
     with Engine.from_config(engine_config(args)) as engine:
 
-        async def complete(prompt: str) -> tuple[str, str, int]:
+        async def complete(prompt: str, adapter: str | None) -> tuple[str, str, int]:
             text, count, reason = [], 0, None
-            async for output in engine.generate(prompt, params):
+            async for output in engine.generate(prompt, params, adapter=adapter):
                 text.append(output.text)
                 count += 1
                 reason = output.finish_reason
             return "".join(text), reason.value, count
 
-        started = time.perf_counter()
-
         async def complete_all():
-            return await asyncio.gather(*(complete(p) for p in prompts))
+            return await asyncio.gather(*(complete(p, a) for p, a in jobs))
 
+        started = time.perf_counter()
         results = asyncio.run(complete_all())
         elapsed = time.perf_counter() - started
-    for prompt, (text, reason, _count) in zip(prompts, results):
-        print(f"--- prompt: {prompt!r}\n{text!r}  [finish: {reason}]")
+    for (prompt, adapter), (text, reason, _count) in zip(jobs, results):
+        print(f"--- prompt: {prompt!r}  [adapter: {adapter or 'base'}]\n{text!r}  [finish: {reason}]")
     tokens = sum(count for *_, count in results)
-    print(f"\n{len(prompts)} requests, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.0f} tokens/s)")
+    print(f"\n{len(jobs)} requests, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.0f} tokens/s)")
     return 0
 
 
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
     try:
         return args.handler(args)
-    except (ModelLoadError, RequestError, ValueError) as exc:
+    except (ModelLoadError, RequestError, UnknownAdapter, ValueError) as exc:
         print(f"loradock: error: {exc}", file=sys.stderr)
         return 2
 

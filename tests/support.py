@@ -54,23 +54,6 @@ def varied_prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
     ]
 
 
-def write_peft_adapter(base_path: Path, out_dir: Path, seed: int, std: float = 0.15, **lora_config) -> Path:
-    """Train-free PEFT adapter: real peft wraps the base model, A and B get seeded random values (peft starts
-    B at zero, which would make the adapter a no-op), and peft's own save_pretrained writes the files."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
-
-
 def peft_greedy(base_path: Path, adapter_dir: Path | None, prompts: list[list[int]], max_new_tokens: int,
                 quantize: str = "none") -> list[list[int]]:
     """PEFT's greedy output for each prompt alone: the oracle for an adapter (None: the bare base model)."""

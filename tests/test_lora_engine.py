@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from support import collect, peft_greedy, start_engine, varied_prompts, write_peft_adapter
+from support import collect, peft_greedy, start_engine, varied_prompts
 
+from loradock.loadtest.random_adapters import write_random_adapter
 from loradock.serve.engine import SamplingParams
 
 MAX_NEW = 10
@@ -29,7 +30,7 @@ ADAPTERS = {
 def adapter_dir(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     for seed, (name, config) in enumerate(ADAPTERS.items()):
-        write_peft_adapter(model_dir("llama"), root / name, seed=seed, **config)
+        write_random_adapter(model_dir("llama"), root / name, seed=seed, **config)
     return root
 
 

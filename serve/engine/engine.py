@@ -224,20 +224,20 @@ class Engine:
     def register_adapter(self, name: str, path: str | Path, replace: bool = False) -> None:
         """Make `name` usable by new requests (read from `path` on first use). With `replace`, requests in
         flight on the old version finish on it; new ones get the new one."""
-        old = self._require_adapters().register(name, Path(path), replace=replace)
+        old = self._require_adapters(name).register(name, Path(path), replace=replace)
         if old is not None:
             self._commands.put(_Retire(old))
 
     def unregister_adapter(self, name: str) -> None:
         """New requests for `name` fail at once; requests in flight finish; its memory is freed after them."""
-        self._commands.put(_Retire(self._require_adapters().unregister(name)))
+        self._commands.put(_Retire(self._require_adapters(name).unregister(name)))
 
     def resolve_adapter(self, name: str) -> AdapterVersion:
-        return self._require_adapters().resolve(name)
+        return self._require_adapters(name).resolve(name)
 
-    def _require_adapters(self) -> AdapterManager:
+    def _require_adapters(self, name: str) -> AdapterManager:
         if self.adapters is None:
-            raise UnknownAdapter("adapters are disabled (--max-gpu-adapters 0)")
+            raise UnknownAdapter(name, "adapters are disabled (--max-gpu-adapters 0)")
         return self.adapters
 
     async def generate(

@@ -1,0 +1,35 @@
+"""The one error type for an adapter that cannot be served."""
+
+from __future__ import annotations
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be read, validated or used. The message says what is wrong in a sentence
+    that names the problem (the file, tensor, module, field or flag); ``code`` says it in one word for
+    programs. Codes raised while reading an adapter (``peft_format.read_adapter``):
+
+    missing_file     the adapter folder, adapter_config.json or adapter_model.safetensors is absent
+    pickle_weights   only adapter_model.bin is present (never unpickled)
+    corrupt_file     the safetensors file is truncated or malformed
+    too_large        the safetensors file is larger than any valid adapter for this base and rank limit
+    bad_config       adapter_config.json is not a JSON object, or a field has the wrong type or value
+    not_lora         peft_type is not LORA
+    dora             a DoRA adapter (use_dora, or lora_magnitude_vector tensors)
+    modules_to_save  the adapter carries fully trained copies of base modules
+    bias             trained biases (bias other than "none", lora_bias, or bias tensors)
+    unsupported_feature  another LoRA variant or option that changes the forward pass or the base weights
+    wrong_architecture   base_model_name_or_path names a different model family than the base's
+    embedding_target     LoRA on the input embeddings or the output head
+    missing_module   a tensor names a module the base model does not have
+    unbound_tensor   a tensor that is not the lora_A/lora_B weight of a module the config targets
+    missing_tensor   a module the config targets has no weights in the file
+    incomplete_pair  a module has lora_A but no lora_B, or the reverse
+    shape_mismatch   a tensor's shape disagrees with the base module or with the config's rank
+    rank_too_large   a module's rank exceeds the server's --max-lora-rank
+    bad_dtype        a tensor that is not float16, bfloat16, float32 or float64
+    non_finite       a tensor holds NaN or Inf
+    """
+
+    def __init__(self, message: str, code: str = "invalid_adapter"):
+        super().__init__(message)
+        self.code = code
