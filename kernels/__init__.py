@@ -1,1 +1,62 @@
+"""Gathered-LoRA ops: one dispatch point, `apply_lora`, over the Triton kernels and the torch path.
 
+    meta = build_lora_meta(token_slots, max_slots)          # once per step; None: no token uses an adapter
+    apply_lora(y, x, A, B, scales, ranks, meta)             # per LoRA layer, y += the adapters' deltas
+    apply_lora(qkv, x, A_qkv, B_qkv, scales_qkv, ranks_qkv, meta, slice_sizes=(q, k, v))   # fused slices
+
+Backend: Triton for CUDA tensors, the torch path otherwise; LORADOCK_LORA_BACKEND=triton|torch forces one
+(Triton on CPU tensors needs TRITON_INTERPRET=1, set before the first Triton use). Triton is imported only
+when used, so this package imports on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .metadata import LoraBatchMeta, Segment, build_lora_meta
+from .reference import lora_reference, lora_torch
+
+__all__ = ["LoraBatchMeta", "Segment", "apply_lora", "build_lora_meta", "lora_backend", "lora_reference", "lora_torch"]
+
+BACKEND_ENV = "LORADOCK_LORA_BACKEND"
+
+
+def lora_backend(device: torch.device) -> str:
+    """'triton' or 'torch': the forced backend from LORADOCK_LORA_BACKEND, else triton on CUDA, torch elsewhere."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced not in ("", "triton", "torch"):
+        raise ValueError(f"{BACKEND_ENV} must be 'triton' or 'torch', got {forced!r}")
+    return forced or ("triton" if device.type == "cuda" else "torch")
+
+
+def apply_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: LoraBatchMeta | None,
+    slice_sizes: Sequence[int] | None = None,
+) -> None:
+    """y += scale * x A^T B^T with each token's own adapter slot, in place; nothing when meta is None.
+
+    y: [T, out_total] (may be a strided view); x: [T, in]; A: [S, R, in], or [n, S, R, in] for n fused slices
+    sharing x; B: [S, out_total, R] (slices concatenated along out); scales: [S] or [n, S] float32;
+    ranks: [S] or [n, S] int32 (weights beyond a slot's rank are ignored); meta: from `build_lora_meta`;
+    slice_sizes: output columns per slice, summing to out_total (None: one slice).
+    """
+    if meta is None:
+        return
+    if lora_backend(y.device) == "torch":
+        lora_torch(y, x, A, B, scales, ranks, meta, slice_sizes)
+        return
+    try:
+        from .triton_lora import lora_triton
+    except ImportError as error:
+        message = f"the Triton LoRA backend needs triton ({error}); set {BACKEND_ENV}=torch to go without"
+        raise ImportError(message) from error
+    lora_triton(y, x, A, B, scales, ranks, meta, slice_sizes)

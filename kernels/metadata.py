@@ -1,0 +1,127 @@
+"""Per-step LoRA batch metadata: which tokens use which adapter slot, grouped by slot.
+
+Built once per engine step by `build_lora_meta` and read by every LoRA layer of that step. Tokens are grouped
+by slot through an index (`sorted_tokens`); x and y are never permuted. A *segment* is the run of entries of
+`sorted_tokens` that share one slot. Prefill chunks (long segments) and decode tokens (segments of one token,
+or one long segment when every request uses the same adapter) share this one format.
+
+The device tensors have static shapes (T tokens, `max_slots` segments, padded), so Triton grids are sized
+from static maxima and kernels exit early on padded segments: a captured CUDA graph stays valid when the
+mix of adapters changes. The host copies (`segments`) serve the torch path without device->host syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
+
+import torch
+
+
+class Segment(NamedTuple):
+    """One run of tokens sharing an adapter slot, on the host."""
+
+    slot: int  # adapter slot index, >= 0
+    start: int  # offset of the run in `sorted_tokens`
+    length: int  # number of tokens in the run, >= 1
+    first_row: int  # when the run's tokens are the rows first_row .. first_row+length-1 of x: first_row; else -1
+
+
+@dataclass(frozen=True, eq=False)
+class LoraBatchMeta:
+    """Token -> slot grouping of one step; device tensors padded to static maxima, plus host copies."""
+
+    token_slots: torch.Tensor  # [T] int32: slot per token, -1 = base model only
+    sorted_tokens: torch.Tensor  # [T] int32: token indices grouped by slot (ascending), base tokens last
+    segment_slots: torch.Tensor  # [max_slots] int32: slot of each segment, -1 padding
+    segment_starts: torch.Tensor  # [max_slots] int32: offset of each segment in sorted_tokens, 0 padding
+    segment_lengths: torch.Tensor  # [max_slots] int32: tokens per segment, 0 padding
+    num_segments: torch.Tensor  # [1] int32: real segments (the rest of the segment arrays is padding)
+    max_segment_length: torch.Tensor  # [1] int32: longest real segment
+    max_slots: int  # S: the static number of segments the device arrays hold
+    segments: tuple[Segment, ...]  # host copy of the real segments, in slot order
+
+    @property
+    def num_tokens(self) -> int:
+        """T: tokens in the step, adapter and base ones."""
+        return self.token_slots.shape[0]
+
+    @property
+    def num_lora_tokens(self) -> int:
+        """Tokens that use an adapter."""
+        return sum(segment.length for segment in self.segments)
+
+    @cached_property
+    def padded_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token rows per segment padded to the longest segment, for the batched torch path.
+
+        Returns (rows [num_segments, L] int64, valid [num_segments, L] bool) on the metadata's device, with
+        L the longest segment; padding rows point at token 0 and are marked invalid. Built on first use, then
+        shared by every layer of the step.
+        """
+        lengths = torch.tensor([segment.length for segment in self.segments])  # [num_segments]
+        starts = torch.tensor([segment.start for segment in self.segments])  # [num_segments]
+        positions = torch.arange(int(lengths.max()))  # [L]
+        valid = positions < lengths[:, None]  # [num_segments, L]
+        rows = self.sorted_tokens.cpu().long()[torch.where(valid, starts[:, None] + positions, 0)]  # [num_segments, L]
+        rows = torch.where(valid, rows, 0)  # padding points at token 0
+        device = self.token_slots.device
+        return rows.to(device), valid.to(device)
+
+    @cached_property
+    def segment_slot_index(self) -> torch.Tensor:
+        """[num_segments] int64 on the metadata's device: the real segments' slots, for index_select."""
+        return torch.tensor([segment.slot for segment in self.segments], device=self.token_slots.device)
+
+
+def build_lora_meta(
+    token_slots: torch.Tensor, max_slots: int, device: torch.device | str | None = None
+) -> LoraBatchMeta | None:
+    """Group a step's tokens by adapter slot; None when no token uses an adapter (callers skip the op).
+
+    token_slots: [T] integer slot per token, -1 for the base model, else in [0, max_slots). The grouping is
+    computed on the host: pass a CPU tensor (the engine builds it there) to avoid a device->host sync; the
+    result is copied to `device` (default: token_slots' device) in one transfer.
+    """
+    if token_slots.dim() != 1 or token_slots.dtype.is_floating_point or token_slots.dtype == torch.bool:
+        raise ValueError(f"token_slots must be a 1-D integer tensor, got {token_slots.dtype} {list(token_slots.shape)}")
+    device = torch.device(device) if device is not None else token_slots.device
+    slots = token_slots.to("cpu", torch.int64)  # [T]
+    num_tokens = slots.shape[0]
+    if num_tokens and (int(slots.min()) < -1 or int(slots.max()) >= max_slots):
+        raise ValueError(f"token slots must lie in [-1, {max_slots}), got {slots.min()}..{slots.max()}")
+    is_lora = slots >= 0  # [T]
+    if not bool(is_lora.any()):
+        return None
+
+    # base tokens sort last; a stable sort keeps each slot's tokens in their batch order
+    order = torch.sort(torch.where(is_lora, slots, max_slots), stable=True).indices  # [T]
+    seg_slots, seg_lengths = torch.unique_consecutive(slots[order][: int(is_lora.sum())], return_counts=True)
+    seg_starts = torch.cumsum(seg_lengths, 0) - seg_lengths  # [num_segments]
+    first_rows = order[seg_starts]  # [num_segments]: rows ascend within a segment (stable sort)
+    last_rows = order[seg_starts + seg_lengths - 1]  # [num_segments]
+    contiguous = last_rows - first_rows == seg_lengths - 1  # [num_segments]
+    segments = tuple(
+        Segment(slot, start, length, first if is_contiguous else -1)
+        for slot, start, length, first, is_contiguous in zip(
+            seg_slots.tolist(), seg_starts.tolist(), seg_lengths.tolist(), first_rows.tolist(), contiguous.tolist()
+        )
+    )
+
+    # one host buffer, one copy to the device; the fields are views into it
+    num_segments = len(segments)
+    field_sizes = [num_tokens, num_tokens, max_slots, max_slots, max_slots, 1, 1]
+    packed = torch.zeros(sum(field_sizes), dtype=torch.int32)
+    fields = packed.split(field_sizes)
+    fields[0].copy_(slots)
+    fields[1].copy_(order)
+    fields[2].fill_(-1)[:num_segments] = seg_slots
+    fields[3][:num_segments] = seg_starts
+    fields[4][:num_segments] = seg_lengths
+    fields[5].fill_(num_segments)
+    fields[6].fill_(int(seg_lengths.max()))
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    on_device = packed.to(device, non_blocking=True).split(field_sizes)
+    return LoraBatchMeta(*on_device, max_slots=max_slots, segments=segments)

@@ -1,0 +1,242 @@
+"""Gathered-LoRA ops: metadata, the fast torch path and the Triton kernels (interpreted, fp32) against the oracle."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from loradock.kernels import apply_lora, build_lora_meta, lora_backend, lora_reference, lora_torch
+
+IN_FEATURES = 40  # not a multiple of any block size: exercises the K masks
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op configuration: the step's token slots, the slot buffers' shape, the slices' widths."""
+
+    name: str
+    token_slots: tuple[int, ...]
+    num_slots: int = 6
+    max_rank: int = 8
+    slice_sizes: tuple[int, ...] = (48,)
+
+
+CASES = [
+    # prefill chunks of uneven length, base tokens among them, slot 2 in two chunks (a non-contiguous segment)
+    Case("prefill_mixed", (-1,) * 3 + (2,) * 17 + (0,) * 5 + (-1,) + (2,) * 4 + (1,) * 9),
+    Case("decode_distinct", tuple(range(12)), num_slots=12),
+    Case("decode_distinct_with_base", (3, -1, 0, 5, -1, 1, 4, 2), max_rank=16),
+    Case("all_same_slot", (3,) * 24, max_rank=16),
+    Case("one_token", (4,)),
+    Case("decode_shared_slots", (1, 0, 1, 2, 0, 1, -1, 2, 0, 1) * 3),
+    # q/k/v with grouped-query attention: k and v narrower than q
+    Case("fused_qkv", (-1, 0, 0, 0, 3, 1, 1, 5, 5, 5, 5, -1, 2), slice_sizes=(64, 16, 16), max_rank=12),
+    Case("fused_qkv_decode", tuple(range(6)) * 2, slice_sizes=(32, 16, 16), max_rank=16),
+    # over 256 tokens: the kernels' 64-row blocks
+    Case("long_prefill", (-1,) * 20 + (1,) * 150 + (4,) * 3 + (0,) * 130, slice_sizes=(24, 8)),
+]
+
+
+def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Random operands of a case, garbage (NaN, huge values) beyond each slot's rank, y a strided column view.
+
+    Returns (y_storage [T, out+16], y [T, out] view of columns 8.., x, A, B, scales, ranks, clean A, clean B):
+    clean A/B are zero beyond rank, for the oracle.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    n, S, R = len(case.slice_sizes), case.num_slots, case.max_rank
+    T, out = len(case.token_slots), sum(case.slice_sizes)
+    ranks = torch.randint(1, R + 1, (n, S), generator=generator, dtype=torch.int32)  # [n, S]
+    ranks[:, 0] = R  # one slot at full rank: no padding at all
+    scales = torch.rand(n, S, generator=generator) + 0.5  # [n, S]
+    A = torch.randn(n, S, R, IN_FEATURES, generator=generator)  # [n, S, R, in]
+    B = torch.randn(S, out, R, generator=generator)  # [S, out, R]
+    within_A = torch.arange(R)[None, None, :, None] < ranks[:, :, None, None]  # [n, S, R, 1]
+    slice_of_column = torch.repeat_interleave(torch.arange(n), torch.tensor(case.slice_sizes))  # [out]
+    within_B = torch.arange(R)[None, None, :] < ranks.T[:, slice_of_column, None]  # [S, out, R]
+    clean_A, clean_B = torch.where(within_A, A, 0), torch.where(within_B, B, 0)
+    A = torch.where(within_A, A, torch.where(torch.rand(A.shape, generator=generator) < 0.5, math.nan, 1e6))
+    B = torch.where(within_B, B, torch.where(torch.rand(B.shape, generator=generator) < 0.5, math.nan, -1e6))
+    x = torch.randn(T, IN_FEATURES, generator=generator)  # [T, in]
+    y_storage = torch.randn(T, out + 16, generator=generator)  # [T, out + 16]
+    y_storage, x, A, B, clean_A, clean_B = (t.to(dtype) for t in (y_storage, x, A, B, clean_A, clean_B))
+    y = y_storage[:, 8 : 8 + out]  # [T, out], row stride out + 16
+    return y_storage, y, x, A, B, scales, ranks, clean_A, clean_B
+
+
+def expected_output(case: Case, y_storage, x, clean_A, clean_B, scales, ranks) -> torch.Tensor:
+    """The oracle on zero-padded weights, in fp32: what y_storage must become."""
+    expected = y_storage.float().clone()
+    out = sum(case.slice_sizes)
+    slots = torch.tensor(case.token_slots)
+    lora_reference(
+        expected[:, 8 : 8 + out], x.float(), clean_A.float(), clean_B.float(), scales, ranks, slots, case.slice_sizes
+    )
+    return expected
+
+
+def squeeze_single_slice(case: Case, A, scales, ranks):
+    """The single-slice calling convention (A [S,R,in], scales/ranks [S]) for one-slice cases."""
+    return (A[0], scales[0], ranks[0]) if len(case.slice_sizes) == 1 else (A, scales, ranks)
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+
+
+def test_meta_groups_tokens_by_slot():
+    slots = torch.tensor([2, -1, 0, 2, 2, 1, -1, 0])
+    meta = build_lora_meta(slots, max_slots=5)
+    assert meta.sorted_tokens.tolist() == [2, 7, 5, 0, 3, 4, 1, 6]  # slot 0, slot 1, slot 2, then base tokens
+    assert meta.segment_slots.tolist() == [0, 1, 2, -1, -1]
+    assert meta.segment_starts.tolist() == [0, 2, 3, 0, 0]
+    assert meta.segment_lengths.tolist() == [2, 1, 3, 0, 0]
+    assert meta.num_segments.item() == 3 and meta.max_segment_length.item() == 3
+    assert meta.token_slots.dtype == torch.int32 and meta.num_tokens == 8 and meta.num_lora_tokens == 6
+    # slot 1's only token is row 5; rows 3, 4 of slot 2 follow row 0, so slot 2 is not contiguous
+    assert [(s.slot, s.first_row) for s in meta.segments] == [(0, -1), (1, 5), (2, -1)]
+    rows, valid = meta.padded_rows
+    assert rows.tolist() == [[2, 7, 0], [5, 0, 0], [0, 3, 4]]
+    assert valid.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+
+
+def test_meta_contiguous_prefill_runs():
+    meta = build_lora_meta(torch.tensor([-1, 3, 3, 3, 1, 1]), max_slots=4)
+    assert [tuple(s) for s in meta.segments] == [(1, 0, 2, 4), (3, 2, 3, 1)]
+
+
+def test_meta_is_none_without_adapter_tokens():
+    assert build_lora_meta(torch.full((5,), -1), max_slots=4) is None
+    assert build_lora_meta(torch.zeros(0, dtype=torch.int64), max_slots=4) is None
+
+
+@pytest.mark.parametrize("slots", [[0, 4], [-2, 0], [0.0]])
+def test_meta_rejects_bad_slots(slots):
+    with pytest.raises(ValueError):
+        build_lora_meta(torch.tensor(slots), max_slots=4)
+
+
+# ---------------------------------------------------------------------------------------------- torch path
+
+
+def test_reference_ignores_garbage_beyond_rank():
+    case = CASES[6]
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    lora_reference(y, x, A, B, scales, ranks, torch.tensor(case.token_slots), case.slice_sizes)
+    torch.testing.assert_close(y_storage, expected)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "batched", None])
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_torch_path_matches_reference(case, strategy):
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
+    lora_torch(y, x, A, B, scales, ranks, build_lora_meta(torch.tensor(case.token_slots), case.num_slots),
+               case.slice_sizes, strategy=strategy)  # fmt: skip
+    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_torch_path_bf16():
+    case = CASES[0]
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, torch.bfloat16)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    apply_lora(y, x, A[0], B, scales[0], ranks[0], build_lora_meta(torch.tensor(case.token_slots), case.num_slots))
+    torch.testing.assert_close(y_storage.float(), expected, rtol=2e-2, atol=0.5)
+
+
+def test_apply_lora_dispatch(monkeypatch):
+    monkeypatch.delenv("LORADOCK_LORA_BACKEND", raising=False)
+    assert lora_backend(torch.device("cpu")) == "torch"
+    assert lora_backend(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("LORADOCK_LORA_BACKEND", "torch")
+    assert lora_backend(torch.device("cuda")) == "torch"
+    monkeypatch.setenv("LORADOCK_LORA_BACKEND", "cuda")
+    with pytest.raises(ValueError):
+        lora_backend(torch.device("cpu"))
+    y = torch.ones(3, 4)
+    A, B, scales, ranks = torch.ones(2, 1, 2), torch.ones(2, 4, 1), torch.ones(2), torch.ones(2, dtype=torch.int32)
+    apply_lora(y, torch.ones(3, 2), A, B, scales, ranks, None)
+    assert (y == 1).all()  # no adapter token: nothing to do, not even the backend lookup
+
+
+def test_operands_are_checked():
+    case = CASES[6]
+    _, y, x, A, B, scales, ranks, _, _ = make_operands(case)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    with pytest.raises(ValueError):
+        apply_lora(y, x, A, B, scales, ranks, meta, slice_sizes=(64, 32))
+    with pytest.raises(TypeError):
+        apply_lora(y, x, A, B, scales, ranks.long(), meta, slice_sizes=case.slice_sizes)
+
+
+# ---------------------------------------------------------------------------------------------- Triton (interpreted)
+
+
+@pytest.fixture(scope="module")
+def triton_lora():
+    """loradock.kernels.triton_lora with its kernels under the Triton interpreter.
+
+    @triton.jit reads TRITON_INTERPRET when the decorator runs, so the module is (re)imported with it set.
+    """
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        module = importlib.import_module("loradock.kernels.triton_lora")
+        if not isinstance(module._shrink_kernel, InterpretedFunction):
+            module = importlib.reload(module)
+        yield module
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_triton_matches_reference(triton_lora, case):
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    triton_lora.lora_triton(y, x, A, B, scales, ranks, meta, case.slice_sizes, split_k=1)
+    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=lambda case: case.name)
+def test_triton_split_k(triton_lora, case):
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    triton_lora.lora_triton(y, x, A, B, scales, ranks, meta, case.slice_sizes, split_k=3)
+    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_fp16(triton_lora):
+    case = CASES[6]
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, torch.float16)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    triton_lora.lora_triton(y, x, A, B, scales, ranks, meta, case.slice_sizes)
+    torch.testing.assert_close(y_storage.float(), expected, rtol=1e-2, atol=0.1)
+
+
+def test_triton_shrink_writes_only_adapter_rows(triton_lora):
+    case = CASES[2]
+    _, _, x, A, _, _, ranks, clean_A, _ = make_operands(case)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    buf = triton_lora.lora_shrink(x, A, ranks, meta, split_k=2)  # [1, T, R], zero-filled for split-K
+    slots = torch.tensor(case.token_slots)
+    expected = torch.where(slots[:, None] >= 0, torch.einsum("ti,tri->tr", x, clean_A[0, slots.clamp(min=0)]), 0)
+    torch.testing.assert_close(buf[0], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_apply_lora_forced_triton(triton_lora, monkeypatch):
+    monkeypatch.setenv("LORADOCK_LORA_BACKEND", "triton")
+    case = CASES[6]
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, seed=1)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    apply_lora(y, x, A, B, scales, ranks, meta, case.slice_sizes)
+    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
