@@ -45,7 +45,7 @@ def test_nf4_engine_equals_hf_generate_on_the_same_quantized_model(model_dir, to
         results = asyncio.run(run_staggered(engine, prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0)))
     finally:
         engine.shutdown()
-    assert type(engine.runner.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert type(engine.runner.model.model.layers[0].self_attn.q_proj.base).__name__ == "Linear4bit"
     reference, _ = load_model(path, "nf4", torch.float32, CPU)
     for prompt, (ids, _text, _reason) in zip(prompts, results):
         assert ids == hf_greedy(reference, prompt, MAX_NEW)
