@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import torch
@@ -64,3 +65,12 @@ def peft_greedy(base_path: Path, adapter_dir: Path | None, prompts: list[list[in
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     return [hf_greedy(model, p, max_new_tokens) for p in prompts]
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

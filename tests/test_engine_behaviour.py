@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
-from support import CPU, collect, hf_greedy, start_engine, varied_prompts
+from support import CPU, collect, hf_greedy, start_engine, varied_prompts, wait_until
 
 from loradock.serve.engine import PromptTooLong, RequestError, SamplingParams
 from loradock.serve.model_loader import load_model
@@ -22,15 +21,6 @@ def engine(model_dir):
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine, tokenizer):

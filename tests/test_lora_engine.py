@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from support import collect, peft_greedy, start_engine, varied_prompts
+from support import collect, peft_greedy, start_engine, varied_prompts, wait_until
 
+from loradock.adapters.manager import UnknownAdapter
+from loradock.adapters.peft_format import AdapterError
 from loradock.loadtest.random_adapters import write_random_adapter
 from loradock.serve.engine import SamplingParams
 
@@ -103,5 +105,75 @@ def test_nf4_base_with_adapters_equals_peft_on_the_same_nf4_model(model_dir, ada
     )
     try:
         assert run_mixed(engine, workload) == reference
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_waiting_for_a_slot_does_not_hold_up_others(model_dir, adapter_dir, workload, peft_reference):
+    engine = start_engine(model_dir("llama"), adapters_dir=str(adapter_dir), max_gpu_adapters=1)
+    prompt_a, prompt_b, prompt_base = workload[0][1], workload[2][1], workload[3][1]  # 2: "mlp-patterns", 3: base
+    short = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+
+    async def scenario():
+        holder = engine.generate(prompt_a, SamplingParams(max_tokens=80, temperature=0, ignore_eos=True), adapter="qv-r8")
+        await anext(holder)  # "qv-r8" now holds the only slot
+        waiting = asyncio.create_task(collect(engine, prompt_b, short, adapter="mlp-patterns"))
+        base = await collect(engine, prompt_base, short)  # flows past the waiting request
+        waiting_done_early = waiting.done()
+        held = [out async for out in holder]
+        return base, waiting_done_early, len(held), await waiting
+
+    try:
+        base, waiting_done_early, held, waited = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert base[0] == peft_reference[3]
+    assert not waiting_done_early
+    assert held == 79
+    assert waited[0] == peft_reference[2]
+
+
+def test_unregistering_fails_new_requests_lets_running_ones_finish_then_frees_memory(
+    model_dir, adapter_dir, workload, peft_reference
+):
+    engine = start_engine(model_dir("llama"), adapters_dir=str(adapter_dir), max_gpu_adapters=2)
+    prompt = workload[0][1]
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+
+    async def scenario():
+        stream = engine.generate(prompt, params, adapter="qv-r8")
+        first = await anext(stream)
+        version = engine.resolve_adapter("qv-r8")
+        engine.unregister_adapter("qv-r8")
+        with pytest.raises(UnknownAdapter):
+            await collect(engine, prompt, params, adapter="qv-r8")
+        rest = [out.token_id async for out in stream]
+        return version, [first.token_id, *rest]
+
+    try:
+        version, tokens = asyncio.run(scenario())
+        assert tokens == peft_reference[0]  # finished on the version it started with
+        assert wait_until(lambda: version.slot is None and version.weights is None)
+        assert len(engine.adapters.free_slots) == 2 and version not in engine.adapters.host
+        # Registering the folder again serves it afresh.
+        engine.register_adapter("qv-r8", adapter_dir / "qv-r8")
+        assert asyncio.run(collect(engine, prompt, params, adapter="qv-r8"))[0] == peft_reference[0]
+    finally:
+        engine.shutdown()
+
+
+def test_a_refused_adapter_fails_its_requests_with_the_reason(model_dir, adapter_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((adapter_dir / "qv-r8" / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    engine = start_engine(model_dir("llama"), max_gpu_adapters=2)
+    engine.register_adapter("bad", bad)
+    try:
+        with pytest.raises(AdapterError) as refused:
+            asyncio.run(collect(engine, [1, 5, 6], SamplingParams(max_tokens=3), adapter="bad"))
+        assert refused.value.code == "corrupt_file"
+        # the engine keeps serving
+        assert len(asyncio.run(collect(engine, [1, 5, 6], SamplingParams(max_tokens=3, ignore_eos=True)))[0]) == 3
     finally:
         engine.shutdown()
