@@ -21,8 +21,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .lora_layer import LoraContext, LoraLinear
+
+if TYPE_CHECKING:
+    from ..serve.metrics import ServerMetrics
 from .peft_format import AdapterError, AdapterWeights, BaseModelInfo, read_adapter
 
 log = logging.getLogger("loradock.adapters")
@@ -33,6 +37,10 @@ _versions = itertools.count(1)
 
 class UnknownAdapter(LookupError):
     """No adapter of that name is registered."""
+
+    def __init__(self, name: str, reason: str = "no adapter of that name is registered"):
+        super().__init__(f"unknown adapter {name!r}: {reason}")
+        self.name = name
 
 
 def check_name(name: str) -> str:
@@ -77,6 +85,7 @@ class AdapterManager:
         max_cpu_adapters: int,
         max_rank: int,
         on_loaded: Callable[[AdapterVersion], None],
+        metrics: ServerMetrics | None = None,
     ):
         self.layers = layers
         self.context = context
@@ -84,6 +93,7 @@ class AdapterManager:
         self.max_rank = max_rank
         self.max_cpu_adapters = max_cpu_adapters
         self._on_loaded = on_loaded  # called from a pool thread when a disk read ends; wakes the engine
+        self.metrics = metrics
         self._registry: dict[str, AdapterVersion] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loradock-adapter-read")
@@ -94,16 +104,18 @@ class AdapterManager:
 
     # ---- caller threads --------------------------------------------------------------------------------
 
-    def register(self, name: str, path: Path, replace: bool = False) -> AdapterVersion | None:
-        """Make `name` resolve to the adapter at `path` (read lazily, on first use). Returns the version it
-        replaced, which the engine thread must then `retire`."""
-        version = AdapterVersion(check_name(name), Path(path))
+    def register(
+        self, name: str, path: Path, replace: bool = False, weights: AdapterWeights | None = None
+    ) -> tuple[AdapterVersion, AdapterVersion | None]:
+        """Make `name` resolve to the adapter at `path`: read on first use, or already read (`weights`).
+        Returns the new version and the one it replaced, which the engine thread must then `retire`."""
+        version = AdapterVersion(check_name(name), Path(path), weights=weights)
         with self._lock:
             old = self._registry.get(name)
             if old is not None and not replace:
                 raise AdapterError(f"an adapter named {name!r} is already registered", code="name_conflict")
             self._registry[name] = version
-        return old
+        return version, old
 
     def unregister(self, name: str) -> AdapterVersion:
         """New requests for `name` fail from now on. Returns the version, which the engine thread must `retire`."""
@@ -148,10 +160,31 @@ class AdapterManager:
         if version in self.host:  # most recently used goes last in the host LRU
             del self.host[version]
             self.host[version] = None
+        self._count_lookup(version)
         if version.weights is None and version.slot is None and version.loading is None:
             log.info("reading adapter %s from %s", version.name, version.path)
-            version.loading = self._pool.submit(read_adapter, version.path, self.base, self.max_rank, version.name)
+            version.loading = self.read(version.path, version.name)
             version.loading.add_done_callback(lambda _future: self._on_loaded(version))
+
+    def read(self, path: Path, name: str) -> Future:
+        """Read and validate an adapter in the reader pool; the future holds its AdapterWeights or AdapterError."""
+        return self._pool.submit(self._timed_read, path, name)
+
+    def _timed_read(self, path: Path, name: str) -> AdapterWeights:
+        started = time.perf_counter()
+        weights = read_adapter(path, self.base, self.max_rank, name)
+        if self.metrics is not None:
+            self.metrics.adapter_loads.inc()
+            self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        return weights
+
+    def _count_lookup(self, version: AdapterVersion) -> None:
+        if self.metrics is None:
+            return
+        on_device, on_host = version.slot is not None, version.weights is not None
+        self.metrics.adapter_cache.labels("device", "hit" if on_device else "miss").inc()
+        if not on_device:
+            self.metrics.adapter_cache.labels("host", "hit" if on_host else "miss").inc()
 
     def unpin(self, version: AdapterVersion) -> None:
         version.pins -= 1
@@ -183,6 +216,13 @@ class AdapterManager:
             version.weights = future.result()
             self._cache_on_host(version)
         return None
+
+    def warm(self, version: AdapterVersion) -> None:
+        """Put an already read version into the host cache and, if a slot is free or idle, on the device."""
+        if version.retired or version.weights is None:
+            return
+        self._cache_on_host(version)
+        self.ensure_slot(version)
 
     def ensure_slot(self, version: AdapterVersion) -> int | None:
         """The version's device slot, copying it in (evicting the least recently used idle slot) if needed.
@@ -219,12 +259,16 @@ class AdapterManager:
                 return
             del self.host[victim]
             victim.weights = None
+            if self.metrics is not None:
+                self.metrics.adapter_evictions.labels("host").inc()
 
     def _evict_slot(self, version: AdapterVersion) -> None:
         del self.slots[version.slot]
         self.free_slots.append(version.slot)
         version.slot = None
         self.evictions += 1
+        if self.metrics is not None:
+            self.metrics.adapter_evictions.labels("device").inc()
 
     def _free(self, version: AdapterVersion) -> None:
         """Drop every copy of a retired version: its device slot and its host weights."""

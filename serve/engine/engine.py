@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from ...adapters.lora_layer import attach_lora_layers
-from ...adapters.manager import AdapterManager, AdapterVersion, UnknownAdapter
-from ...adapters.peft_format import BaseModelInfo
+from ...adapters.manager import AdapterManager, AdapterVersion, UnknownAdapter, check_name
+from ...adapters.peft_format import AdapterError, BaseModelInfo
+from ..metrics import ServerMetrics
 from ..model_loader import (
     DTYPES,
     ModelLoadError,
@@ -38,7 +39,7 @@ from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .kv_cache import CacheShape, PagedKVCache, free_device_memory, parse_size
 from .model_runner import ModelRunner
 from .request import FinishReason, Request, TokenEvent
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import Logprobs, SamplingParams, make_generator, sample
 from .scheduler import Scheduler
 
 log = logging.getLogger("loradock.engine")
@@ -59,6 +60,7 @@ class GenerationOutput:
     token_id: int | None
     text: str
     finish_reason: FinishReason | None = None
+    logprobs: Logprobs | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,13 @@ class _AdapterRead:
 
 
 @dataclass(frozen=True)
+class _Warm:
+    """An adapter version read ahead of use: bring it into the host cache and a device slot."""
+
+    version: AdapterVersion
+
+
+@dataclass(frozen=True)
 class _Retire:
     """An adapter version was unregistered or replaced: free it once idle."""
 
@@ -95,8 +104,16 @@ _STOP = object()
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        config: EngineConfig,
+        device: torch.device,
+        metrics: ServerMetrics | None = None,
+    ):
         self.config = config
+        self.metrics = metrics
         self.tokenizer = tokenizer
         self.device = device
         model_config = model.config
@@ -147,7 +164,7 @@ class Engine:
         self.steps = 0
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Engine:
+    def from_config(cls, config: EngineConfig, metrics: ServerMetrics | None = None) -> Engine:
         device = resolve_device(config.device)
         dtype = DTYPES[config.dtype] if config.dtype else default_dtype(device)
         if config.dtype and config.dtype not in DTYPES:
@@ -155,7 +172,7 @@ class Engine:
         model, tokenizer = load_model(
             resolve_model_path(config.model), config.quantize or default_quantize(device), dtype, device
         )
-        return cls(model, tokenizer, config, device)
+        return cls(model, tokenizer, config, device, metrics)
 
     def _attach_adapters(self, model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype) -> AdapterManager:
         """Wrap the linears adapters may target in LoRA layers with preallocated slots; register the adapter dir."""
@@ -171,6 +188,7 @@ class Engine:
             max_cpu_adapters=config.max_cpu_adapters,
             max_rank=config.max_lora_rank,
             on_loaded=lambda version: self._commands.put(_AdapterRead(version)),
+            metrics=self.metrics,
         )
         if config.adapters_dir is not None:
             found = manager.scan(Path(config.adapters_dir))
@@ -224,9 +242,23 @@ class Engine:
     def register_adapter(self, name: str, path: str | Path, replace: bool = False) -> None:
         """Make `name` usable by new requests (read from `path` on first use). With `replace`, requests in
         flight on the old version finish on it; new ones get the new one."""
-        old = self._require_adapters(name).register(name, Path(path), replace=replace)
+        _version, old = self._require_adapters(name).register(name, Path(path), replace=replace)
         if old is not None:
             self._commands.put(_Retire(old))
+
+    async def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> AdapterVersion:
+        """Read and validate the adapter now (off the engine thread), register it, and warm it into the host
+        cache and a device slot. Raises AdapterError (refused, or the name is taken and not `replace`)."""
+        manager = self._require_adapters(name)
+        check_name(name)
+        if not replace and any(v.name == name for v in manager.registered()):
+            raise AdapterError(f"an adapter named {name!r} is already registered", code="name_conflict")
+        weights = await asyncio.wrap_future(manager.read(Path(path), name))
+        version, old = manager.register(name, Path(path), replace=replace, weights=weights)
+        if old is not None:
+            self._commands.put(_Retire(old))
+        self._commands.put(_Warm(version))
+        return version
 
     def unregister_adapter(self, name: str) -> None:
         """New requests for `name` fail at once; requests in flight finish; its memory is freed after them."""
@@ -280,7 +312,8 @@ class Engine:
                 if match.stopped and event.finish_reason is None:
                     self._commands.put(_Abort(request.request_id))
                 finished = finish is not None
-                yield GenerationOutput(event.token_id, match.text + (stops.flush() if finished else ""), finish)
+                text = match.text + (stops.flush() if finished and not match.stopped else "")
+                yield GenerationOutput(event.token_id, text, finish, event.logprobs)
         finally:
             if not finished:
                 self._commands.put(_Abort(request.request_id))
@@ -336,6 +369,8 @@ class Engine:
                 self._adapter_read(command.version)
             elif isinstance(command, _Retire):
                 self.adapters.retire(command.version)
+            elif isinstance(command, _Warm):
+                self.adapters.warm(command.version)
 
     def _adapter_read(self, version: AdapterVersion) -> None:
         error = self.adapters.finish_loading(version)
@@ -345,14 +380,16 @@ class Engine:
 
     def _step(self, entries: list[tuple[Request, int]]) -> None:
         logits, step = self.runner.run(entries)
+        if self.metrics is not None:
+            self.metrics.batch_tokens.observe(step.input_ids.shape[1])
         for request, n in entries:
             request.num_computed += n
-        tokens = sample(logits, [r.params for r in step.sampled], [r.generator for r in step.sampled])
+        tokens, logprobs = sample(logits, [r.params for r in step.sampled], [r.generator for r in step.sampled])
         self.steps += 1
-        for request, token in zip(step.sampled, tokens):
+        for request, token, token_logprobs in zip(step.sampled, tokens, logprobs):
             request.output_ids.append(token)
             reason = self._finish_reason(request, token)
-            event = TokenEvent(token, reason)
+            event = TokenEvent(token, reason, logprobs=token_logprobs)
             if reason is None:
                 self._emit(request, event)
             else:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .sampling import SamplingParams
+from .sampling import Logprobs, SamplingParams
 
 if TYPE_CHECKING:
     from ...adapters.manager import AdapterVersion
@@ -57,3 +57,4 @@ class TokenEvent:
     token_id: int | None  # None when the request ends without a new token (abort, error)
     finish_reason: FinishReason | None = None
     error: Exception | None = None  # raised to the caller
+    logprobs: Logprobs | None = None

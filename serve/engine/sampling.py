@@ -8,6 +8,7 @@ request's own torch.Generator, so a seeded request gives the same tokens whateve
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,6 +27,8 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20, description="also return the sampled token's "
+                                 "log-probability and this many most likely alternatives")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -50,12 +53,20 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class Logprobs:
+    """The sampled token's log-probability under the model (before temperature), and the top alternatives."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first
+
+
 def sample(
     logits: torch.Tensor,  # [N, vocab] one row per request due a token
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> list[int]:
-    """Pick one token per row. Returns plain ints (one host sync per step)."""
+) -> tuple[list[int], list[Logprobs | None]]:
+    """Pick one token per row; with it, log-probabilities for the rows that asked. One host sync per step."""
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
     tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
     if greedy_rows:
@@ -64,7 +75,16 @@ def sample(
     for i, p in enumerate(params):
         if not p.greedy:
             tokens[i] = _sample_row(logits[i].float(), p, generators[i])
-    return tokens.tolist()
+    chosen = tokens.tolist()
+    return chosen, [_logprobs(logits[i], chosen[i], p.logprobs) if p.logprobs is not None else None
+                    for i, p in enumerate(params)]
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int) -> Logprobs:
+    """logits: [vocab]."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [vocab]
+    values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0].long())
+    return Logprobs(float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist())))
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
