@@ -43,9 +43,13 @@ class UnknownAdapter(LookupError):
         self.name = name
 
 
+def is_valid_name(name: str) -> bool:
+    return isinstance(name, str) and bool(_NAME.match(name)) and ".." not in name
+
+
 def check_name(name: str) -> str:
     """Adapter names are folder names: letters, digits, '.', '_', '-'; no separators, no '..'."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not is_valid_name(name):
         raise AdapterError(
             f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (no path separators, no '..')",
             code="bad_name",
@@ -68,6 +72,7 @@ class AdapterVersion:
     error: AdapterError | None = None
     retired: bool = False  # unregistered or replaced (set by the engine thread): freed when the last pin goes
     registered_at: float = field(default_factory=time.time)
+    loaded_at: float | None = None  # wall-clock time its weights were last read from disk
     requests_served: int = 0
 
     @property
@@ -110,6 +115,8 @@ class AdapterManager:
         """Make `name` resolve to the adapter at `path`: read on first use, or already read (`weights`).
         Returns the new version and the one it replaced, which the engine thread must then `retire`."""
         version = AdapterVersion(check_name(name), Path(path), weights=weights)
+        if weights is not None:
+            version.loaded_at = time.time()
         with self._lock:
             old = self._registry.get(name)
             if old is not None and not replace:
@@ -125,11 +132,17 @@ class AdapterManager:
             raise UnknownAdapter(name)
         return version
 
-    def resolve(self, name: str) -> AdapterVersion:
+    def get(self, name: str) -> AdapterVersion:
+        """The registered version, whatever its state."""
         with self._lock:
             version = self._registry.get(name)
         if version is None:
             raise UnknownAdapter(name)
+        return version
+
+    def resolve(self, name: str) -> AdapterVersion:
+        """The version a new request would use; raises its AdapterError if it was refused."""
+        version = self.get(name)
         if version.error is not None:
             raise version.error
         return version
@@ -142,7 +155,7 @@ class AdapterManager:
         """Register every adapter folder under `directory` (one holding an adapter_config.json). At start-up."""
         names = []
         for path in sorted(Path(directory).iterdir()):
-            if path.is_dir() and (path / "adapter_config.json").is_file() and _NAME.match(path.name):
+            if path.is_dir() and (path / "adapter_config.json").is_file() and is_valid_name(path.name):
                 self.register(path.name, path)
                 names.append(path.name)
         return names
@@ -214,6 +227,7 @@ class AdapterManager:
         self.loads += 1
         if not version.retired:  # a version retired while being read is not kept
             version.weights = future.result()
+            version.loaded_at = time.time()
             self._cache_on_host(version)
         return None
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 import transformers
+import yaml
 
 from ..adapters.manager import UnknownAdapter
 from .engine import Engine, EngineConfig, RequestError, SamplingParams
@@ -94,7 +97,53 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     generate.add_argument("--ignore-eos", action="store_true")
     generate.set_defaults(handler=run_generate)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API, the adapter admin API and metrics over HTTP",
+        description="Serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models), the "
+        "adapter admin API (/v1/adapters), /health and /metrics. " + DEMO_NOTE,
+    )
+    add_engine_arguments(serve)
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    server.add_argument("--served-model-name", help="the base model's name in the API (default: its folder name)")
+    server.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 429 (default 1024)")
+    server.add_argument("--admin-token", default=os.environ.get("LORADOCK_ADMIN_TOKEN"),
+                        help="bearer token for the admin API (or LORADOCK_ADMIN_TOKEN; without it the admin API is off)")
+    server.add_argument("--api-key", help="bearer token required on the user endpoints (default: none)")
+    server.add_argument("--allow-adapter-paths", action="store_true",
+                        help="let the admin API load adapters from outside --adapters")
+    server.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    serve.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys like max-gpu-adapters); flags win")
+    serve.set_defaults(handler=run_serve)
     return parser
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse argv; if it names --config, use that YAML as defaults and parse again so flags win."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    subparser = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001 - argparse has no API
+    known = {a.dest for a in subparser._actions}  # noqa: SLF001
+    try:
+        with open(args.config, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        parser.error(f"--config {args.config}: {exc}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {args.config}: expected a mapping of option names to values")
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("config", "handler"):
+            parser.error(f"--config {args.config}: unknown option {key!r}")
+        defaults[dest] = value
+    subparser.set_defaults(**defaults)
+    return parser.parse_args(argv)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -134,8 +183,32 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from .api.app import serve
+    from .api.state import ServerSettings, ServerState
+    from .metrics import ServerMetrics
+
+    if args.model is None:
+        print(DEMO_NOTE, file=sys.stderr)
+    metrics = ServerMetrics()
+    engine = Engine.from_config(engine_config(args), metrics)
+    metrics.watch(engine)
+    settings = ServerSettings(
+        served_model_name=args.served_model_name or (Path(args.model).name if args.model else "loradock-demo"),
+        adapters_dir=Path(args.adapters) if args.adapters else None,
+        allow_adapter_paths=args.allow_adapter_paths,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
+        admin_token=args.admin_token,
+        drain_timeout=args.drain_timeout,
+    )
+    with engine:
+        asyncio.run(serve(ServerState(engine, settings, metrics), args.host, args.port))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = apply_config_file(build_parser(), argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -1,0 +1,134 @@
+"""The adapter admin API (bearer token required): list, load, unload, reload; vLLM-compatible aliases.
+
+Admin calls never block the token stream: reading and validating happen in the adapter reader pool, and the
+engine thread only copies weights between steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from ...adapters.manager import AdapterVersion, UnknownAdapter
+from ...adapters.peft_format import AdapterError
+from .errors import APIError, bad_request, from_validation_error, not_found, read_json
+from .generation import adapter_path, adapter_refused
+from .schemas import AdapterInfo, LoadAdapterRequest, VllmLoadLoraRequest, VllmUnloadLoraRequest
+from .state import STATE, ServerState
+
+routes = web.RouteTableDef()
+
+
+def _parse(model_class, payload):
+    try:
+        return model_class.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _manager(state: ServerState):
+    if state.engine.adapters is None:
+        raise APIError(400, "adapters are disabled on this server (--max-gpu-adapters 0)", code="adapters_disabled")
+    return state.engine.adapters
+
+
+def describe(version: AdapterVersion) -> dict:
+    weights = version.weights
+    info = AdapterInfo(
+        name=version.name,
+        tier=version.tier,
+        path=str(version.path),
+        rank=weights.max_rank if weights else None,
+        targets=list(weights.target_names) if weights else None,
+        bytes=weights.nbytes if weights else None,
+        sha256=weights.sha256 if weights else None,
+        loaded_at=version.loaded_at,
+        registered_at=version.registered_at,
+        requests_served=version.requests_served,
+        in_flight=version.pins,
+    )
+    return info.model_dump()
+
+
+@routes.get("/v1/adapters")
+async def list_adapters(request: web.Request) -> web.Response:
+    manager = _manager(request.app[STATE])
+    return web.json_response({"object": "list", "data": [describe(v) for v in manager.registered()]})
+
+
+async def _load(state: ServerState, name: str, path: str | None, replace: bool) -> AdapterVersion:
+    directory = state.settings.adapters_dir
+    if path is None:
+        if directory is None:
+            raise bad_request("no path given and the server has no adapter directory (--adapters)", param="path")
+        resolved = adapter_path(directory, name)
+    else:
+        resolved = Path(path).expanduser().resolve()
+        inside = directory is not None and resolved.parent == directory.resolve()
+        if not inside and not state.settings.allow_adapter_paths:
+            raise APIError(403, f"{path} is outside the adapter directory; start the server with "
+                           "--allow-adapter-paths to load adapters from anywhere", type="permission_error",
+                           code="path_not_allowed", param="path")
+    _manager(state)
+    try:
+        version = await state.engine.load_adapter(name, resolved, replace=replace)
+    except AdapterError as exc:
+        if exc.code == "name_conflict":
+            raise APIError(409, str(exc), code="adapter_exists", param="name") from None
+        if exc.code == "bad_name":
+            raise bad_request(str(exc), code="invalid_adapter_name", param="name") from None
+        raise adapter_refused(exc) from None
+    state.unloaded.discard(name)
+    return version
+
+
+def _unload(state: ServerState, name: str) -> None:
+    try:
+        _manager(state)
+        state.engine.unregister_adapter(name)
+    except UnknownAdapter:
+        raise not_found(f"no adapter named {name!r} is loaded", code="adapter_not_found") from None
+    state.unloaded.add(name)
+
+
+@routes.post("/v1/adapters")
+async def load_adapter(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = _parse(LoadAdapterRequest, await read_json(request))
+    version = await _load(state, body.name, body.path, replace=False)
+    return web.json_response(describe(version), status=201)
+
+
+@routes.delete("/v1/adapters/{name}")
+async def unload_adapter(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    _unload(request.app[STATE], name)
+    return web.json_response({"name": name, "unloaded": True})
+
+
+@routes.post("/v1/adapters/{name}/reload")
+async def reload_adapter(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    try:
+        current = _manager(state).get(name)  # a refused version too: reloading is how to retry it
+    except UnknownAdapter:
+        raise not_found(f"no adapter named {name!r} is loaded", code="adapter_not_found") from None
+    version = await _load(state, name, str(current.path), replace=True)
+    return web.json_response(describe(version))
+
+
+@routes.post("/v1/load_lora_adapter")
+async def vllm_load(request: web.Request) -> web.Response:
+    body = _parse(VllmLoadLoraRequest, await read_json(request))
+    await _load(request.app[STATE], body.lora_name, body.lora_path, replace=False)
+    return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@routes.post("/v1/unload_lora_adapter")
+async def vllm_unload(request: web.Request) -> web.Response:
+    body = _parse(VllmUnloadLoraRequest, await read_json(request))
+    _unload(request.app[STATE], body.lora_name)
+    return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

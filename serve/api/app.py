@@ -1,0 +1,116 @@
+"""The aiohttp application: routes, authentication, errors in OpenAI's shape, and a draining shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import admin_routes, openai_routes
+from .errors import APIError, error_response
+from .openapi import openapi_spec
+from .state import STATE, ServerState
+
+log = logging.getLogger("loradock.server")
+
+ADMIN_PREFIXES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+USER_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+MAX_BODY_BYTES = 4 * 2**20
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    """Every error leaves in OpenAI's shape; bad input is never a 500."""
+    try:
+        return await handler(request)
+    except APIError as exc:
+        return exc.response()
+    except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too large
+        if exc.status < 400:
+            raise
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        return error_response(exc.status, exc.reason if exc.text is None else exc.text, kind,
+                              code=exc.reason.lower().replace(" ", "_"))
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(500, "internal server error", "server_error", code="internal_error")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    settings = request.app[STATE].settings
+    path = request.path
+    if path.startswith(ADMIN_PREFIXES):
+        _check_bearer(request, settings.admin_token, "the admin API", "--admin-token or LORADOCK_ADMIN_TOKEN")
+    elif path.startswith(USER_PREFIXES) and settings.api_key is not None:
+        _check_bearer(request, settings.api_key, "this endpoint", "--api-key")
+    return await handler(request)
+
+
+def _check_bearer(request: web.Request, expected: str | None, what: str, how: str) -> None:
+    if expected is None:
+        raise APIError(401, f"{what} is disabled: start the server with {how}", type="authentication_error",
+                       code="admin_disabled")
+    header = request.headers.get("Authorization", "")
+    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise APIError(401, f"{what} needs 'Authorization: Bearer <token>'", type="authentication_error",
+                       code="invalid_token")
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.shutting_down:
+        return web.json_response({"status": "shutting_down"}, status=503)
+    return web.json_response({"status": "ok", "model": state.settings.served_model_name,
+                              "in_flight": state.in_flight})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[STATE].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_spec())
+
+
+def create_app(state: ServerState) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY_BYTES)
+    app[STATE] = state
+    app.add_routes(openai_routes.routes)
+    app.add_routes(admin_routes.routes)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app
+
+
+async def serve(state: ServerState, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; then refuse new requests, let in-flight ones finish (bounded), stop."""
+    runner = web.AppRunner(create_app(state), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("loradock serving %s on http://%s:%d", state.settings.served_model_name, host, port)
+    print(f"loradock: serving {state.settings.served_model_name!r} on http://{host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    state.shutting_down = True
+    log.info("shutting down: draining %d requests (at most %.0f s)", state.in_flight, state.settings.drain_timeout)
+    await site.stop()  # no new connections
+    deadline = loop.time() + state.settings.drain_timeout
+    while state.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await runner.cleanup()

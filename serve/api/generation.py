@@ -1,0 +1,261 @@
+"""From a validated request to tokens: resolve the model, tokenize, admit, then stream or collect the result.
+
+The two OpenAI endpoints differ only in how a prompt is built and how results are shaped; both go through
+`Job` (one admitted request) and a `ResponseShape` (completions or chat).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from ...adapters.manager import UnknownAdapter
+from ...adapters.peft_format import AdapterError
+from ..engine import EngineShutdown, GenerationOutput, PromptTooLong, RequestError, SamplingParams
+from .errors import APIError, bad_request, not_found
+from .schemas import _SamplingFields
+from .state import ServerState
+
+
+@dataclass
+class Job:
+    """One admitted request."""
+
+    state: ServerState
+    model: str
+    adapter: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def usage(self) -> dict:
+        n = len(self.token_ids)
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": n, "total_tokens": len(self.prompt_ids) + n}
+
+
+def resolve_model(state: ServerState, name: str) -> str | None:
+    """None for the base model, else the adapter's name. Adapters on disk but not registered are registered."""
+    if name == state.settings.served_model_name:
+        return None
+    try:
+        state.engine.resolve_adapter(name)
+        return name
+    except UnknownAdapter:
+        if _register_from_directory(state, name):
+            return name
+        raise not_found(f"the model {name!r} does not exist: GET /v1/models lists the base model and the adapters")
+    except AdapterError as exc:
+        raise adapter_refused(exc) from None
+
+
+def _register_from_directory(state: ServerState, name: str) -> bool:
+    """An adapter dropped into the adapter directory is served on first use."""
+    directory = state.settings.adapters_dir
+    if directory is None or name in state.unloaded:
+        return False
+    try:
+        path = adapter_path(directory, name)
+    except APIError:
+        return False
+    if not (path / "adapter_config.json").is_file():
+        return False
+    try:
+        state.engine.register_adapter(name, path)
+    except AdapterError:  # registered meanwhile by a concurrent request: fine
+        pass
+    return True
+
+
+def adapter_path(directory, name: str):
+    """DIRECTORY/name, refusing names with separators or '..' and symlinks that lead out of the directory."""
+    from ...adapters.manager import check_name
+
+    try:
+        check_name(name)
+    except AdapterError as exc:
+        raise bad_request(str(exc), code="invalid_adapter_name") from None
+    root = directory.resolve()
+    path = (directory / name).resolve()
+    if path.parent != root:
+        raise bad_request(f"adapter {name!r} leads outside the adapter directory", code="invalid_adapter_path")
+    return path
+
+
+def adapter_refused(exc: AdapterError) -> APIError:
+    return APIError(400, str(exc), type="invalid_request_error", code=f"adapter_{exc.code}")
+
+
+def sampling_params(state: ServerState, body: _SamplingFields, prompt_len: int, max_tokens: int | None,
+                    logprobs: int | None) -> SamplingParams:
+    room = state.engine.max_model_len - prompt_len
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens if max_tokens is not None else max(room, 1),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),
+            seed=body.seed,
+            stop=body.stops,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def admit(state: ServerState, model: str, adapter: str | None, prompt_ids: list[int], params: SamplingParams) -> Job:
+    """Check the request fits the context and the queue; count it in."""
+    if state.shutting_down:
+        raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+    try:
+        state.engine.check_fits(prompt_ids, params)
+    except PromptTooLong as exc:
+        raise APIError(413, str(exc), code="context_length_exceeded", param="prompt") from None
+    except RequestError as exc:
+        raise bad_request(str(exc), code="context_length_exceeded", param="max_tokens") from None
+    if state.in_flight >= state.settings.max_queue:
+        state.metrics.requests.labels(model, "rejected").inc()
+        raise APIError(429, f"the server is busy: {state.in_flight} requests in flight (--max-queue)",
+                       type="rate_limit_error", code="queue_full")
+    return Job(state, model, adapter, prompt_ids, params)
+
+
+def tokenize(state: ServerState, prompt: str | list[int]) -> list[int]:
+    try:
+        return state.engine.tokenize(prompt)
+    except RequestError as exc:
+        raise bad_request(str(exc), param="prompt") from None
+
+
+class ResponseShape:
+    """How one endpoint shapes results. Subclasses: completions and chat."""
+
+    id_prefix: str
+    chunk_object_name: str
+
+    def __init__(self, job: Job, return_token_ids: bool):
+        self.job = job
+        self.return_token_ids = return_token_ids
+
+    def full(self) -> dict:
+        raise NotImplementedError
+
+    def delta(self, output: GenerationOutput) -> dict:
+        raise NotImplementedError
+
+    def opening_chunks(self) -> list[dict]:
+        return []
+
+    def envelope(self, choices: list[dict], object_name: str) -> dict:
+        job = self.job
+        return {"id": f"{self.id_prefix}-{job.request_id}", "object": object_name, "created": job.created,
+                "model": job.model, "choices": choices}
+
+
+async def run(request: web.Request, job: Job, shape: ResponseShape, stream: bool, include_usage: bool) -> web.StreamResponse:
+    """Run the job; answer with one JSON body, or as server-sent events ending in `data: [DONE]`."""
+    state = job.state
+    state.in_flight += 1
+    outputs = _outputs(job)
+    status = "error"
+    try:
+        first = await _first(outputs)  # errors before the first token still get a proper status
+        if not stream:
+            async for _ in _chain(first, outputs):
+                pass
+            status = job.finish_reason
+            return web.json_response(shape.full())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for chunk in shape.opening_chunks():
+            await _send(response, chunk)
+        async for output in _chain(first, outputs):
+            await _send(response, shape.delta(output))
+        if include_usage:
+            await _send(response, {**shape.envelope([], shape.chunk_object_name), "usage": job.usage})
+        await response.write(b"data: [DONE]\n\n")
+        status = job.finish_reason
+        return response
+    except (ConnectionResetError, EngineShutdown):
+        status = "cancelled"
+        raise
+    except BaseException as exc:  # a cancelled handler (the client went away) lands here as CancelledError
+        status = "cancelled" if not isinstance(exc, Exception) else "error"
+        raise
+    finally:
+        await outputs.aclose()  # cancels the engine request if it is still running: frees its KV and pin
+        state.in_flight -= 1
+        _record(job, status)
+
+
+async def _outputs(job: Job) -> AsyncIterator[GenerationOutput]:
+    engine = job.state.engine
+    try:
+        async for output in engine.generate(job.prompt_ids, job.params, adapter=job.adapter, request_id=job.request_id):
+            now = time.perf_counter()
+            if job.first_token_at is None:
+                job.first_token_at = now
+            if output.token_id is not None:
+                job.token_ids.append(output.token_id)
+            job.text.append(output.text)
+            if output.logprobs is not None:
+                job.logprobs.append((output.token_id, output.logprobs))
+            if output.finish_reason is not None:
+                job.finish_reason = output.finish_reason.value
+            yield output
+    except UnknownAdapter as exc:
+        raise not_found(str(exc)) from None
+    except AdapterError as exc:
+        raise adapter_refused(exc) from None
+    except EngineShutdown as exc:
+        raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
+    except RequestError as exc:
+        raise bad_request(str(exc)) from None
+
+
+async def _first(outputs: AsyncIterator[GenerationOutput]) -> GenerationOutput | None:
+    try:
+        return await anext(outputs)
+    except StopAsyncIteration:
+        return None
+
+
+async def _chain(first: GenerationOutput | None, rest: AsyncIterator[GenerationOutput]):
+    if first is None:
+        return
+    yield first
+    if first.finish_reason is None:
+        async for output in rest:
+            yield output
+
+
+async def _send(response: web.StreamResponse, payload: dict) -> None:
+    await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _record(job: Job, status: str | None) -> None:
+    metrics, model = job.state.metrics, job.model
+    metrics.requests.labels(model, status or "error").inc()
+    metrics.prompt_tokens.labels(model).inc(len(job.prompt_ids))
+    metrics.generation_tokens.labels(model).inc(len(job.token_ids))
+    now = time.perf_counter()
+    metrics.e2e.labels(model).observe(now - job.started)
+    if job.first_token_at is not None:
+        metrics.ttft.labels(model).observe(job.first_token_at - job.started)
+        if len(job.token_ids) > 1:
+            metrics.tpot.labels(model).observe((now - job.first_token_at) / (len(job.token_ids) - 1))
+
