@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from loradock.serve.engine import Engine, EngineConfig, SamplingParams
 from loradock.serve.model_loader import load_model
@@ -34,12 +35,13 @@ async def collect(
     return ids, "".join(text), reason.value
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
     """HF generate, greedy, one request alone: the reference the engine must equal token for token."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    if not ignore_eos:
+        config.eos_token_id = model.generation_config.eos_token_id
     with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
-        )
+        out = model.generate(torch.tensor([prompt_ids]), generation_config=config)
     return out[0, len(prompt_ids) :].tolist()
 
 
@@ -55,8 +57,10 @@ def varied_prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
     ]
 
 
-def peft_greedy(base_path: Path, adapter_dir: Path | None, prompts: list[list[int]], max_new_tokens: int,
-                quantize: str = "none") -> list[list[int]]:
+def peft_greedy(
+    base_path: Path, adapter_dir: Path | None, prompts: list[list[int]], max_new_tokens: int,
+    quantize: str = "none", ignore_eos: bool = False,
+) -> list[list[int]]:
     """PEFT's greedy output for each prompt alone: the oracle for an adapter (None: the bare base model)."""
     from peft import PeftModel
 
@@ -64,7 +68,7 @@ def peft_greedy(base_path: Path, adapter_dir: Path | None, prompts: list[list[in
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    return [hf_greedy(model, p, max_new_tokens) for p in prompts]
+    return [hf_greedy(model, p, max_new_tokens, ignore_eos) for p in prompts]
 
 
 def wait_until(predicate, timeout: float = 10.0) -> bool:
