@@ -9,23 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiohttp import web
-from pydantic import ValidationError
 
 from ...adapters.manager import AdapterVersion, UnknownAdapter
 from ...adapters.peft_format import AdapterError
-from .errors import APIError, bad_request, from_validation_error, not_found, read_json
+from .errors import APIError, bad_request, not_found, parse_body
 from .generation import adapter_path, adapter_refused
 from .schemas import AdapterInfo, LoadAdapterRequest, VllmLoadLoraRequest, VllmUnloadLoraRequest
 from .state import STATE, ServerState
 
 routes = web.RouteTableDef()
-
-
-def _parse(model_class, payload):
-    try:
-        return model_class.model_validate(payload)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
 
 
 def _manager(state: ServerState):
@@ -96,7 +88,7 @@ def _unload(state: ServerState, name: str) -> None:
 @routes.post("/v1/adapters")
 async def load_adapter(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = _parse(LoadAdapterRequest, await read_json(request))
+    body = await parse_body(request, LoadAdapterRequest)
     version = await _load(state, body.name, body.path, replace=False)
     return web.json_response(describe(version), status=201)
 
@@ -122,13 +114,13 @@ async def reload_adapter(request: web.Request) -> web.Response:
 
 @routes.post("/v1/load_lora_adapter")
 async def vllm_load(request: web.Request) -> web.Response:
-    body = _parse(VllmLoadLoraRequest, await read_json(request))
+    body = await parse_body(request, VllmLoadLoraRequest)
     await _load(request.app[STATE], body.lora_name, body.lora_path, replace=False)
     return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
 @routes.post("/v1/unload_lora_adapter")
 async def vllm_unload(request: web.Request) -> web.Response:
-    body = _parse(VllmUnloadLoraRequest, await read_json(request))
+    body = await parse_body(request, VllmUnloadLoraRequest)
     _unload(request.app[STATE], body.lora_name)
     return web.Response(text=f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -45,6 +45,15 @@ def from_validation_error(error: ValidationError) -> APIError:
     return bad_request("; ".join(parts), param=str(first[0]) if first else None)
 
 
+async def parse_body(request: web.Request, model_class):
+    """The request body as JSON, validated into `model_class`; a 400 naming the fields otherwise."""
+    payload = await read_json(request)
+    try:
+        return model_class.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
 async def read_json(request: web.Request) -> object:
     """The request body as JSON, or a 400 saying why not."""
     try:

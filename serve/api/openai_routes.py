@@ -5,23 +5,15 @@ from __future__ import annotations
 import time
 
 from aiohttp import web
-from pydantic import ValidationError
 
 from ...adapters.manager import is_valid_name
 from ..engine import GenerationOutput
-from .errors import bad_request, from_validation_error, read_json
+from .errors import bad_request, parse_body
 from .generation import Job, ResponseShape, admit, resolve_model, run, sampling_params, tokenize
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import STATE
 
 routes = web.RouteTableDef()
-
-
-def _parse(model_class, payload):
-    try:
-        return model_class.model_validate(payload)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
 
 
 class CompletionShape(ResponseShape):
@@ -95,7 +87,7 @@ class ChatShape(ResponseShape):
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    body = _parse(CompletionRequest, await read_json(request))
+    body = await parse_body(request, CompletionRequest)
     adapter = resolve_model(state, body.model)
     prompt_ids = tokenize(state, body.prompt)
     params = sampling_params(state, body, len(prompt_ids), body.max_tokens, body.logprobs)
@@ -107,7 +99,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    body = _parse(ChatCompletionRequest, await read_json(request))
+    body = await parse_body(request, ChatCompletionRequest)
     adapter = resolve_model(state, body.model)
     prompt_ids = chat_prompt(state, body)
     max_tokens = body.max_completion_tokens or body.max_tokens
