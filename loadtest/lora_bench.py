@@ -10,7 +10,6 @@ one request at a time after `set_adapter`, or in static batches with `generate(a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import sys

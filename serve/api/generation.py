@@ -56,7 +56,9 @@ def resolve_model(state: ServerState, name: str) -> str | None:
     except UnknownAdapter:
         if _register_from_directory(state, name):
             return name
-        raise not_found(f"the model {name!r} does not exist: GET /v1/models lists the base model and the adapters")
+        raise not_found(
+            f"the model {name!r} does not exist: GET /v1/models lists the base model and the adapters"
+        ) from None
     except AdapterError as exc:
         raise adapter_refused(exc) from None
 

@@ -9,7 +9,7 @@ from aiohttp import web
 from ...adapters.manager import is_valid_name
 from ..engine import GenerationOutput
 from .errors import bad_request, parse_body
-from .generation import Job, ResponseShape, admit, resolve_model, run, sampling_params, tokenize
+from .generation import ResponseShape, admit, resolve_model, run, sampling_params, tokenize
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import STATE
 
