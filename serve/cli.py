@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds in-flight requests get to finish on SIGTERM (default 30)")
     serve.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys like max-gpu-adapters); flags win")
     serve.set_defaults(handler=run_serve)
+    from ..loadtest.loadtest import add_loadtest_parser; add_loadtest_parser(commands)  # noqa: E702, I001
     return parser
 
 
