@@ -14,11 +14,10 @@ import shutil
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loradock.adapters.peft_format import (
@@ -32,12 +31,10 @@ from loradock.adapters.peft_format import (
     read_adapter,
 )
 from loradock.serve.model_loader import SUPPORTED_ARCHITECTURES, load_model
+from peft_adapters import PREFIX, Q0, V1, edit_config, edit_tensors, write_adapter
 
 CPU = torch.device("cpu")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PREFIX = "base_model.model."
-Q0 = "model.layers.0.self_attn.q_proj"  # [in 64, out 64]
-V1 = "model.layers.1.self_attn.v_proj"  # [in 64, out 32] (two kv heads of 16)
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +46,6 @@ def base_model(model_dir):
 @pytest.fixture(scope="module")
 def base(base_model) -> BaseModelInfo:
     return BaseModelInfo.from_model(base_model)
-
-
-def write_adapter(base_model, path, config, safe_serialization=True):
-    """Save a real peft adapter for `config` into `path`, every LoRA parameter seeded random (B is not zero)."""
-    model = get_peft_model(copy.deepcopy(base_model), config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name or "ia3_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    model.save_pretrained(path, safe_serialization=safe_serialization)
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +60,6 @@ def plain_adapter(base_model, tmp_path_factory):
 def adapter(plain_adapter, tmp_path):
     """A fresh copy of the plain adapter, free to edit."""
     return shutil.copytree(plain_adapter, tmp_path / "adapter")
-
-
-def edit_config(path, **changes):
-    config = json.loads((path / CONFIG_FILE).read_text())
-    config.update(changes)
-    (path / CONFIG_FILE).write_text(json.dumps(config))
-
-
-def edit_tensors(path, edit):
-    tensors = load_file(path / WEIGHTS_FILE)
-    edit(tensors)
-    save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
 
 
 def refused(path, base, code, *words, **kwargs) -> AdapterError:

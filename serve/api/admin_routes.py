@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ...adapters.manager import AdapterVersion, UnknownAdapter
+from ...adapters.manager import AdapterVersion, UnknownAdapter, check_name
 from ...adapters.peft_format import AdapterError
 from .errors import APIError, bad_request, not_found, parse_body
 from .generation import adapter_path, adapter_refused
@@ -52,12 +52,20 @@ async def list_adapters(request: web.Request) -> web.Response:
 
 async def _load(state: ServerState, name: str, path: str | None, replace: bool) -> AdapterVersion:
     directory = state.settings.adapters_dir
+    try:
+        check_name(name)
+    except AdapterError as exc:
+        raise bad_request(str(exc), code="invalid_adapter_name", param="name") from None
     if path is None:
         if directory is None:
             raise bad_request("no path given and the server has no adapter directory (--adapters)", param="path")
         resolved = adapter_path(directory, name)
     else:
-        resolved = Path(path).expanduser().resolve()
+        try:
+            resolved = Path(path).expanduser().resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, an unencodable name, a symlink loop
+            raise bad_request(f"the path {path!r} cannot be used: {exc}", code="invalid_adapter_path",
+                              param="path") from None
         inside = directory is not None and resolved.parent == directory.resolve()
         if not inside and not state.settings.allow_adapter_paths:
             raise APIError(403, f"{path} is outside the adapter directory; start the server with "

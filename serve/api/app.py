@@ -32,14 +32,27 @@ async def errors_middleware(request: web.Request, handler):
     except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too large
         if exc.status < 400:
             raise
-        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        return error_response(exc.status, exc.reason if exc.text is None else exc.text, kind,
-                              code=exc.reason.lower().replace(" ", "_"))
+        return _http_error(request, exc)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return error_response(500, "internal server error", "server_error", code="internal_error")
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own errors in OpenAI's shape, saying what was asked."""
+    kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+    message = exc.reason if exc.text is None else exc.text
+    if isinstance(exc, web.HTTPNotFound):
+        message = f"no such endpoint: {request.method} {request.path} (GET /openapi.json lists them)"
+    elif isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+    response = error_response(exc.status, message, kind, code=exc.reason.lower().replace(" ", "_"))
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
 
 
 @web.middleware

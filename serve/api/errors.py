@@ -60,3 +60,5 @@ async def read_json(request: web.Request) -> object:
         return json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("the body is JSON nested too deep to read", code="invalid_json") from None

@@ -89,8 +89,11 @@ def adapter_path(directory, name: str):
         check_name(name)
     except AdapterError as exc:
         raise bad_request(str(exc), code="invalid_adapter_name") from None
-    root = directory.resolve()
-    path = (directory / name).resolve()
+    try:
+        root = directory.resolve()
+        path = (directory / name).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise bad_request(f"adapter {name!r} cannot be read: {exc}", code="invalid_adapter_path") from None
     if path.parent != root:
         raise bad_request(f"adapter {name!r} leads outside the adapter directory", code="invalid_adapter_path")
     return path
@@ -137,6 +140,8 @@ def admit(state: ServerState, model: str, adapter: str | None, prompt_ids: list[
 
 
 def tokenize(state: ServerState, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str) and not prompt:
+        raise bad_request("the prompt is empty: give at least one character or token id", param="prompt")
     try:
         return state.engine.tokenize(prompt)
     except RequestError as exc:

@@ -8,8 +8,8 @@ from aiohttp import web
 
 from ...adapters.manager import is_valid_name
 from ..engine import GenerationOutput
-from .errors import bad_request, parse_body
-from .generation import ResponseShape, admit, resolve_model, run, sampling_params, tokenize
+from .errors import APIError, bad_request, parse_body
+from .generation import ResponseShape, adapter_path, admit, resolve_model, run, sampling_params, tokenize
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import STATE
 
@@ -142,6 +142,12 @@ def known_adapter_names(state) -> set[str]:
     directory = state.settings.adapters_dir
     if directory is not None and directory.is_dir():
         for path in directory.iterdir():
-            if is_valid_name(path.name) and (path / "adapter_config.json").is_file() and path.name not in state.unloaded:
+            if not is_valid_name(path.name) or path.name in state.unloaded or path.name in names:
+                continue
+            try:
+                folder = adapter_path(directory, path.name)
+            except APIError:  # a symlink leading out of the directory, or a loop
+                continue
+            if (folder / "adapter_config.json").is_file():
                 names.add(path.name)
     return names

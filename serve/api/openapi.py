@@ -25,10 +25,18 @@ _MODELS: tuple[type[BaseModel], ...] = (
 _ERRORS = {
     code: {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
     for code, text in {
-        "400": "bad request or parameters", "401": "missing or wrong bearer token", "404": "unknown model or adapter",
-        "413": "prompt beyond the context", "429": "queue full", "503": "shutting down",
+        "400": "bad request or parameters", "401": "missing or wrong bearer token",
+        "403": "adapter path outside the adapter directory", "404": "unknown model or adapter",
+        "409": "adapter name already registered", "413": "request body over the size limit, or prompt beyond the context",
+        "429": "queue full", "503": "shutting down",
     }.items()
 }
+
+
+# One server-sent event (OpenAPI 3.1 has a text/event-stream schema describe each event): its data is a JSON
+# chunk, or "[DONE]" at the end.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
 
 
 def _body(model: type[BaseModel]) -> dict:
@@ -54,9 +62,10 @@ def _operation(summary: str, ok: dict, body: type[BaseModel] | None = None, secu
 def openapi_spec() -> dict:
     _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template="#/components/schemas/{model}")
     generation_errors = ("400", "401", "404", "413", "429", "503")
+    load_errors = ("400", "401", "403", "409", "413")  # every POST may also meet the body size limit (413)
     stream_or_json = {"description": "a JSON body, or server-sent events ending in `data: [DONE]` when stream",
                       "content": {"application/json": {"schema": {"type": "object"}},
-                                  "text/event-stream": {"schema": {"type": "string"}}}}
+                                  "text/event-stream": {"schema": _SSE_EVENT}}}
     adapter = {"$ref": "#/components/schemas/AdapterInfo"}
     name_param = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
     paths = {
@@ -67,24 +76,22 @@ def openapi_spec() -> dict:
         "/v1/models": {"get": _operation("The base model and every adapter", _ok("model list"), security="apiKey",
                                          errors=("401",))},
         "/v1/adapters": {
-            "get": _operation("Adapters and their tiers", _ok("adapter list"), security="adminToken", errors=("401",)),
+            "get": _operation("Adapters and their tiers", _ok("adapter list"), security="adminToken",
+                              errors=("400", "401")),
             "post": {**_operation("Load an adapter: validate, then warm into host and device",
-                                  _ok("the loaded adapter", adapter), LoadAdapterRequest, "adminToken",
-                                  ("400", "401", "404")),
-                     "responses": {"201": _ok("the loaded adapter", adapter),
-                                   **{c: _ERRORS[c] for c in ("400", "401")},
-                                   "403": {"description": "path outside the adapter directory"},
-                                   "409": {"description": "name already registered"}}},
+                                  _ok("the loaded adapter", adapter), LoadAdapterRequest, "adminToken", load_errors),
+                     "responses": {"201": _ok("the loaded adapter", adapter), **{c: _ERRORS[c] for c in load_errors}}},
         },
         "/v1/adapters/{name}": {"delete": {**_operation("Unload an adapter", _ok("unloaded"), security="adminToken",
-                                                         errors=("401", "404")), "parameters": name_param}},
+                                                         errors=("400", "401", "404")), "parameters": name_param}},
         "/v1/adapters/{name}/reload": {"post": {**_operation("Reload an adapter from disk", _ok("the new version", adapter),
-                                                             security="adminToken", errors=("400", "401", "404")),
+                                                             security="adminToken",
+                                                             errors=("400", "401", "403", "404", "413")),
                                                 "parameters": name_param}},
         "/v1/load_lora_adapter": {"post": _operation("vLLM-compatible load", _ok("done", {"type": "string"}, "text/plain"),
-                                                     VllmLoadLoraRequest, "adminToken")},
+                                                     VllmLoadLoraRequest, "adminToken", load_errors)},
         "/v1/unload_lora_adapter": {"post": _operation("vLLM-compatible unload", _ok("done", {"type": "string"}, "text/plain"),
-                                                       VllmUnloadLoraRequest, "adminToken", ("400", "401", "404"))},
+                                                       VllmUnloadLoraRequest, "adminToken", ("400", "401", "404", "413"))},
         "/health": {"get": {"summary": "Liveness", "responses": {"200": _ok("serving"), "503": _ok("shutting down")}}},
         "/metrics": {"get": {"summary": "Prometheus metrics",
                              "responses": {"200": _ok("text exposition format", {"type": "string"}, "text/plain")}}},

@@ -27,7 +27,7 @@ class _SamplingFields(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(default=0, ge=-1, description="0 or -1 disable top-k")
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="a 64-bit integer")
     stop: StrictStr | list[StrictStr] | None = Field(default=None, description="up to 8 stop strings")
     stop_token_ids: list[TokenId] | None = None
     stream: StrictBool = False

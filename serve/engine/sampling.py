@@ -14,8 +14,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 class SamplingParams(BaseModel):
-    """What a request asks of generation. temperature 0 means greedy."""
+    """What a request asks of generation. temperature 0 (anything below MIN_TEMPERATURE) means greedy."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -42,7 +45,8 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below MIN_TEMPERATURE dividing the logits overflows fp32 (1e-308 is 0 there): decode greedily, as vLLM does.
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -98,6 +102,7 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        outside[0] = False  # even where top_p rounds to 0 in fp32 (below about 1e-45)
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[0]
