@@ -152,10 +152,20 @@ class AdapterManager:
             return list(self._registry.values())
 
     def scan(self, directory: Path) -> list[str]:
-        """Register every adapter folder under `directory` (one holding an adapter_config.json). At start-up."""
+        """Register every adapter folder under `directory` (one holding an adapter_config.json). At start-up.
+        A symlink that leads out of the directory is skipped."""
+        root = Path(directory).resolve()
+        if not root.is_dir():
+            raise AdapterError(f"the adapter directory {directory} does not exist or is not a directory", "missing_file")
         names = []
-        for path in sorted(Path(directory).iterdir()):
-            if path.is_dir() and (path / "adapter_config.json").is_file() and is_valid_name(path.name):
+        for path in sorted(root.iterdir()):
+            try:
+                inside = path.resolve(strict=True).parent == root
+            except (OSError, RuntimeError):  # a dangling link or a symlink loop
+                inside = False
+            if not inside:
+                log.warning("skipping %s: it leads outside the adapter directory", path)
+            elif path.is_dir() and (path / "adapter_config.json").is_file() and is_valid_name(path.name):
                 self.register(path.name, path)
                 names.append(path.name)
         return names

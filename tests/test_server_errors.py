@@ -449,8 +449,6 @@ def test_a_symlink_out_of_the_adapter_directory(server, dirs):
     assert "good" in models and "linked" not in models
 
 
-@pytest.mark.xfail(strict=True, reason="AdapterManager.scan registers symlinks leading out of the adapter "
-                   "directory at start-up (adapters/manager.py, not the API's to fix)")
 def test_a_symlink_out_of_the_adapter_directory_at_start(server):
     refused(ask(server, "POST", "/v1/completions", complete(model="linked-at-start")), 404, "model_not_found")
 

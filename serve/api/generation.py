@@ -200,6 +200,9 @@ async def run(request: web.Request, job: Job, shape: ResponseShape, stream: bool
     except (ConnectionResetError, EngineShutdown):
         status = "cancelled"
         raise
+    except APIError as exc:  # refused before the first token (a bad adapter): the client's fault, or ours
+        status = "rejected" if exc.status < 500 else "error"
+        raise
     except BaseException as exc:  # a cancelled handler (the client went away) lands here as CancelledError
         status = "cancelled" if not isinstance(exc, Exception) else "error"
         raise
