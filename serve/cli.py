@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys like max-gpu-adapters); flags win")
     serve.set_defaults(handler=run_serve)
     from ..loadtest.loadtest import add_loadtest_parser; add_loadtest_parser(commands)  # noqa: E702, I001
+    from ..train.cli import add_train_parser; add_train_parser(commands)  # noqa: E702, I001
+    from ..train.cli import add_demo_parser; add_demo_parser(commands)  # noqa: E702, I001
     return parser
 
 

@@ -1,0 +1,170 @@
+"""One training run: data, model, transformers' Trainer, evaluation before and after, export.
+
+The Trainer brings the progress bar, gradient accumulation, checkpoints and resuming, early stopping, mixed
+precision, and distribution: launched with ``torchrun --nproc_per_node N`` or ``accelerate launch``, every process
+runs this same code on its own device (gloo on CPUs, NCCL on GPUs); only the first writes the adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..serve.model_loader import resolve_model_path
+from .batching import ExampleDataset, make_collator
+from .config import TrainConfig
+from .data import DataError, DataStats, RowEncoder, load_examples, require_labels, split_examples
+from .export import write_adapter
+from .model import TrainableModel, load_trainable
+from .report import build_report
+
+log = logging.getLogger("loradock.train")
+
+EVALUATIONS_PER_RUN = 10  # the default --eval-steps spaces this many evaluations (and checkpoints) over a run
+LOG_POINTS_PER_RUN = 50  # training-loss points in the report and the curve
+
+
+@dataclass
+class TrainResult:
+    output: Path | None  # the adapter folder; None on every process but the first
+    report: dict
+
+
+@dataclass
+class _Data:
+    train: list
+    validation: list
+    stats: dict
+
+
+def train(config: TrainConfig, callbacks: tuple = ()) -> TrainResult:
+    """Train a LoRA adapter as `config` says and write it (with its report and loss curve) to config.output.
+    `callbacks` are extra transformers TrainerCallbacks."""
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
+
+    started = time.perf_counter()
+    if config.output.exists():
+        raise ValueError(f"{config.output} already exists: choose another --output or remove it")
+    checkpoint = _resume_checkpoint(config)
+    model_path = resolve_model_path(config.model).resolve()  # the adapter config records it: absolute
+    set_seed(config.seed)  # the LoRA initialisation, then (the Trainer seeds again) dropout and data order
+    trainable = load_trainable(model_path, config.quantize, config.targets, config.rank, config.alpha,
+                               config.dropout, config.gradient_checkpointing)
+    data = _load_data(config, RowEncoder(trainable.tokenizer, trainable.stop_ids))
+    if config.early_stopping and not data.validation:
+        raise DataError("--early-stopping needs validation rows: give --eval or a --val-split above 0")
+    steps = planned_steps(config, len(data.train))
+    if config.early_stopping:
+        callbacks = (*callbacks, EarlyStoppingCallback(early_stopping_patience=config.early_stopping))
+    trainer = Trainer(
+        model=trainable.model,
+        args=_training_arguments(config, trainable, steps, bool(data.validation)),
+        data_collator=make_collator(trainable.tokenizer, config.packing),
+        train_dataset=ExampleDataset(data.train),
+        eval_dataset=ExampleDataset(data.validation) if data.validation else None,
+        callbacks=list(callbacks),
+    )
+    if config.quiet:
+        trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log line
+    before = _evaluate(trainer) if data.validation else None
+    trained = time.perf_counter()
+    outcome = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - trained
+    after = _evaluate(trainer) if data.validation else None
+    report = build_report(
+        config=config, model_path=model_path, trainable=trainable, data=data.stats, history=trainer.state.log_history,
+        before=before, after=after, steps=outcome.global_step, train_seconds=train_seconds,
+        total_seconds=time.perf_counter() - started, resumed_from=checkpoint,
+    )
+    if not trainer.is_world_process_zero():
+        return TrainResult(None, report)
+    output = write_adapter(trainable.model, config.output, trainable.base_info, report)
+    return TrainResult(output, report)
+
+
+def planned_steps(config: TrainConfig, train_rows: int) -> int:
+    """Optimizer steps the run will take (as the Trainer counts them), for spacing evaluations and logs."""
+    if config.max_steps:
+        return config.max_steps
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    batches = math.ceil(train_rows / (config.batch_size * world))
+    return max(1, math.ceil(config.epochs * max(1, batches // config.grad_accum)))
+
+
+def _resume_checkpoint(config: TrainConfig) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not config.resume:
+        return None
+    if config.resume is True:
+        found = get_last_checkpoint(str(config.checkpoint_dir)) if config.checkpoint_dir.is_dir() else None
+        if found is None:
+            raise ValueError(f"--resume: no checkpoint in {config.checkpoint_dir} (checkpoints are saved every "
+                             f"--eval-steps steps)")
+        return found
+    if not Path(config.resume).is_dir():
+        raise ValueError(f"--resume {config.resume}: no such checkpoint folder")
+    return str(config.resume)
+
+
+def _load_data(config: TrainConfig, encoder: RowEncoder) -> _Data:
+    train, skipped = load_examples(config.data, encoder, config.max_seq_len)
+    stats = {"train_file": str(config.data), "skipped_too_long": skipped}
+    if config.eval is not None:
+        validation, eval_skipped = load_examples(config.eval, encoder, config.max_seq_len)
+        stats.update(eval_file=str(config.eval), eval_skipped_too_long=eval_skipped)
+    else:
+        train, validation = split_examples(train, config.val_split, config.seed)
+        stats.update(val_split=config.val_split)
+    require_labels(train, str(config.data))
+    stats.update(train=vars(DataStats.of(train)), validation=vars(DataStats.of(validation)))
+    log.info("data: %d training rows, %d validation rows", len(train), len(validation))
+    return _Data(train, validation, stats)
+
+
+def _training_arguments(config: TrainConfig, trainable: TrainableModel, steps: int, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    every = config.eval_steps or max(1, steps // EVALUATIONS_PER_RUN)
+    return TrainingArguments(
+        output_dir=str(config.checkpoint_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        logging_steps=max(1, steps // LOG_POINTS_PER_RUN),
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=every,
+        save_strategy="steps",
+        save_steps=every,
+        save_total_limit=2,
+        load_best_model_at_end=bool(config.early_stopping),
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=trainable.device.type == "cpu",
+        bf16=trainable.dtype == torch.bfloat16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=config.quiet,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def _evaluate(trainer) -> dict:
+    loss = trainer.evaluate()["eval_loss"]
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
