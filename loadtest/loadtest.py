@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import bisect
 import ipaddress
+import itertools
 import json
 import math
 import random
@@ -50,7 +51,7 @@ DEFAULT_CONCURRENCY = 8
 MAX_REQUESTS = 1_000_000  # a hard cap on any run, whatever its flags
 
 # Prompts without a tokenizer: plain common words, so every tokenizer makes ordinary tokens of them.
-WORDS = (
+WORDS = (  # noqa: SIM905 - a word list reads better as text
     "the of and to in is was for that with as on by at from his her they this which are be had not an or but "
     "have one all were there their we when been who will more if no out so said what up its about into than them "
     "can only other new some could time these two may then do first any my now such like our over man me even "
@@ -216,7 +217,7 @@ class RequestRecord:
     @property
     def itl(self) -> list[float]:
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in itertools.pairwise(t)]
 
 
 @dataclass
@@ -584,15 +585,15 @@ def format_report(report: dict) -> str:
     load = (f"rate {s['rate']}/s" + (f", at most {s['concurrency']} in flight" if s["concurrency"] else "")
             if s["rate"] else f"concurrency {s['concurrency']}")
     lines = [
-        f"{s['url']}: {len(s['models'])} model(s), {s['distribution']}, {load}, prompts {s['prompt_len'][0]}-"
-        f"{s['prompt_len'][1]} {'tokens' if s['prompts'] == 'token ids' else 'words'}, "
-        f"max_tokens {s['options']['max_tokens']}, {'streamed' if s['options']['stream'] else 'not streamed'}",
+        (f"{s['url']}: {len(s['models'])} model(s), {s['distribution']}, {load}, prompts {s['prompt_len'][0]}-"
+         f"{s['prompt_len'][1]} {'tokens' if s['prompts'] == 'token ids' else 'words'}, "
+         f"max_tokens {s['options']['max_tokens']}, {'streamed' if s['options']['stream'] else 'not streamed'}"),
         f"requests {report['requests']}: ok {report['ok']}, failed {report['failed']}"
         + (f"  errors by status: {report['errors_by_status']}" if report["errors_by_status"] else "")
         + ("  (stopped by the time limit)" if report["stopped_early"] else ""),
-        f"duration {report['duration_s']:.2f} s   {report['requests_per_s']:.2f} requests/s   "
-        f"{report['output_tokens_per_s']:.1f} output tokens/s   (load generator CPU {report['client_cpu_share']:.0%} "
-        "of one core)",
+        (f"duration {report['duration_s']:.2f} s   {report['requests_per_s']:.2f} requests/s   "
+         f"{report['output_tokens_per_s']:.1f} output tokens/s   (load generator CPU {report['client_cpu_share']:.0%} "
+         "of one core)"),
     ]
     if report["short_outputs"]:
         lines.append(f"warning: {report['short_outputs']} answers did not have exactly max_tokens tokens")
@@ -613,15 +614,20 @@ def format_report(report: dict) -> str:
 
 
 def write_json(report: dict, result: RunResult, path: str | Path) -> None:
-    records = [{k: v for k, v in asdict(r).items() if k != "token_times"} | {"itl_ms_max": max(r.itl) * 1000
-               if r.itl else None} for r in result.records]
-    Path(path).write_text(json.dumps(report | {"records": records}, indent=1, default=_json_default))
+    records = [{k: v for k, v in asdict(r).items() if k != "token_times"}
+               | {"itl_ms_max": max(r.itl) * 1000 if r.itl else None} for r in result.records]
+    Path(path).write_text(json.dumps(_finite(report | {"records": records}), indent=1))
 
 
-def _json_default(value):
+def _finite(value):
+    """NaN and infinities as null: strict JSON has no NaN."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    raise TypeError(type(value).__name__)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 # ---- models, safety ----------------------------------------------------------------------------------------
@@ -645,10 +651,10 @@ def adapters_in(directory: str | Path) -> list[str]:
 async def served_models(url: str, api_key: str | None = None) -> list[str]:
     """The ids GET /v1/models lists."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        async with session.get(url.rstrip("/") + "/v1/models", headers=headers) as resp:
-            resp.raise_for_status()
-            return [m["id"] for m in (await resp.json())["data"]]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session, \
+            session.get(url.rstrip("/") + "/v1/models", headers=headers) as resp:
+        resp.raise_for_status()
+        return [m["id"] for m in (await resp.json())["data"]]
 
 
 def check_loopback(url: str) -> None:

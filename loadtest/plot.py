@@ -43,7 +43,7 @@ def plot_run(result: RunResult, report: dict, path: str | Path, title: str | Non
     if any(series["failed_per_s"]):
         right.plot(t, series["failed_per_s"], color="tab:red", lw=1.2, label="failed requests/s")
     right.set_ylabel("requests")
-    right.set_ylim(bottom=0)
+    right.set_ylim(0, max(series["in_flight"] + series["failed_per_s"] + [1.0]) * 1.15)
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="lower center", fontsize=8, ncol=4)
     ax.set_title("throughput and load over time", fontsize=10)
