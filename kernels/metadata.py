@@ -7,7 +7,8 @@ or one long segment when every request uses the same adapter) share this one for
 
 The device tensors have static shapes (T tokens, `max_slots` segments, padded), so Triton grids are sized
 from static maxima and kernels exit early on padded segments: a captured CUDA graph stays valid when the
-mix of adapters changes. The host copies (`segments`) serve the torch path without device->host syncs.
+mix of adapters changes. The host copies (`segments`) serve the torch path without device->host syncs; its
+plan (`torch_plan`) is built on first use and shared by every layer of the step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from functools import cached_property
 from typing import NamedTuple
 
 import torch
+
+from .torch_plan import TorchPlan, plan_segments
 
 
 class Segment(NamedTuple):
@@ -53,26 +56,9 @@ class LoraBatchMeta:
         return sum(segment.length for segment in self.segments)
 
     @cached_property
-    def padded_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token rows per segment padded to the longest segment, for the batched torch path.
-
-        Returns (rows [num_segments, L] int64, valid [num_segments, L] bool) on the metadata's device, with
-        L the longest segment; padding rows point at token 0 and are marked invalid. Built on first use, then
-        shared by every layer of the step.
-        """
-        lengths = torch.tensor([segment.length for segment in self.segments])  # [num_segments]
-        starts = torch.tensor([segment.start for segment in self.segments])  # [num_segments]
-        positions = torch.arange(int(lengths.max()))  # [L]
-        valid = positions < lengths[:, None]  # [num_segments, L]
-        rows = self.sorted_tokens.cpu().long()[torch.where(valid, starts[:, None] + positions, 0)]  # [num_segments, L]
-        rows = torch.where(valid, rows, 0)  # padding points at token 0
-        device = self.token_slots.device
-        return rows.to(device), valid.to(device)
-
-    @cached_property
-    def segment_slot_index(self) -> torch.Tensor:
-        """[num_segments] int64 on the metadata's device: the real segments' slots, for index_select."""
-        return torch.tensor([segment.slot for segment in self.segments], device=self.token_slots.device)
+    def torch_plan(self) -> TorchPlan:
+        """How the torch path runs this step's segments (`torch_plan.plan_segments`)."""
+        return plan_segments(self.segments, self.sorted_tokens, self.token_slots.device)
 
 
 def build_lora_meta(

@@ -13,7 +13,6 @@ those were decorated when triton was imported, which may have happened before TR
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -21,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .metadata import LoraBatchMeta
-from .operands import lora_operands
+from .operands import LoraOperands
 
 
 @triton.jit
@@ -255,17 +254,9 @@ def lora_expand(
 
 
 def lora_triton(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scales: torch.Tensor,
-    ranks: torch.Tensor,
-    meta: LoraBatchMeta,
-    slice_sizes: Sequence[int] | None = None,
-    split_k: int | None = None,
+    y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatchMeta, split_k: int | None = None
 ) -> None:
-    """The op as one shrink launch and one expand launch, all slices fused. Operands as `lora_reference`."""
-    ops = lora_operands(y, x, A, B, scales, ranks, slice_sizes)
+    """The op as one shrink launch and one expand launch, all slices fused. y: [T, out_total] (may be strided);
+    x: [T, in]; ops: checked weights (`lora_operands`) matching x and y; meta: the step's metadata."""
     buf = lora_shrink(x, ops.A, ops.ranks, meta, split_k)  # [n, T, R]
     lora_expand(y, buf, ops.B, ops.scales, ops.ranks, meta, ops.offsets, ops.sizes)

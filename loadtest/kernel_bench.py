@@ -2,7 +2,8 @@
 
 On CPU (fp32): the oracle (`lora_reference`), the fast torch path (auto, and each strategy forced), a single-
 adapter `x @ A.T @ B.T` of the same rank, and an nn.Linear of the same in/out (the base layer's own time), on
-the demo model's layer shapes and a 4096-wide one, for decode (T=32; 1, 8, 32 adapters) and prefill (T=512).
+the demo model's layer shapes and a 4096-wide one, for decode (T=32; 1, 8, 32 adapters), 31 decode tokens with
+a 225-token prefill chunk (T=256), and prefill (T=512; 1, 4, 32 adapters).
 On CUDA (bf16): the Triton kernels, the reference, the single-adapter mm, the base Linear and, when
 bitsandbytes imports, an nf4 Linear4bit, on 8B-model decode shapes (in 4096; out 4096, 14336; ranks 8-64 in
 rank-64 slot buffers; 1-64 adapters; T=64). GB/s is the bytes the op must move (x, the used adapters' weights
@@ -24,8 +25,7 @@ from functools import partial
 
 import torch
 
-from ..kernels import build_lora_meta, lora_reference, lora_torch
-from ..kernels.reference import torch_strategy
+from ..kernels import build_lora_meta, lora_operands, lora_reference, lora_torch
 from .hardware import describe_hardware, format_hardware
 
 REFERENCE_MAX_GATHER_BYTES = 512 * 2**20  # skip the oracle where its per-token weight copies exceed this
@@ -41,7 +41,8 @@ class Shape:
     max_rank: int  # R: the slot buffers' padded rank
     tokens: int  # T
     adapters: int  # distinct adapters in the step
-    layout: str  # 'decode': token t uses adapter t % adapters; 'prefill': contiguous runs, one per adapter
+    layout: str  # 'decode': token t uses adapter t % adapters; 'prefill': contiguous runs, one per adapter;
+    # 'mixed': adapters-1 decode tokens on their own adapters, then one prefill chunk on the last adapter
     slots: int  # S: slots in the buffers
 
     def describe(self) -> str:
@@ -67,7 +68,15 @@ class Result:
 def cpu_shapes() -> list[Shape]:
     """Demo-model layers (q/o 256x256, gate/up 256x688, down 688x256) and an 8B-wide 4096x4096 layer."""
     layers = [(256, 256), (256, 688), (688, 256), (4096, 4096)]
-    steps = [(32, 1, "decode"), (32, 8, "decode"), (32, 32, "decode"), (512, 1, "prefill"), (512, 4, "prefill")]
+    steps = [
+        (32, 1, "decode"),
+        (32, 8, "decode"),
+        (32, 32, "decode"),
+        (256, 32, "mixed"),
+        (512, 1, "prefill"),
+        (512, 4, "prefill"),
+        (512, 32, "prefill"),
+    ]
     return [
         Shape(fin, fout, rank, rank, tokens, adapters, layout, slots=32)
         for fin, fout in layers
@@ -91,6 +100,8 @@ def token_slots(shape: Shape) -> torch.Tensor:
     positions = torch.arange(shape.tokens)
     if shape.layout == "decode":
         return positions % shape.adapters
+    if shape.layout == "mixed":
+        return positions.clamp(max=shape.adapters - 1)
     return positions * shape.adapters // shape.tokens
 
 
@@ -119,19 +130,20 @@ def variants(shape: Shape, device: torch.device, dtype: torch.dtype) -> list[tup
     base = torch.nn.Linear(fin, fout, bias=False, device=device, dtype=dtype)
     base_bytes = (fin * fout + T * (fin + fout)) * size
 
-    operands = (y, x, A, B, scales, ranks)
+    ops = lora_operands(A, B, scales, ranks)
     found: list[tuple[str, Callable[[], object], int]] = []
     if device.type == "cuda":
         from ..kernels.triton_lora import lora_triton
 
-        found.append(("triton", partial(lora_triton, *operands, meta), op_bytes))
+        found.append(("triton", partial(lora_triton, y, x, ops, meta), op_bytes))
     else:
-        chosen = torch_strategy(meta, R, fin, fout)
-        found.append((f"torch (auto: {chosen})", partial(lora_torch, *operands, meta), op_bytes))
+        plan = meta.torch_plan
+        chosen = "loop" if plan.batched is None else f"{len(plan.loop)} loop+batched" if plan.loop else "batched"
+        found.append((f"torch (auto: {chosen})", partial(lora_torch, y, x, ops, meta), op_bytes))
         for strategy in ("loop", "batched"):
-            found.append((f"torch {strategy}", partial(lora_torch, *operands, meta, strategy=strategy), op_bytes))
+            found.append((f"torch {strategy}", partial(lora_torch, y, x, ops, meta, strategy=strategy), op_bytes))
     if T * R * (fin + fout) * size <= REFERENCE_MAX_GATHER_BYTES:
-        found.append(("reference", partial(lora_reference, *operands, slots), op_bytes))
+        found.append(("reference", partial(lora_reference, y, x, A, B, scales, ranks, slots), op_bytes))
     found.append(("mm, 1 adapter", lambda: y.addmm_(x @ a1.T, b1.T), lora_bytes(shape, size, 1)))
     found.extend(nf4_base(fin, fout, x))
     found.append((f"base Linear {str(dtype).removeprefix('torch.')}", partial(base, x), base_bytes))

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loradock.kernels import apply_lora, build_lora_meta, lora_backend, lora_reference, lora_torch
+from loradock.kernels import (
+    apply_lora,
+    apply_lora_operands,
+    build_lora_meta,
+    lora_backend,
+    lora_operands,
+    lora_reference,
+    lora_torch,
+)
+from loradock.kernels.torch_plan import plan_segments
 
 IN_FEATURES = 40  # not a multiple of any block size: exercises the K masks
 
@@ -23,6 +32,9 @@ class Case:
     num_slots: int = 6
     max_rank: int = 8
     slice_sizes: tuple[int, ...] = (48,)
+    rank: int | None = None  # every slot's real rank; None: random per slot and slice, slot 0 at max_rank
+    zero_rank_slots: tuple[int, ...] = ()  # slots whose adapter leaves this module alone (rank 0)
+    scale: float | None = None  # every slot's scale; None: random per slot and slice
 
 
 CASES = [
@@ -38,11 +50,17 @@ CASES = [
     Case("fused_qkv_decode", tuple(range(6)) * 2, slice_sizes=(32, 16, 16), max_rank=16),
     # over 256 tokens: the kernels' 64-row blocks
     Case("long_prefill", (-1,) * 20 + (1,) * 150 + (4,) * 3 + (0,) * 130, slice_sizes=(24, 8)),
+    # one rank for every slot, below max_rank (the torch path's batched bmm reads the slot buffers in place)
+    Case("decode_uniform_rank", tuple(range(8)) * 2, num_slots=10, max_rank=16, rank=6, scale=1.75),
+    Case("uniform_rank_slot_gaps", (0, 2, 5, 2, 0, 5, -1, 5), rank=5),  # slots 1, 3, 4 unused
+    Case("zero_rank_slots", (0, 1, 2, 3, -1) * 3, num_slots=4, rank=8, zero_rank_slots=(1, 3), scale=0.5),
+    Case("far_apart_slots", (7, 0, 7, 0, -1, 7), num_slots=8),
 ]
 
 
-def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Random operands of a case, garbage (NaN, huge values) beyond each slot's rank, y a strided column view.
+def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0, out_innermost_B: bool = False):
+    """Random operands of a case, garbage (NaN, huge values) beyond each slot's rank and in every slot no token
+    uses (scales too), y a strided column view; B stored [S, R, out] (out innermost) when asked.
 
     Returns (y_storage [T, out+16], y [T, out] view of columns 8.., x, A, B, scales, ranks, clean A, clean B):
     clean A/B are zero beyond rank, for the oracle.
@@ -50,9 +68,13 @@ def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0)
     generator = torch.Generator().manual_seed(seed)
     n, S, R = len(case.slice_sizes), case.num_slots, case.max_rank
     T, out = len(case.token_slots), sum(case.slice_sizes)
-    ranks = torch.randint(1, R + 1, (n, S), generator=generator, dtype=torch.int32)  # [n, S]
-    ranks[:, 0] = R  # one slot at full rank: no padding at all
-    scales = torch.rand(n, S, generator=generator) + 0.5  # [n, S]
+    if case.rank is None:
+        ranks = torch.randint(1, R + 1, (n, S), generator=generator, dtype=torch.int32)  # [n, S]
+        ranks[:, 0] = R  # one slot at full rank: no padding at all
+    else:
+        ranks = torch.full((n, S), case.rank, dtype=torch.int32)  # [n, S]
+    ranks[:, list(case.zero_rank_slots)] = 0
+    scales = torch.rand(n, S, generator=generator) + 0.5 if case.scale is None else torch.full((n, S), case.scale)
     A = torch.randn(n, S, R, IN_FEATURES, generator=generator)  # [n, S, R, in]
     B = torch.randn(S, out, R, generator=generator)  # [S, out, R]
     within_A = torch.arange(R)[None, None, :, None] < ranks[:, :, None, None]  # [n, S, R, 1]
@@ -61,6 +83,10 @@ def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0)
     clean_A, clean_B = torch.where(within_A, A, 0), torch.where(within_B, B, 0)
     A = torch.where(within_A, A, torch.where(torch.rand(A.shape, generator=generator) < 0.5, math.nan, 1e6))
     B = torch.where(within_B, B, torch.where(torch.rand(B.shape, generator=generator) < 0.5, math.nan, -1e6))
+    unused = [slot for slot in range(S) if slot not in case.token_slots]
+    A[:, unused], B[unused], scales[:, unused] = math.nan, math.nan, math.nan
+    if out_innermost_B:
+        B = B.transpose(1, 2).contiguous().transpose(1, 2)  # [S, out, R], strides (R * out, 1, out)
     x = torch.randn(T, IN_FEATURES, generator=generator)  # [T, in]
     y_storage = torch.randn(T, out + 16, generator=generator)  # [T, out + 16]
     y_storage, x, A, B, clean_A, clean_B = (t.to(dtype) for t in (y_storage, x, A, B, clean_A, clean_B))
@@ -98,9 +124,33 @@ def test_meta_groups_tokens_by_slot():
     assert meta.token_slots.dtype == torch.int32 and meta.num_tokens == 8 and meta.num_lora_tokens == 6
     # slot 1's only token is row 5; rows 3, 4 of slot 2 follow row 0, so slot 2 is not contiguous
     assert [(s.slot, s.first_row) for s in meta.segments] == [(0, -1), (1, 5), (2, -1)]
-    rows, valid = meta.padded_rows
-    assert rows.tolist() == [[2, 7, 0], [5, 0, 0], [0, 3, 4]]
-    assert valid.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+
+
+def test_plan_pads_segments_over_views_of_the_slot_range():
+    meta = build_lora_meta(torch.tensor([2, -1, 0, 2, 2, 1, -1, 0]), max_slots=5)
+    plan = plan_segments(meta.segments, meta.sorted_tokens, torch.device("cpu"), "batched")
+    assert plan.loop == () and plan.batched.slots == slice(0, 3) and plan.batched.used_slots == (0, 1, 2)
+    assert plan.batched.rows.tolist() == [[2, 7, 0], [5, 0, 0], [0, 3, 4]]  # padding points at row 0
+    assert plan.batched.picks.tolist() == [0, 1, 3, 6, 7, 8] and plan.batched.tokens.tolist() == [2, 7, 5, 0, 3, 4]
+
+
+def test_plan_gathers_far_apart_slots_and_includes_gaps_of_close_ones():
+    meta = build_lora_meta(torch.tensor([7, 0, 7, 0]), max_slots=8)
+    sparse = plan_segments(meta.segments, meta.sorted_tokens, torch.device("cpu"), "batched")
+    assert sparse.batched.slots.tolist() == [0, 7] and sparse.batched.rows.tolist() == [[1, 3], [0, 2]]
+    assert sparse.batched.picks is None
+    gaps = build_lora_meta(torch.tensor([4, 2, 0, 1] * 4), max_slots=8).torch_plan  # slot 3 unused
+    assert gaps.batched.slots == slice(0, 5) and gaps.batched.rows[3].tolist() == [0, 0, 0, 0]
+
+
+def test_plan_loops_over_long_segments_and_batches_short_ones():
+    decode = build_lora_meta(torch.arange(32), max_slots=32).torch_plan
+    assert decode.loop == () and decode.batched.rows.shape == (32, 1) and decode.batched.picks is None
+    one_adapter = build_lora_meta(torch.zeros(32, dtype=torch.int64), max_slots=4).torch_plan
+    assert one_adapter.batched is None and len(one_adapter.loop) == 1
+    # 31 decode tokens on their own adapters, then a 300-token prefill chunk on slot 5
+    mixed = build_lora_meta(torch.cat([torch.arange(31), torch.full((300,), 5)]), max_slots=32).torch_plan
+    assert [s.slot for s in mixed.loop] == [5] and mixed.batched.rows.shape == (31, 1)
 
 
 def test_meta_contiguous_prefill_runs():
@@ -130,14 +180,15 @@ def test_reference_ignores_garbage_beyond_rank():
     torch.testing.assert_close(y_storage, expected)
 
 
+@pytest.mark.parametrize("out_innermost_B", [False, True], ids=["B_out_major", "B_out_innermost"])
 @pytest.mark.parametrize("strategy", ["loop", "batched", None])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_torch_path_matches_reference(case, strategy):
-    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case)
+def test_torch_path_matches_reference(case, strategy, out_innermost_B):
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, out_innermost_B=out_innermost_B)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
-    lora_torch(y, x, A, B, scales, ranks, build_lora_meta(torch.tensor(case.token_slots), case.num_slots),
-               case.slice_sizes, strategy=strategy)  # fmt: skip
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    lora_torch(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta, strategy=strategy)
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -172,6 +223,13 @@ def test_operands_are_checked():
         apply_lora(y, x, A, B, scales, ranks, meta, slice_sizes=(64, 32))
     with pytest.raises(TypeError):
         apply_lora(y, x, A, B, scales, ranks.long(), meta, slice_sizes=case.slice_sizes)
+    ops = lora_operands(A, B, scales, ranks, case.slice_sizes)  # checked once: then each call checks x and y
+    with pytest.raises(ValueError):
+        apply_lora_operands(y[:, :64], x, ops, meta)
+    with pytest.raises(ValueError):
+        apply_lora_operands(y, x[:, :8], ops, meta)
+    with pytest.raises(TypeError):
+        apply_lora_operands(y, x.double(), ops, meta)
 
 
 # ---------------------------------------------------------------------------------------------- Triton (interpreted)
@@ -194,13 +252,14 @@ def triton_lora():
         yield module
 
 
+@pytest.mark.parametrize("out_innermost_B", [False, True], ids=["B_out_major", "B_out_innermost"])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_triton_matches_reference(triton_lora, case):
-    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case)
+def test_triton_matches_reference(triton_lora, case, out_innermost_B):
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, out_innermost_B=out_innermost_B)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
     meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
-    triton_lora.lora_triton(y, x, A, B, scales, ranks, meta, case.slice_sizes, split_k=1)
+    triton_lora.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta, split_k=1)
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -209,7 +268,7 @@ def test_triton_split_k(triton_lora, case):
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
-    triton_lora.lora_triton(y, x, A, B, scales, ranks, meta, case.slice_sizes, split_k=3)
+    triton_lora.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta, split_k=3)
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -218,7 +277,7 @@ def test_triton_fp16(triton_lora):
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, torch.float16)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
-    triton_lora.lora_triton(y, x, A, B, scales, ranks, meta, case.slice_sizes)
+    triton_lora.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta)
     torch.testing.assert_close(y_storage.float(), expected, rtol=1e-2, atol=0.1)
 
 

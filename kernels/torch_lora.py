@@ -1,0 +1,105 @@
+"""The gathered-LoRA op in torch: the fast path the engine uses on the CPU.
+
+Tokens come grouped by slot (the step's metadata), so each slot's weights are read once and, for the common
+case, never copied. The step's plan (`torch_plan`) sends long segments through a loop of two matmuls each (on
+row views when the segment's rows are contiguous) and the rest through one padded bmm pair over the slot
+buffers read as views.
+
+Weights beyond a slot's rank are never used: the batched path reads each group's weights up to the largest
+rank among the slots it serves; when those ranks differ (or some are 0: the adapter does not target this
+module), the shrunk activations and a copy of B are masked by rank, so stale or non-finite values beyond a
+rank never reach y. Padding rows are computed, then dropped before the add.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .metadata import LoraBatchMeta, Segment
+from .operands import LoraOperands
+from .torch_plan import PaddedSegments, plan_segments
+
+
+def lora_torch(
+    y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatchMeta, strategy: str | None = None
+) -> None:
+    """y += scale * x A^T B^T per token's slot. y: [T, out_total] (may be strided); x: [T, in]; ops: checked
+    weights (`lora_operands`) matching x and y; meta: the step's metadata.
+
+    strategy: None follows the step's plan (`meta.torch_plan`); 'loop' or 'batched' forces one for every
+    segment (benchmarks, tests). Reads ranks and scales on the host: meant for the CPU (on CUDA it works but syncs).
+    """
+    plan = meta.torch_plan if strategy is None else plan_segments(meta.segments, meta.sorted_tokens, x.device, strategy)
+    host_ranks, host_scales = ops.ranks.tolist(), ops.scales.tolist()  # [n][S]
+    for i, (offset, size) in enumerate(zip(ops.offsets, ops.sizes)):
+        if len(ops.sizes) > 1:
+            y_i, B_i = y[:, offset : offset + size], ops.B[:, offset : offset + size]  # [T, size], [S, size, R]
+        else:
+            y_i, B_i = y, ops.B
+        if plan.loop:
+            _segment_loop(y_i, x, ops.A[i], B_i, host_scales[i], host_ranks[i], plan.loop, meta.sorted_tokens)
+        if plan.batched is not None:
+            _padded_bmm(y_i, x, ops.A[i], B_i, ops.scales[i], ops.ranks[i], host_scales[i], host_ranks[i], plan.batched)
+
+
+def _segment_loop(
+    y: torch.Tensor,  # [T, out]
+    x: torch.Tensor,  # [T, in]
+    A: torch.Tensor,  # [S, R, in]
+    B: torch.Tensor,  # [S, out, R]
+    scales: list[float],  # [S]
+    ranks: list[int],  # [S]
+    segments: tuple[Segment, ...],
+    sorted_tokens: torch.Tensor,  # [T] int32
+) -> None:
+    """y += scale * x A[:r]^T B[:, :r]^T, one segment at a time, reading only each slot's real rank."""
+    for segment in segments:
+        rank = ranks[segment.slot]
+        if rank == 0:
+            continue
+        a = A[segment.slot, :rank]  # [r, in]
+        b = B[segment.slot, :, :rank]  # [out, r]
+        scale = scales[segment.slot]
+        if segment.first_row >= 0:  # the segment's tokens are a contiguous run of rows: work on views
+            rows = slice(segment.first_row, segment.first_row + segment.length)
+            y[rows].addmm_(x[rows] @ a.T, b.T, alpha=scale)
+        else:
+            index = sorted_tokens[segment.start : segment.start + segment.length]  # [n]
+            shrunk = x.index_select(0, index) @ a.T  # [n, r]
+            y.index_add_(0, index, shrunk @ b.T, alpha=scale)
+
+
+def _padded_bmm(
+    y: torch.Tensor,  # [T, out]
+    x: torch.Tensor,  # [T, in]
+    A: torch.Tensor,  # [S, R, in]
+    B: torch.Tensor,  # [S, out, R]
+    scales: torch.Tensor,  # [S] float32
+    ranks: torch.Tensor,  # [S] int32
+    host_scales: list[float],  # [S]
+    host_ranks: list[int],  # [S]
+    padded: PaddedSegments,
+) -> None:
+    """y += ..., all of `padded`'s segments at once: two bmm over the groups' weights up to the largest rank."""
+    used_ranks = {host_ranks[slot] for slot in padded.used_slots}
+    rank = max(used_ranks)
+    if rank == 0:
+        return
+    slots = padded.slots  # slice(lo, hi): views of the slot buffers; else [G] indices: gather (copy)
+    a = A[slots, :rank] if isinstance(slots, slice) else A[:, :rank].index_select(0, slots)  # [G, r, in]
+    b = B[slots, :, :rank] if isinstance(slots, slice) else B[:, :, :rank].index_select(0, slots)  # [G, out, r]
+    G, L = padded.rows.shape
+    shrunk = torch.bmm(x.index_select(0, padded.rows.view(-1)).view(G, L, -1), a.transpose(1, 2))  # [G, L, r]
+    if len(used_ranks) > 1:  # mixed ranks: mask what lies beyond each slot's own rank
+        group_ranks = ranks[slots] if isinstance(slots, slice) else ranks.index_select(0, slots)  # [G]
+        within_rank = torch.arange(rank, device=x.device) < group_ranks[:, None]  # [G, r]
+        shrunk = torch.where(within_rank[:, None, :], shrunk, 0)
+        b = torch.where(within_rank[:, None, :], b, 0)  # [G, out, r], a copy
+    used_scales = {host_scales[slot] for slot in padded.used_slots}
+    if len(used_scales) > 1:  # else the one scale rides on the final add
+        group_scales = scales[slots] if isinstance(slots, slice) else scales.index_select(0, slots)  # [G]
+        shrunk = shrunk * group_scales[:, None, None].to(shrunk.dtype)  # [G, L, r]
+    delta = torch.bmm(shrunk, b.transpose(1, 2)).view(G * L, -1)  # [G * L, out]
+    if padded.picks is not None:  # drop the padding rows (their values may be anything)
+        delta = delta.index_select(0, padded.picks)  # [N, out]
+    y.index_add_(0, padded.tokens, delta, alpha=used_scales.pop() if len(used_scales) == 1 else 1)
