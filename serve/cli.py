@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import transformers
 import yaml
 
@@ -45,6 +46,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (default: a share of free memory)")
     group.add_argument("--kv-cache-fraction", type=float, default=0.9, help="that share (default 0.9)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    group.add_argument(
+        "--threads", type=int, help="torch compute threads on the CPU (default: all cores but one, which the HTTP "
+        "loop and the clients need: two threads fighting a busy core stall every matrix multiply)"
+    )
     lora = parser.add_argument_group("adapters")
     lora.add_argument("--adapters", metavar="DIR", help="folder of PEFT LoRA adapters, one per subfolder (its name)")
     lora.add_argument("--max-gpu-adapters", type=int, default=8, help="adapter slots on the device (default 8)")
@@ -53,6 +58,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's settings from the flags; also sets torch's CPU threads (process-wide)."""
+    torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) - 1))
     return EngineConfig(
         model=args.model,
         quantize=args.quantize,
@@ -119,9 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds in-flight requests get to finish on SIGTERM (default 30)")
     serve.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys like max-gpu-adapters); flags win")
     serve.set_defaults(handler=run_serve)
-    from ..loadtest.loadtest import add_loadtest_parser; add_loadtest_parser(commands)  # noqa: E702, I001
-    from ..train.cli import add_train_parser; add_train_parser(commands)  # noqa: E702, I001
-    from ..train.cli import add_demo_parser; add_demo_parser(commands)  # noqa: E702, I001
+    # Subcommands that live with their packages (imported here: those modules use this one's helpers).
+    from ..loadtest.loadtest import add_loadtest_parser
+    from ..train.cli import add_demo_parser, add_train_parser
+
+    add_train_parser(commands)
+    add_demo_parser(commands)
+    add_loadtest_parser(commands)
     return parser
 
 
