@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels import LoraBatchMeta, apply_lora_operands, lora_operands
+from ..kernels import LoraBatchMeta, apply_lora_operands, lora_operands, slot_buffers
 
 
 @dataclass
@@ -32,11 +32,9 @@ class LoraLinear(nn.Module):
         self.context = context
         device = next(base.parameters()).device
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_buffer("lora_A", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device))
-        # B stays out-major: with 32 adapters on the demo model (their weights cold in the caches) the torch path's
-        # decode step is faster on it than on out-innermost storage (5.8 vs 6.9 ms of LoRA per forward, 1 thread),
-        # though a cache-hot microbenchmark (kernel_bench) favours out-innermost. The kernels take any strides.
-        self.register_buffer("lora_B", torch.zeros(num_slots, self.out_features, max_rank, dtype=dtype, device=device))
+        A, B = slot_buffers(num_slots, max_rank, self.in_features, self.out_features, dtype, device)
+        self.register_buffer("lora_A", A)  # [S, R, in]
+        self.register_buffer("lora_B", B)  # [S, out, R]
         self.register_buffer("scales", torch.zeros(num_slots, dtype=torch.float32, device=device))
         self.register_buffer("ranks", torch.zeros(num_slots, dtype=torch.int32, device=device))
         self.operands = lora_operands(self.lora_A, self.lora_B, self.scales, self.ranks)  # checked once, here

@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 
-from ..kernels import build_lora_meta, lora_operands, lora_reference, lora_torch
+from ..kernels import build_lora_meta, lora_operands, lora_reference, lora_torch, slot_buffers
 from .hardware import describe_hardware, format_hardware
 
 REFERENCE_MAX_GATHER_BYTES = 512 * 2**20  # skip the oracle where its per-token weight copies exceed this
@@ -118,8 +118,9 @@ def variants(shape: Shape, device: torch.device, dtype: torch.dtype) -> list[tup
     size = dtype.itemsize
     x = torch.randn(T, fin, device=device, dtype=dtype)  # [T, in]
     y = torch.zeros(T, fout, device=device, dtype=dtype)  # [T, out]
-    A = (torch.randn(S, R, fin, device=device) * 0.01).to(dtype)  # [S, R, in]
-    B = (torch.randn(S, fout, R, device=device) * 0.01).to(dtype)  # [S, out, R]
+    A, B = slot_buffers(S, R, fin, fout, dtype, device)  # [S, R, in], [S, out, R]: the LoRA layers' layout
+    A.copy_(torch.randn(A.shape, device=device) * 0.01)
+    B.copy_(torch.randn(B.shape, device=device) * 0.01)
     scales = torch.ones(S, device=device)  # [S]
     ranks = torch.full((S,), shape.rank, dtype=torch.int32, device=device)  # [S]
     slots = token_slots(shape)  # [T] host

@@ -17,6 +17,7 @@ from loradock.kernels import (
     lora_operands,
     lora_reference,
     lora_torch,
+    slot_buffers,
 )
 from loradock.kernels.torch_plan import plan_segments
 
@@ -57,10 +58,13 @@ CASES = [
     Case("far_apart_slots", (7, 0, 7, 0, -1, 7), num_slots=8),
 ]
 
+LAYOUTS = ["contiguous", "rank_innermost", "out_innermost"]  # how A and B lie in memory (`make_operands`)
 
-def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0, out_innermost_B: bool = False):
+
+def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0, layout: str = "contiguous"):
     """Random operands of a case, garbage (NaN, huge values) beyond each slot's rank and in every slot no token
-    uses (scales too), y a strided column view; B stored [S, R, out] (out innermost) when asked.
+    uses (scales too), y a strided column view. layout: 'contiguous'; 'rank_innermost': A stored [n, S, in, R]
+    (the torch path's LoRA layers); 'out_innermost': B stored [S, R, out].
 
     Returns (y_storage [T, out+16], y [T, out] view of columns 8.., x, A, B, scales, ranks, clean A, clean B):
     clean A/B are zero beyond rank, for the oracle.
@@ -85,7 +89,9 @@ def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0,
     B = torch.where(within_B, B, torch.where(torch.rand(B.shape, generator=generator) < 0.5, math.nan, -1e6))
     unused = [slot for slot in range(S) if slot not in case.token_slots]
     A[:, unused], B[unused], scales[:, unused] = math.nan, math.nan, math.nan
-    if out_innermost_B:
+    if layout == "rank_innermost":
+        A = A.transpose(2, 3).contiguous().transpose(2, 3)  # [n, S, R, in], strides (.., .., 1, R)
+    elif layout == "out_innermost":
         B = B.transpose(1, 2).contiguous().transpose(1, 2)  # [S, out, R], strides (R * out, 1, out)
     x = torch.randn(T, IN_FEATURES, generator=generator)  # [T, in]
     y_storage = torch.randn(T, out + 16, generator=generator)  # [T, out + 16]
@@ -180,11 +186,11 @@ def test_reference_ignores_garbage_beyond_rank():
     torch.testing.assert_close(y_storage, expected)
 
 
-@pytest.mark.parametrize("out_innermost_B", [False, True], ids=["B_out_major", "B_out_innermost"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("strategy", ["loop", "batched", None])
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_torch_path_matches_reference(case, strategy, out_innermost_B):
-    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, out_innermost_B=out_innermost_B)
+def test_torch_path_matches_reference(case, strategy, layout):
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout=layout)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
     meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
@@ -213,6 +219,16 @@ def test_apply_lora_dispatch(monkeypatch):
     A, B, scales, ranks = torch.ones(2, 1, 2), torch.ones(2, 4, 1), torch.ones(2), torch.ones(2, dtype=torch.int32)
     apply_lora(y, torch.ones(3, 2), A, B, scales, ranks, None)
     assert (y == 1).all()  # no adapter token: nothing to do, not even the backend lookup
+
+
+def test_slot_buffers_are_laid_out_for_the_backend(monkeypatch):
+    monkeypatch.delenv("LORADOCK_LORA_BACKEND", raising=False)
+    A, B = slot_buffers(3, 4, 5, 6, torch.float32, torch.device("cpu"))
+    assert A.shape == (3, 4, 5) and A.stride() == (20, 1, 4)  # torch path: rank innermost
+    assert B.shape == (3, 6, 4) and B.is_contiguous() and not (A.any() or B.any())
+    monkeypatch.setenv("LORADOCK_LORA_BACKEND", "triton")
+    A, _ = slot_buffers(3, 4, 5, 6, torch.float32, torch.device("cpu"))
+    assert A.is_contiguous()  # Triton: in innermost
 
 
 def test_operands_are_checked():
@@ -252,10 +268,10 @@ def triton_lora():
         yield module
 
 
-@pytest.mark.parametrize("out_innermost_B", [False, True], ids=["B_out_major", "B_out_innermost"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_triton_matches_reference(triton_lora, case, out_innermost_B):
-    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, out_innermost_B=out_innermost_B)
+def test_triton_matches_reference(triton_lora, case, layout):
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout=layout)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
     meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
