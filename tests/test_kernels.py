@@ -58,13 +58,14 @@ CASES = [
     Case("far_apart_slots", (7, 0, 7, 0, -1, 7), num_slots=8),
 ]
 
-LAYOUTS = ["contiguous", "rank_innermost", "out_innermost"]  # how A and B lie in memory (`make_operands`)
+LAYOUTS = ["contiguous", "rank_outermost", "rank_innermost", "out_innermost"]  # how A and B lie in memory (`make_operands`)
 
 
 def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0, layout: str = "contiguous"):
     """Random operands of a case, garbage (NaN, huge values) beyond each slot's rank and in every slot no token
-    uses (scales too), y a strided column view. layout: 'contiguous'; 'rank_innermost': A stored [n, S, in, R]
-    (the torch path's LoRA layers); 'out_innermost': B stored [S, R, out].
+    uses (scales too), y a strided column view. layout: 'contiguous'; 'rank_outermost': A stored [n, R, S, in]
+    and B [R, S, out] (the LoRA layers' `slot_buffers`); 'rank_innermost': A stored [n, S, in, R], B [S, out, R];
+    'out_innermost': B stored [S, R, out].
 
     Returns (y_storage [T, out+16], y [T, out] view of columns 8.., x, A, B, scales, ranks, clean A, clean B):
     clean A/B are zero beyond rank, for the oracle.
@@ -89,8 +90,11 @@ def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0,
     B = torch.where(within_B, B, torch.where(torch.rand(B.shape, generator=generator) < 0.5, math.nan, -1e6))
     unused = [slot for slot in range(S) if slot not in case.token_slots]
     A[:, unused], B[unused], scales[:, unused] = math.nan, math.nan, math.nan
-    if layout == "rank_innermost":
-        A = A.transpose(2, 3).contiguous().transpose(2, 3)  # [n, S, R, in], strides (.., .., 1, R)
+    if layout == "rank_outermost":
+        A = A.transpose(1, 2).contiguous().transpose(1, 2)  # [n, S, R, in], stored [n, R, S, in]
+        B = B.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # [S, out, R], stored [R, S, out]
+    elif layout == "rank_innermost":
+        A = A.transpose(2, 3).contiguous().transpose(2, 3)  # [n, S, R, in], stored [n, S, in, R]
     elif layout == "out_innermost":
         B = B.transpose(1, 2).contiguous().transpose(1, 2)  # [S, out, R], strides (R * out, 1, out)
     x = torch.randn(T, IN_FEATURES, generator=generator)  # [T, in]
@@ -221,14 +225,11 @@ def test_apply_lora_dispatch(monkeypatch):
     assert (y == 1).all()  # no adapter token: nothing to do, not even the backend lookup
 
 
-def test_slot_buffers_are_laid_out_for_the_backend(monkeypatch):
-    monkeypatch.delenv("LORADOCK_LORA_BACKEND", raising=False)
+def test_slot_buffers_are_stored_rank_outermost():
     A, B = slot_buffers(3, 4, 5, 6, torch.float32, torch.device("cpu"))
-    assert A.shape == (3, 4, 5) and A.stride() == (20, 1, 4)  # torch path: rank innermost
-    assert B.shape == (3, 6, 4) and B.is_contiguous() and not (A.any() or B.any())
-    monkeypatch.setenv("LORADOCK_LORA_BACKEND", "triton")
-    A, _ = slot_buffers(3, 4, 5, 6, torch.float32, torch.device("cpu"))
-    assert A.is_contiguous()  # Triton: in innermost
+    assert A.shape == (3, 4, 5) and A.stride() == (5, 15, 1)  # [R, S, in] in memory
+    assert B.shape == (3, 6, 4) and B.stride() == (6, 1, 18)  # [R, S, out] in memory
+    assert not (A.any() or B.any())
 
 
 def test_operands_are_checked():
