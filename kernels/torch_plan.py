@@ -23,12 +23,15 @@ import torch
 if TYPE_CHECKING:
     from .metadata import Segment
 
-# From `python -m loradock.loadtest.kernel_bench` and each strategy forced on mixed steps, demo-model layer shapes
-# (fp32, 2-core AMD EPYC, torch 2.13): a contiguous one-token segment of the loop costs ~9 us, the batched path
-# ~70 us fixed (index_select of x, two bmm, index_add_) plus ~0.5 us per padded row.
+# `lora_torch` with each strategy forced, demo-model layer shapes (fp32, 1 thread, 2-core AMD EPYC, torch 2.13):
+# the loop pays ~9 us per contiguous segment (~15 per gathered one), the batched path ~37 us fixed (index_select
+# of x, two bmm, index_add_) plus ~0.6 us per padded row of a prefill-sized batch. The loop wins up to 4
+# one-token segments or 2 gathered ones; the batched path from 6 and 4; the loop on 32 prefill runs of ~40 tokens.
 SEGMENT_COST = 16  # padded rows
-BATCHED_COST = 128  # padded rows
-VIEW_MAX_SPAN = 2  # read the slot range as views while it holds at most this many slots per used slot
+BATCHED_COST = 72  # padded rows
+# Views while the slot range holds at most VIEW_MAX_SPAN slots per used one: demo model, decode forward (1 thread),
+# used slots spread over 32: 16 used, views 15.4 ms vs gather 17.6; 8 used, 15.6 vs 14.8; 4 used, 15.9 vs 13.4.
+VIEW_MAX_SPAN = 2
 
 
 class PaddedSegments(NamedTuple):
@@ -68,16 +71,31 @@ def plan_segments(
 
 def _cheapest_split(by_length: list[Segment]) -> int:
     """How many of the longest segments (sorted by length, descending) to loop over, for the least cost."""
+    n = len(by_length)
+    lowest, highest = [0] * n, [0] * n  # the slot range of by_length[i:]
+    for i in range(n - 1, -1, -1):
+        slot = by_length[i].slot
+        lowest[i] = min(slot, lowest[i + 1]) if i + 1 < n else slot
+        highest[i] = max(slot, highest[i + 1]) if i + 1 < n else slot
     best_cost, best, loop_cost = float("inf"), 0, 0
-    for looped in range(len(by_length) + 1):
-        rest = len(by_length) - looped
-        cost = loop_cost + (BATCHED_COST + rest * by_length[looped].length if rest else 0)
+    for looped in range(n + 1):
+        rest = n - looped
+        if rest:
+            groups = _num_groups(rest, highest[looped] + 1 - lowest[looped])
+            cost = loop_cost + BATCHED_COST + groups * by_length[looped].length
+        else:
+            cost = loop_cost
         if cost < best_cost:
             best_cost, best = cost, looped
         if rest:
             segment = by_length[looped]
             loop_cost += SEGMENT_COST * (1 if segment.first_row >= 0 else 2) + segment.length
     return best
+
+
+def _num_groups(used: int, span: int) -> int:
+    """Groups of a batch of `used` slots lying in a range of `span` slots: the whole range (views) if dense enough."""
+    return span if span <= VIEW_MAX_SPAN * used else used
 
 
 def _pad(segments: list[Segment], sorted_tokens: torch.Tensor, device: torch.device) -> PaddedSegments:
@@ -87,10 +105,11 @@ def _pad(segments: list[Segment], sorted_tokens: torch.Tensor, device: torch.dev
     """
     used = tuple(segment.slot for segment in segments)
     lo, hi = used[0], used[-1] + 1
-    as_views = hi - lo <= VIEW_MAX_SPAN * len(used)
+    num_groups = _num_groups(len(used), hi - lo)
+    as_views = num_groups == hi - lo  # every slot of the range is a group
     width = max(segment.length for segment in segments)  # L
     order = sorted_tokens.tolist()  # [T]
-    rows = [0] * ((hi - lo if as_views else len(used)) * width)  # [G * L]: padding points at row 0
+    rows = [0] * (num_groups * width)  # [G * L]: padding points at row 0
     picks: list[int] = []  # [N]
     for index, segment in enumerate(segments):
         first = (segment.slot - lo if as_views else index) * width
