@@ -96,10 +96,13 @@ def _padded_bmm(
         shrunk = torch.where(within_rank[:, None, :], shrunk, 0)
         b = torch.where(within_rank[:, None, :], b, 0)  # [G, out, r], a copy
     used_scales = {host_scales[slot] for slot in padded.used_slots}
-    if len(used_scales) > 1:  # else the one scale rides on the final add
+    if len(used_scales) == 1:  # one scale for every group: it rides on the final add
+        alpha = used_scales.pop()
+    else:
+        alpha = 1.0
         group_scales = scales[slots] if isinstance(slots, slice) else scales.index_select(0, slots)  # [G]
         shrunk = shrunk * group_scales[:, None, None].to(shrunk.dtype)  # [G, L, r]
     delta = torch.bmm(shrunk, b.transpose(1, 2)).view(G * L, -1)  # [G * L, out]
     if padded.picks is not None:  # drop the padding rows (their values may be anything)
         delta = delta.index_select(0, padded.picks)  # [N, out]
-    y.index_add_(0, padded.tokens, delta, alpha=used_scales.pop() if len(used_scales) == 1 else 1)
+    y.index_add_(0, padded.tokens, delta, alpha=alpha)

@@ -16,6 +16,7 @@ nothing; a gap costs one unused slot's read, a gather copies each used slot's we
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -72,11 +73,9 @@ def plan_segments(
 def _cheapest_split(by_length: list[Segment]) -> int:
     """How many of the longest segments (sorted by length, descending) to loop over, for the least cost."""
     n = len(by_length)
-    lowest, highest = [0] * n, [0] * n  # the slot range of by_length[i:]
-    for i in range(n - 1, -1, -1):
-        slot = by_length[i].slot
-        lowest[i] = min(slot, lowest[i + 1]) if i + 1 < n else slot
-        highest[i] = max(slot, highest[i + 1]) if i + 1 < n else slot
+    slots = [segment.slot for segment in reversed(by_length)]
+    lowest = list(accumulate(slots, min))[::-1]  # lowest[i]: the lowest slot of by_length[i:]
+    highest = list(accumulate(slots, max))[::-1]
     best_cost, best, loop_cost = float("inf"), 0, 0
     for looped in range(n + 1):
         rest = n - looped

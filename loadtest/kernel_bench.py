@@ -25,7 +25,13 @@ from functools import partial
 
 import torch
 
-from ..kernels import build_lora_meta, lora_operands, lora_reference, lora_torch, slot_buffers
+from ..kernels import (
+    build_lora_meta,
+    lora_operands,
+    lora_reference,
+    lora_torch,
+    slot_buffers,
+)
 from .hardware import describe_hardware, format_hardware
 
 REFERENCE_MAX_GATHER_BYTES = 512 * 2**20  # skip the oracle where its per-token weight copies exceed this
