@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=run_serve)
     # Subcommands that live with their packages (imported here: those modules use this one's helpers).
     from ..loadtest.loadtest import add_loadtest_parser
-    from ..train.cli import add_train_parser
+    from ..train.cli import add_demo_parser, add_train_parser
 
     add_train_parser(commands)
+    add_demo_parser(commands)
     add_loadtest_parser(commands)
     return parser
 

@@ -5,13 +5,16 @@ targets, quantized training, packing, the CLI and its YAML."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import urllib.request
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from server_support import ADMIN_TOKEN, ServerThread
+from server_support import ADMIN_TOKEN, ServerThread, free_port
 from support import peft_greedy
 
 from loradock.adapters.peft_format import BaseModelInfo, read_adapter
@@ -144,8 +147,8 @@ def test_targets_are_resolved_against_the_base(model_dir, tmp_path):
     assert sorted(json.loads((result.output / "adapter_config.json").read_text())["target_modules"]) == ["q_proj", "v_proj"]
 
 
-def test_nf4_quantized_training_writes_a_servable_adapter(tmp_path, model_dir):
-    result = train(config(tmp_path, model_dir("llama"), quantize="nf4", max_steps=4))
+def test_nf4_quantized_training_with_checkpointing_writes_a_servable_adapter(tmp_path, model_dir):
+    result = train(config(tmp_path, model_dir("llama"), quantize="nf4", gradient_checkpointing=True, max_steps=4))
     assert result.report["base_model"]["quantize"] == "nf4"
     assert result.report["eval_after"]["loss"] < result.report["eval_before"]["loss"]
     assert (result.output / "adapter_model.safetensors").is_file()
@@ -177,3 +180,18 @@ def test_the_cli_reads_yaml_and_flags_win(tmp_path):
     with pytest.raises(ValueError, match="admin token"):
         train_config(build_parser().parse_args(["train", "--data", "d", "--output", "o", "--register", "http://h",
                                                 "--admin-token", ""]))
+
+
+def test_two_processes_with_torchrun_train_one_adapter(tmp_path, model_dir):
+    """Distributed data parallel on two CPU processes (gloo), no code change: torchrun runs the same CLI."""
+    write_rows(tmp_path / "train.jsonl", 32, seed=0)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "-m", "loradock.serve.cli", "train", "--model", str(model_dir("llama")), "--data",
+               str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "ddp"), "--max-steps", "2", "--batch-size", "4",
+               "--lr", "1e-2", "--warmup", "0"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("adapter written to") == 1  # only the first process writes
+    report = json.loads((tmp_path / "ddp" / "training_report.json").read_text())
+    assert report["environment"]["world_size"] == 2 and report["steps"] == 2
+    assert report["eval_after"]["loss"] < report["eval_before"]["loss"]

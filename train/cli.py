@@ -111,3 +111,21 @@ def run_train(args: argparse.Namespace) -> int:
         return 1
     print(f"{config.register} answered {status}: {body}")
     return 0 if 200 <= status < 300 else 1
+
+
+def add_demo_parser(commands) -> None:
+    parser = commands.add_parser(
+        "demo", help="train small adapters on bundled tasks, serve them, and query them all at once",
+        description="Build the demo model if needed, train one adapter per bundled task with the bundled trainer, "
+        "start the server, send one mixed batch to every adapter and the base model at once, print the answers "
+        "and each adapter's exact-match score on held-out prompts. Fails if an adapter scores under 90%.",
+    )
+    parser.add_argument("--work-dir", type=Path,
+                        help="keep the task data, adapters and reports here (default: a temporary folder, removed)")
+    parser.set_defaults(handler=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args.work_dir)

@@ -131,6 +131,9 @@ def _training_arguments(config: TrainConfig, trainable: TrainableModel, steps: i
     from transformers import TrainingArguments
 
     every = config.eval_steps or max(1, steps // EVALUATIONS_PER_RUN)
+    # Passed only when asked for: transformers 5.x warns that the option is being renamed.
+    checkpointing = ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+                     if config.gradient_checkpointing else {})
     return TrainingArguments(
         output_dir=str(config.checkpoint_dir),
         per_device_train_batch_size=config.batch_size,
@@ -155,13 +158,12 @@ def _training_arguments(config: TrainConfig, trainable: TrainableModel, steps: i
         data_seed=config.seed,
         use_cpu=trainable.device.type == "cpu",
         bf16=trainable.dtype == torch.bfloat16,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=config.quiet,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
+        **checkpointing,
     )
 
 
