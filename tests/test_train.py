@@ -126,13 +126,18 @@ def test_resume_continues_from_the_checkpoint(tmp_path, model_dir):
         train(config(tmp_path, model, "nothing", resume=True, checkpoint_dir=tmp_path / "empty"))
 
 
-def test_early_stopping_keeps_the_best_evaluation(tmp_path, model_dir):
-    # Validation asks for the reverse of what training teaches, so its loss rises after the first evaluations.
+def test_early_stopping_stops_after_patience_and_keeps_the_best(tmp_path, model_dir):
+    # Validation asks for the reverse of what training teaches, so its loss soon stops falling.
     held_out = write_rows(tmp_path / "eval.jsonl", 8, seed=1, upper=False)
     result = train(config(tmp_path, model_dir("llama"), max_steps=40, eval_steps=2, early_stopping=2, eval=held_out))
-    evals = [point["loss"] for point in result.report["losses"]["eval"]]
-    assert result.report["steps"] < 40
-    assert result.report["eval_after"]["loss"] == pytest.approx(min(evals[1:]))
+    evals = result.report["losses"]["eval"][1:]  # [0] is the evaluation before training
+    best, since_best = evals[0]["loss"], 0
+    for point in evals[1:]:
+        best, since_best = (point["loss"], 0) if point["loss"] < best else (best, since_best + 1)
+        if since_best == 2:
+            break
+    assert result.report["steps"] == point["step"] < 40
+    assert result.report["eval_after"]["loss"] == pytest.approx(best)
 
 
 def test_targets_are_resolved_against_the_base(model_dir, tmp_path):

@@ -81,7 +81,6 @@ class RowEncoder:
 
     def __init__(self, tokenizer, stop_ids: frozenset[int]):
         self.tokenizer = tokenizer
-        self.stop_ids = stop_ids
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stop_ids, default=None)
         if eos is None:
             raise DataError("the model has no end-of-sequence token: a trained adapter would never stop")

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..serve.model_loader import resolve_model_path
 from .batching import ExampleDataset, make_collator
 from .config import TrainConfig
-from .data import DataError, DataStats, RowEncoder, load_examples, require_labels, split_examples
+from .data import DataError, DataStats, Example, RowEncoder, load_examples, require_labels, split_examples
 from .export import write_adapter
 from .model import TrainableModel, load_trainable
 from .report import build_report
@@ -30,20 +30,21 @@ LOG_POINTS_PER_RUN = 50  # training-loss points in the report and the curve
 
 @dataclass
 class TrainResult:
-    output: Path | None  # the adapter folder; None on every process but the first
-    report: dict
+    """The adapter folder and the report written beside it; both None on every process but the first."""
+
+    output: Path | None
+    report: dict | None
 
 
 @dataclass
 class _Data:
-    train: list
-    validation: list
+    train: list[Example]
+    validation: list[Example]
     stats: dict
 
 
-def train(config: TrainConfig, callbacks: tuple = ()) -> TrainResult:
-    """Train a LoRA adapter as `config` says and write it (with its report and loss curve) to config.output.
-    `callbacks` are extra transformers TrainerCallbacks."""
+def train(config: TrainConfig) -> TrainResult:
+    """Train a LoRA adapter as `config` says and write it (with its report and loss curve) to config.output."""
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
     started = time.perf_counter()
@@ -57,16 +58,15 @@ def train(config: TrainConfig, callbacks: tuple = ()) -> TrainResult:
     data = _load_data(config, RowEncoder(trainable.tokenizer, trainable.stop_ids))
     if config.early_stopping and not data.validation:
         raise DataError("--early-stopping needs validation rows: give --eval or a --val-split above 0")
-    steps = planned_steps(config, len(data.train))
-    if config.early_stopping:
-        callbacks = (*callbacks, EarlyStoppingCallback(early_stopping_patience=config.early_stopping))
+    steps = _planned_steps(config, len(data.train))
+    callbacks = [EarlyStoppingCallback(early_stopping_patience=config.early_stopping)] if config.early_stopping else []
     trainer = Trainer(
         model=trainable.model,
         args=_training_arguments(config, trainable, steps, bool(data.validation)),
         data_collator=make_collator(trainable.tokenizer, config.packing),
         train_dataset=ExampleDataset(data.train),
         eval_dataset=ExampleDataset(data.validation) if data.validation else None,
-        callbacks=list(callbacks),
+        callbacks=callbacks,
     )
     if config.quiet:
         trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log line
@@ -75,18 +75,18 @@ def train(config: TrainConfig, callbacks: tuple = ()) -> TrainResult:
     outcome = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - trained
     after = _evaluate(trainer) if data.validation else None
+    if not trainer.is_world_process_zero():
+        return TrainResult(None, None)
     report = build_report(
         config=config, model_path=model_path, trainable=trainable, data=data.stats, history=trainer.state.log_history,
         before=before, after=after, steps=outcome.global_step, train_seconds=train_seconds,
         total_seconds=time.perf_counter() - started, resumed_from=checkpoint,
     )
-    if not trainer.is_world_process_zero():
-        return TrainResult(None, report)
     output = write_adapter(trainable.model, config.output, trainable.base_info, report)
     return TrainResult(output, report)
 
 
-def planned_steps(config: TrainConfig, train_rows: int) -> int:
+def _planned_steps(config: TrainConfig, train_rows: int) -> int:
     """Optimizer steps the run will take (as the Trainer counts them), for spacing evaluations and logs."""
     if config.max_steps:
         return config.max_steps
