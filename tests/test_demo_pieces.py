@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from transformers import AutoTokenizer
-
 from loradock.loadtest.random_adapters import write_random_adapter
 from loradock.train.demo_server import BASE_NAME, Query, ask_all, running_server
 from loradock.train.tasks import CATEGORIES, TASKS, make_prompts, write_rows
+from transformers import AutoTokenizer
 
 
 def test_task_data_and_the_demo_server(tmp_path, model_dir):

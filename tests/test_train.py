@@ -13,10 +13,6 @@ import urllib.request
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from server_support import ADMIN_TOKEN, ServerThread, free_port
-from support import peft_greedy
-
 from loradock.adapters.peft_format import BaseModelInfo, read_adapter
 from loradock.serve.cli import apply_config_file, build_parser
 from loradock.serve.model_loader import load_model
@@ -27,6 +23,9 @@ from loradock.train.data import RowEncoder
 from loradock.train.model import resolve_targets
 from loradock.train.register import register_adapter
 from loradock.train.trainer import train
+from safetensors.torch import load_file
+from server_support import ADMIN_TOKEN, ServerThread, free_port
+from support import peft_greedy
 
 WORDS = ["cat", "dog", "sun", "red", "map", "key"]
 
@@ -194,8 +193,8 @@ def test_two_processes_with_torchrun_train_one_adapter(tmp_path, model_dir):
                "-m", "loradock.serve.cli", "train", "--model", str(model_dir("llama")), "--data",
                str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "ddp"), "--max-steps", "2", "--batch-size", "4",
                "--lr", "1e-2", "--warmup", "0"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished.returncode == 0, finished.stderr[-20000:]
     assert finished.stdout.count("adapter written to") == 1  # only the first process writes
     report = json.loads((tmp_path / "ddp" / "training_report.json").read_text())
     assert report["environment"]["world_size"] == 2 and report["steps"] == 2

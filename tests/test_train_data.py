@@ -7,8 +7,14 @@ import json
 import logging
 
 import pytest
-
-from loradock.train.data import IGNORE, DataError, RowEncoder, load_examples, require_labels, split_examples
+from loradock.train.data import (
+    IGNORE,
+    DataError,
+    RowEncoder,
+    load_examples,
+    require_labels,
+    split_examples,
+)
 
 END = "<|end|>"
 

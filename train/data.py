@@ -201,7 +201,7 @@ def load_examples(path: Path, encoder: RowEncoder, max_seq_len: int) -> tuple[li
                 example = encoder.encode(row, source)
             except DataError:
                 raise
-            except Exception as exc:  # the chat template's own refusal (jinja raise_exception), or ours
+            except Exception as exc:  # noqa: BLE001 - the chat template's own refusal (jinja raise_exception), or ours
                 problem = f"cannot render the conversation with the model's chat template: {exc}"
         if problem is not None:
             errors.append(f"{source}: {problem}")

@@ -25,8 +25,8 @@ SEED = 0
 TRAIN_PROMPTS, VALIDATION_PROMPTS, TEST_PROMPTS = 2048, 64, 100
 MAX_TOKENS = 8
 # One adapter's training: a few hundred steps of LoRA on every linear layer (measured in the README).
-TRAINING = dict(rank=16, alpha=32, dropout=0.0, lr=3e-3, scheduler="cosine", warmup=10, batch_size=16,
-                max_steps=250, eval_steps=50, max_seq_len=64, seed=SEED, quiet=True)
+TRAINING = {"rank": 16, "alpha": 32, "dropout": 0.0, "lr": 3e-3, "scheduler": "cosine", "warmup": 10, "batch_size": 16,
+            "max_steps": 250, "eval_steps": 50, "max_seq_len": 64, "seed": SEED, "quiet": True}
 
 
 def run(work_dir: Path | None = None) -> int:

@@ -15,8 +15,13 @@ from pathlib import Path
 import torch
 
 from ..adapters.peft_format import BaseModelInfo
-from ..serve.engine.engine import _eos_ids as server_stop_ids  # the server's own stop set
-from ..serve.model_loader import default_dtype, default_quantize, load_model, resolve_device
+from ..serve.engine import engine as serving_engine
+from ..serve.model_loader import (
+    default_dtype,
+    default_quantize,
+    load_model,
+    resolve_device,
+)
 
 log = logging.getLogger("loradock.train")
 
@@ -41,7 +46,7 @@ def training_device() -> torch.device:
     """This process's device: cuda:LOCAL_RANK under torchrun / accelerate launch, else as the server picks."""
     device = resolve_device(None)
     if device.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
 
@@ -78,7 +83,7 @@ def load_trainable(
     model, tokenizer = load_model(model_path, quantize, dtype, device)
     base_info = BaseModelInfo.from_model(model)
     resolved = resolve_targets(targets, base_info)
-    stop_ids = server_stop_ids(model, tokenizer)
+    stop_ids = serving_engine._eos_ids(model, tokenizer)  # the very ids the server stops on
     model.config.use_cache = False
     if quantize != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

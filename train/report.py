@@ -33,6 +33,7 @@ def fingerprint(model_path: Path) -> dict:
 def build_report(
     *, config, model_path: Path, trainable, data: dict, history: list[dict], before: dict | None,
     after: dict | None, steps: int, train_seconds: float, total_seconds: float, resumed_from: str | None,
+    world_size: int,
 ) -> dict:
     """The report as a JSON-ready dict: options, base model, data, losses, evaluations, timings."""
     model_config = trainable.model.get_base_model().config
@@ -66,7 +67,7 @@ def build_report(
             "steps_per_second": round(steps / train_seconds, 3) if train_seconds > 0 else None,
         },
         "environment": {"device": str(trainable.device), "torch": torch.__version__, "python": platform.python_version(),
-                        "world_size": int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1},
+                        "world_size": world_size},
     }
 
 

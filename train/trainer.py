@@ -17,7 +17,15 @@ from pathlib import Path
 from ..serve.model_loader import resolve_model_path
 from .batching import ExampleDataset, make_collator
 from .config import TrainConfig
-from .data import DataError, DataStats, Example, RowEncoder, load_examples, require_labels, split_examples
+from .data import (
+    DataError,
+    DataStats,
+    Example,
+    RowEncoder,
+    load_examples,
+    require_labels,
+    split_examples,
+)
 from .export import write_adapter
 from .model import TrainableModel, load_trainable
 from .report import build_report
@@ -75,12 +83,14 @@ def train(config: TrainConfig) -> TrainResult:
     outcome = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - trained
     after = _evaluate(trainer) if data.validation else None
-    if not trainer.is_world_process_zero():
+    first, world_size = trainer.is_world_process_zero(), trainer.args.world_size
+    _leave_process_group()
+    if not first:
         return TrainResult(None, None)
     report = build_report(
         config=config, model_path=model_path, trainable=trainable, data=data.stats, history=trainer.state.log_history,
         before=before, after=after, steps=outcome.global_step, train_seconds=train_seconds,
-        total_seconds=time.perf_counter() - started, resumed_from=checkpoint,
+        total_seconds=time.perf_counter() - started, resumed_from=checkpoint, world_size=world_size,
     )
     output = write_adapter(trainable.model, config.output, trainable.base_info, report)
     return TrainResult(output, report)
@@ -90,7 +100,7 @@ def _planned_steps(config: TrainConfig, train_rows: int) -> int:
     """Optimizer steps the run will take (as the Trainer counts them), for spacing evaluations and logs."""
     if config.max_steps:
         return config.max_steps
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     batches = math.ceil(train_rows / (config.batch_size * world))
     return max(1, math.ceil(config.epochs * max(1, batches // config.grad_accum)))
 
@@ -165,6 +175,16 @@ def _training_arguments(config: TrainConfig, trainable: TrainableModel, steps: i
         ddp_find_unused_parameters=False,
         **checkpointing,
     )
+
+
+def _leave_process_group() -> None:
+    """In a distributed run, every process finishes its collectives here, together, and leaves the process group
+    before the first one writes the adapter: a process exiting while a peer still uses gloo can abort."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _evaluate(trainer) -> dict:
