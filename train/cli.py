@@ -17,8 +17,8 @@ Train a LoRA adapter (QLoRA: nf4 base, the default on CUDA) on JSONL rows {"prom
 {"messages": [...]} and write it as a PEFT adapter that `loradock serve` and peft load unchanged, with
 training_report.json and loss_curve.png beside it. Loss is on completion / assistant tokens and their end token
 only; chat rows are rendered with the model's chat template exactly as /v1/chat/completions renders them.
-Several GPUs (or CPU processes): `torchrun --nproc_per_node N -m loradock.serve.cli train ...` or
-`accelerate launch -m loradock.serve.cli train ...`; --batch-size is per process."""
+Several GPUs (or CPU processes): `torchrun --nproc_per_node N -m loradock.serve.cli train ...` or, on GPUs,
+`accelerate launch --multi_gpu --num_processes N -m loradock.serve.cli train ...`; --batch-size is per process."""
 
 
 def add_train_parser(commands) -> None:
