@@ -1,4 +1,4 @@
-"""`loradock demo`: the whole system in one command, offline, in a few minutes on a laptop CPU.
+"""`loradock demo`: the whole system in one command, offline, in about a minute on two CPU cores.
 
 It builds the demo model if needed, trains one LoRA adapter per bundled task with the bundled trainer, starts the
 server with all of them, sends one mixed batch (every task's prompt to every adapter and to the base, all at once)
@@ -43,6 +43,8 @@ def _run(work_dir: Path) -> int:
     print(f"demo model: {model} (ready after {time.perf_counter() - started:.0f} s)")
     prompts = make_prompts(SEED, TRAIN_PROMPTS, VALIDATION_PROMPTS, TEST_PROMPTS)
     adapters = work_dir / "adapters"
+    if adapters.exists():
+        raise ValueError(f"{work_dir} holds a previous demo's adapters: give an empty or new --work-dir")
     for task in TASKS:
         _train(task, prompts, model, work_dir, adapters)
     scores = asyncio.run(_serve_and_score(model, adapters, prompts.test))
