@@ -83,7 +83,7 @@ def load_trainable(
     model, tokenizer = load_model(model_path, quantize, dtype, device)
     base_info = BaseModelInfo.from_model(model)
     resolved = resolve_targets(targets, base_info)
-    stop_ids = serving_engine._eos_ids(model, tokenizer)  # the very ids the server stops on
+    stop_ids = serving_engine.eos_ids(model, tokenizer)  # the very ids the server stops on
     model.config.use_cache = False
     if quantize != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

@@ -121,7 +121,7 @@ class Engine:
             config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings
         )
         self.vocab_size = model_config.vocab_size
-        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.eos_token_ids = eos_ids(model, tokenizer)
         shape = CacheShape(
             num_layers=model_config.num_hidden_layers,
             num_kv_heads=model_config.num_key_value_heads,
@@ -440,7 +440,9 @@ def _deliver(batch: list) -> None:
         events.put_nowait(event)
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
+def eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
+    """The token ids generation stops on: the generation config's EOS ids and the tokenizer's. The trainer
+    trains exactly these, so train and serve agree."""
     ids = set()
     generation = getattr(model, "generation_config", None)
     for value in (getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
