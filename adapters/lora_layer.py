@@ -48,8 +48,11 @@ class LoraLinear(nn.Module):
         y = self.base(x)  # [..., out]
         meta = self.context.meta
         if meta is not None:
-            x_2d = x.reshape(-1, self.in_features).to(self.lora_A.dtype)  # [T, in]
-            apply_lora_operands(y.view(-1, self.out_features), x_2d, self.operands, meta)
+            ops = self.operands
+            x_2d = x.reshape(-1, self.in_features)  # [T, in]
+            if x_2d.dtype != ops.A.dtype:
+                x_2d = x_2d.to(ops.A.dtype)
+            apply_lora_operands(y.view(-1, self.out_features), x_2d, ops, meta)
         return y
 
     def load_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:

@@ -23,6 +23,7 @@ class LoraOperands(NamedTuple):
     ranks: torch.Tensor  # [n, S] int32: real rank per slice and slot, <= R
     offsets: tuple[int, ...]  # first column of each slice in y and B
     sizes: tuple[int, ...]  # columns of each slice
+    cpu_kernel_layout: bool  # float32 CPU weights with A's in and B's out innermost: the CPU kernel reads them
 
 
 def lora_operands(
@@ -62,7 +63,15 @@ def lora_operands(
     if len({t.device for t in (A, B, scales, ranks)}) != 1:
         raise ValueError("all LoRA operands must be on one device")
     offsets = tuple(sum(sizes[:i]) for i in range(n))
-    return LoraOperands(A, B, scales, ranks, offsets, sizes)
+    cpu_kernel_layout = (
+        A.device.type == "cpu"
+        and A.dtype == torch.float32
+        and A.stride(3) == 1
+        and B.stride(1) == 1
+        and scales.is_contiguous()
+        and ranks.is_contiguous()
+    )
+    return LoraOperands(A, B, scales, ranks, offsets, sizes, cpu_kernel_layout)
 
 
 def check_activations(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands) -> None:

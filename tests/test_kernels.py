@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 from dataclasses import dataclass
 
@@ -13,12 +14,15 @@ from loradock.kernels import (
     apply_lora,
     apply_lora_operands,
     build_lora_meta,
+    cpu_kernel,
     lora_backend,
+    lora_cpu,
     lora_operands,
     lora_reference,
     lora_torch,
     slot_buffers,
 )
+from loradock.kernels import cpu_lora as cpu_lora_module
 from loradock.kernels.torch_plan import plan_segments
 
 IN_FEATURES = 40  # not a multiple of any block size: exercises the K masks
@@ -56,6 +60,8 @@ CASES = [
     Case("uniform_rank_slot_gaps", (0, 2, 5, 2, 0, 5, -1, 5), rank=5),  # slots 1, 3, 4 unused
     Case("zero_rank_slots", (0, 1, 2, 3, -1) * 3, num_slots=4, rank=8, zero_rank_slots=(1, 3), scale=0.5),
     Case("far_apart_slots", (7, 0, 7, 0, -1, 7), num_slots=8),
+    # ranks above the CPU kernel's 64-rank chunk; segments of 1, 5 and 6 tokens (its 4-token tiles and their rests)
+    Case("rank_above_chunk", (0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2), num_slots=3, max_rank=80),
 ]
 
 LAYOUTS = ["contiguous", "rank_outermost", "rank_innermost", "out_innermost"]  # how A and B lie in memory (`make_operands`)
@@ -212,10 +218,16 @@ def test_torch_path_bf16():
 
 def test_apply_lora_dispatch(monkeypatch):
     monkeypatch.delenv("LORADOCK_LORA_BACKEND", raising=False)
-    assert lora_backend(torch.device("cpu")) == "torch"
+    assert lora_backend(torch.device("cpu")) == "cpp"
     assert lora_backend(torch.device("cuda")) == "triton"
+    assert lora_backend(torch.device("meta")) == "torch"
+    assert build_lora_meta(torch.tensor([0, -1]), 2).backend == "cpp"  # chosen once per step, with the metadata
     monkeypatch.setenv("LORADOCK_LORA_BACKEND", "torch")
     assert lora_backend(torch.device("cuda")) == "torch"
+    assert build_lora_meta(torch.tensor([0, -1]), 2).backend == "torch"
+    monkeypatch.setenv("LORADOCK_LORA_BACKEND", "cpp")
+    with pytest.raises(ValueError, match="CPU only"):
+        lora_backend(torch.device("cuda"))
     monkeypatch.setenv("LORADOCK_LORA_BACKEND", "cuda")
     with pytest.raises(ValueError):
         lora_backend(torch.device("cpu"))
@@ -225,11 +237,15 @@ def test_apply_lora_dispatch(monkeypatch):
     assert (y == 1).all()  # no adapter token: nothing to do, not even the backend lookup
 
 
-def test_slot_buffers_are_stored_rank_outermost():
+def test_slot_buffers_layout_follows_the_device():
     A, B = slot_buffers(3, 4, 5, 6, torch.float32, torch.device("cpu"))
+    assert A.shape == (3, 4, 5) and A.stride() == (20, 5, 1)  # [S, R, in] in memory: slot-major
+    assert B.shape == (3, 6, 4) and B.stride() == (24, 1, 6)  # [S, R, out] in memory
+    assert not (A.any() or B.any())
+    assert lora_operands(A, B, torch.zeros(3), torch.zeros(3, dtype=torch.int32)).cpu_kernel_layout
+    A, B = slot_buffers(3, 4, 5, 6, torch.float32, torch.device("meta"))  # any other device: rank-outermost
     assert A.shape == (3, 4, 5) and A.stride() == (5, 15, 1)  # [R, S, in] in memory
     assert B.shape == (3, 6, 4) and B.stride() == (6, 1, 18)  # [R, S, out] in memory
-    assert not (A.any() or B.any())
 
 
 def test_operands_are_checked():
@@ -247,6 +263,82 @@ def test_operands_are_checked():
         apply_lora_operands(y, x[:, :8], ops, meta)
     with pytest.raises(TypeError):
         apply_lora_operands(y, x.double(), ops, meta)
+
+
+# ---------------------------------------------------------------------------------------------- compiled CPU kernel
+
+CPU_KERNEL_LAYOUTS = ["rank_outermost", "out_innermost"]  # the layouts it reads (out_innermost: slot-major)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel_built():
+    """The compiled CPU kernel: built here if no earlier run on this machine built it (about half a minute)."""
+    kernel = cpu_kernel()
+    assert kernel is not None, "the CPU LoRA kernel did not build: see the loradock.kernels warning"
+    return kernel
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", CPU_KERNEL_LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_cpu_kernel_matches_reference(cpu_kernel_built, case, layout, threads):
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout=layout)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
+    ops = lora_operands(A, B, scales, ranks, case.slice_sizes)
+    assert ops.cpu_kernel_layout  # the kernel runs, not the torch fallback
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lora_cpu(y, x, ops, meta)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "rank_innermost", "bfloat16"])
+def test_cpu_path_falls_back_to_torch_where_the_kernel_does_not_apply(cpu_kernel_built, layout):
+    case = CASES[6]
+    dtype = torch.bfloat16 if layout == "bfloat16" else torch.float32
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(
+        case, dtype, layout="rank_outermost" if layout == "bfloat16" else layout
+    )
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    ops = lora_operands(A, B, scales, ranks, case.slice_sizes)
+    assert not ops.cpu_kernel_layout
+    lora_cpu(y, x, ops, build_lora_meta(torch.tensor(case.token_slots), case.num_slots))
+    tolerance = {"rtol": 2e-2, "atol": 0.5} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-4}
+    torch.testing.assert_close(y_storage.float(), expected, **tolerance)
+
+
+def test_cpu_kernel_reads_unit_stride_columns_only(cpu_kernel_built):
+    case = CASES[5]
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
+    ops = lora_operands(A[0], B, scales[0], ranks[0])
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    with pytest.raises(RuntimeError, match="unit strides"):  # the kernel itself refuses what it cannot read
+        cpu_kernel_built.lora_apply(
+            y, x.t().contiguous().t(), ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots,
+            meta.segment_starts, meta.segment_lengths, len(meta.segments), ops.offsets, ops.sizes,
+        )
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    lora_cpu(y, x.t().contiguous().t(), ops, meta)  # lora_cpu sends such x to the torch path instead
+    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_kernel_build_failure_leaves_the_torch_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_lora_module, "user_cache_dir", lambda name: str(tmp_path))  # a fresh build directory
+    monkeypatch.setattr(cpu_lora_module, "_built", {})
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that always fails
+    with caplog.at_level(logging.WARNING, logger="loradock.kernels"):
+        assert cpu_kernel() is None
+    assert "could not be built" in caplog.text
+    case = CASES[0]
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    lora_cpu(y, x, lora_operands(A[0], B, scales[0], ranks[0]), build_lora_meta(list(case.token_slots), case.num_slots))
+    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- Triton (interpreted)

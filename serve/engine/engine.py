@@ -24,6 +24,7 @@ import torch
 from ...adapters.lora_layer import attach_lora_layers
 from ...adapters.manager import AdapterManager, AdapterVersion, UnknownAdapter, check_name
 from ...adapters.peft_format import AdapterError, BaseModelInfo
+from ...kernels import prepare_lora_backend
 from ..metrics import ServerMetrics
 from ..model_loader import (
     DTYPES,
@@ -180,6 +181,7 @@ class Engine:
         targets = config.lora_target_modules
         names = [n for n in base.linear_modules if targets is None or n.rsplit(".", 1)[-1] in targets]
         context, layers = attach_lora_layers(model, names, config.max_gpu_adapters, config.max_lora_rank, dtype)
+        log.info("LoRA backend: %s", prepare_lora_backend(next(model.parameters()).device))
         manager = AdapterManager(
             layers,
             context,

@@ -1,0 +1,98 @@
+"""The gathered-LoRA op as a compiled CPU kernel (`cpu_lora.cpp`): the engine's LoRA path on the CPU.
+
+The torch path (`torch_lora`) pays a fixed cost per op and per group of tokens (index_select, two bmm,
+index_add_) that dwarfs the arithmetic of a decode step; the kernel walks the step's segments in one call.
+Demo model, decode step of 32 tokens over 8 rank-16 adapters, all 28 LoRA layers, 1 thread, 2-core AMD EPYC:
+0.58-0.64 ms against 1.6-1.8 ms for the torch path (base linears: 3.5-3.8 ms).
+
+It is compiled on first use with torch's extension loader (needs a C++ compiler and ninja; about 25 s on an
+idle 2-core machine) for this machine's CPU (`-march=native`), and cached under the user cache directory, one
+build per torch version and CPU. When it cannot be built, or the operands do not suit it (not float32, or
+another memory layout), the torch path serves instead: the build failure is logged once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from platformdirs import user_cache_dir
+
+from .metadata import LoraBatchMeta
+from .operands import LoraOperands
+from .torch_lora import lora_torch
+
+log = logging.getLogger("loradock.kernels")
+
+SOURCE = Path(__file__).with_name("cpu_lora.cpp")
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs in parallel (torch's libgomp)
+
+_lock = threading.Lock()
+_built: dict[str, ModuleType | None] = {}  # "kernel": the module, or None when the build failed
+
+
+def cpu_kernel() -> ModuleType | None:
+    """The compiled kernel, building it the first time (blocks ~25 s); None when it cannot be built."""
+    if "kernel" not in _built:
+        with _lock:
+            if "kernel" not in _built:
+                _built["kernel"] = _build()
+    return _built["kernel"]
+
+
+def build_directory() -> Path:
+    """Where this machine's build lives: one per kernel source, torch version and CPU (its flags)."""
+    cpu = platform.machine() + _cpu_flags()
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(cpu.encode() + source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    return Path(user_cache_dir("loradock")) / "cpu-lora" / f"torch-{torch.__version__}-{tag}"
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
+
+
+def _build() -> ModuleType | None:
+    from torch.utils.cpp_extension import load
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        log.info("building the CPU LoRA kernel (once per machine, about half a minute) in %s", directory)
+    try:
+        return load(
+            name="loradock_cpu_lora",
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+        )
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed compile: the torch path still works
+        log.warning("the CPU LoRA kernel could not be built, using the slower torch path: %s", error)
+        return None
+
+
+def lora_cpu(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatchMeta) -> None:
+    """y += scale * x A^T B^T per token's slot, through the kernel when it is built and suits the operands.
+
+    y: [T, out_total] (rows may be strided); x: [T, in]; ops, meta: as for `lora_torch` (CPU tensors).
+    The kernel takes float32 weights laid out with A's in and B's out innermost (`ops.cpu_kernel_layout`) and
+    x, y with unit column stride; anything else goes to the torch path.
+    """
+    kernel = _built.get("kernel") or cpu_kernel()
+    if kernel is None or not ops.cpu_kernel_layout or x.stride(1) != 1 or y.stride(1) != 1:
+        lora_torch(y, x, ops, meta)
+        return
+    kernel.lora_apply(
+        y, x, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots, meta.segment_starts,
+        meta.segment_lengths, len(meta.segments), ops.offsets, ops.sizes,
+    )
