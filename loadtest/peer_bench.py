@@ -14,19 +14,18 @@ What it runs
   (`distinct`), so every batch mixes all of them.
 - The servers, all on 127.0.0.1 and all up at once (idle servers cost ~1% of a core), measured in interleaved
   rounds (`--repeats`) so that other load on the machine hits each of them alike: loradock with 8 device slots,
-  loradock with LoRA off (`--max-gpu-adapters 0`) for base-only, each twice: with torch's default intra-op
-  threads (one per core) and with `OMP_NUM_THREADS=1` ("loradock/1-thread": one compute thread, the other core
-  left to the event loop, as vLLM-CPU does by default: it binds its worker to one core and reserves the other);
-  vLLM with `--enable-lora --max-loras 8`, and vLLM without LoRA for base-only. Both serve fp32 (vLLM downcasts
+  loradock with LoRA off (`--max-gpu-adapters 0`) for base-only, both with `loradock serve`'s default compute
+  threads (all cores but one, the other left to the event loop, as vLLM-CPU does by default: it binds its worker
+  to one core and reserves the other); vLLM with `--enable-lora --max-loras 8`, and vLLM without LoRA for base-only. Both serve fp32 (vLLM downcasts
   fp32 to bf16 unless told `--dtype float32`).
-- loradock's engine in this process without HTTP (engine_bench.run_engine) on the same prompts: the gap to the
-  HTTP figure is what the server layer costs.
+- loradock's engine in this process without HTTP (engine_bench.run_engine) on the same prompts, with the
+  server's thread count: the gap to the HTTP figure is what the server layer costs.
 - PEFT in this process (lora_bench's baselines): mixed batches of 32 with `generate(adapter_names=...)`, and one
   request at a time after `set_adapter`.
 - A sweep over 1, 8, 32, 128 adapters with fewer device slots than adapters (slots = max(1, k/4); host cache 32
   adapters on both), zipf:1.0 over the adapters: throughput, TTFT, and TTFT of each adapter's first request
   (a cold adapter: read from disk).
-- `--profile`: py-spy samples both loradock adapter servers through one more headline run; the samples are
+- `--profile`: py-spy samples the loradock adapter server through one more headline run; the samples are
   sorted into categories (LoRA kernels, base GEMMs, attention, step metadata, sampling; on the event loop:
   SSE writes, JSON, detokenization, tokenization, validation, idle).
 - Each run records the CPU the rest of the machine used meanwhile (/proc/stat minus the servers and this
@@ -268,15 +267,14 @@ class Setup:
     def adapter_names(self, k: int) -> list[str]:
         return [f"adapter-{i}" for i in range(k)]
 
-    def loradock(self, label: str, slots: int, threads: int | None = None, host_cache: int = 32) -> Server:
+    def loradock(self, label: str, slots: int, host_cache: int = 32) -> Server:
         port = free_port()
         argv = [sys.executable, "-m", "loradock.serve.cli", "serve", "--model", str(self.model), "--port", str(port),
                 "--max-model-len", str(self.max_len), "--served-model-name", BASE, "--max-gpu-adapters", str(slots)]
         if slots:
             argv += ["--adapters", str(self.adapter_dir), "--max-lora-rank", str(self.rank),
                      "--max-cpu-adapters", str(host_cache)]
-        env = {"OMP_NUM_THREADS": str(threads)} if threads else None
-        return Server(label, argv, port, env, self.work, self.work, startup_timeout=120)
+        return Server(label, argv, port, None, self.work, self.work, startup_timeout=120)
 
     def vllm(self, label: str, adapters: int, slots: int, host_cache: int = 32) -> Server:
         port = free_port()
@@ -384,9 +382,7 @@ def prepare(args) -> Setup:
 def headline(args, setup: Setup, ordinary: list[int]) -> dict:
     names = setup.adapter_names(args.adapters)
     servers = {"loradock": setup.loradock("loradock-lora", args.adapters),
-               "loradock-nolora": setup.loradock("loradock-nolora", 0),
-               "loradock-1t": setup.loradock("loradock-lora-1thread", args.adapters, threads=1),
-               "loradock-nolora-1t": setup.loradock("loradock-nolora-1thread", 0, threads=1)}
+               "loradock-nolora": setup.loradock("loradock-nolora", 0)}
     if setup.vllm_python is not None:
         servers["vllm"] = setup.vllm("vllm-lora", args.adapters, args.adapters)
         servers["vllm-nolora"] = setup.vllm("vllm-nolora", 0, 0)
@@ -394,8 +390,6 @@ def headline(args, setup: Setup, ordinary: list[int]) -> dict:
         ("loradock adapters", "loradock", names, True),
         ("loradock base", "loradock-nolora", [BASE], True),
         ("loradock base, LoRA server", "loradock", [BASE], True),
-        ("loradock/1-thread adapters", "loradock-1t", names, True),
-        ("loradock/1-thread base", "loradock-nolora-1t", [BASE], True),
     ]
     if "vllm" in servers:
         configs += [("vLLM adapters", "vllm", names, False), ("vLLM base", "vllm-nolora", [BASE], False)]
@@ -422,18 +416,15 @@ def headline(args, setup: Setup, ordinary: list[int]) -> dict:
                       file=sys.stderr, flush=True)
         if args.profile:
             measured["profile"] = profile_loradock(args, servers["loradock"], names, ordinary)
-            measured["profile 1-thread"] = profile_loradock(args, servers["loradock-1t"], names, ordinary)
     finally:
         for server in reversed(started):
             server.__exit__()
     if args.plot and "loradock adapters" in results:
         from .plot import plot_run
 
-        label = max(("loradock adapters", "loradock/1-thread adapters"),
-                    key=lambda k: measured[k].best["output_tokens_per_s"] if measured[k].runs else 0)
-        result = results[label]
+        result = results["loradock adapters"]
         plot_run(result, result.report(), args.plot,
-                 title=f"{label.split(' ')[0]}, {args.adapters} adapters (rank {args.rank}), tiny Llama fp32, "
+                 title=f"loradock, {args.adapters} adapters (rank {args.rank}), tiny Llama fp32, "
                  f"{describe_cpu()}")
         if "vLLM adapters" in results:
             result = results["vLLM adapters"]
@@ -452,22 +443,11 @@ def describe_cpu() -> str:
 
 def engine_in_process(args, setup: Setup, prompts: list[list[int]], models: list[str]) -> dict:
     """loradock's engine without HTTP, same prompts and adapters: what the server layer costs."""
-    import torch
-
     from ..serve.engine import Engine, EngineConfig
     from .engine_bench import run_engine
 
     out = {}
-    default_threads = torch.get_num_threads()
-    variants = [(f"{label}{suffix}", slots, names, threads)
-                for suffix, threads in (("", default_threads), (", 1 thread", 1))
-                for label, slots, names in (("adapters", args.adapters, models), ("base", 0, [None] * len(prompts)))]
-    if args.torch_threads:  # only the asked thread count
-        variants = [(f"{label}, {args.torch_threads} thread(s)", slots, names, args.torch_threads)
-                    for label, slots, names in (("adapters", args.adapters, models),
-                                                ("base", 0, [None] * len(prompts)))]
-    for label, slots, names, threads in variants:
-        torch.set_num_threads(threads)
+    for label, slots, names in (("adapters", args.adapters, models), ("base", 0, [None] * len(prompts))):
         engine = Engine.from_config(EngineConfig(
             model=str(setup.model), max_model_len=setup.max_len, max_gpu_adapters=slots, max_lora_rank=setup.rank,
             adapters_dir=str(setup.adapter_dir) if slots else None, max_num_seqs=args.concurrency))
@@ -481,7 +461,6 @@ def engine_in_process(args, setup: Setup, prompts: list[list[int]], models: list
         print(f"loradock engine, no HTTP, {label}: best {max(rates):.1f} tok/s", file=sys.stderr, flush=True)
         del engine
         gc.collect()
-    torch.set_num_threads(args.torch_threads or default_threads)
     return out
 
 
@@ -517,8 +496,7 @@ def sweep(args, setup: Setup, ordinary: list[int]) -> list[dict]:
     for k in args.sweep:
         slots = max(1, k // 4)
         names = setup.adapter_names(k)
-        systems = [("loradock", setup.loradock(f"loradock-sweep-{k}", slots)),
-                   ("loradock/1-thread", setup.loradock(f"loradock-1thread-sweep-{k}", slots, threads=1))]
+        systems = [("loradock", setup.loradock(f"loradock-sweep-{k}", slots))]
         if setup.vllm_python is not None:
             systems.append(("vLLM", setup.vllm(f"vllm-sweep-{k}", k, slots)))
         for system, server in systems:
@@ -653,17 +631,12 @@ def format_tables(measured: dict, engine: dict | None, peft: dict | None, sweep_
         ("loradock / vLLM, adapters (goal >= 1.2)", ratio(tok("loradock adapters"), tok("vLLM adapters"))),
         ("loradock / vLLM, base", ratio(tok("loradock base"), tok("vLLM base"))),
         ("loradock adapters / base (goal >= 0.9)", ratio(tok("loradock adapters"), tok("loradock base"))),
-        ("loradock/1-thread / vLLM, adapters", ratio(tok("loradock/1-thread adapters"), tok("vLLM adapters"))),
-        ("loradock/1-thread / vLLM, base", ratio(tok("loradock/1-thread base"), tok("vLLM base"))),
-        ("loradock/1-thread adapters / base", ratio(tok("loradock/1-thread adapters"), tok("loradock/1-thread base"))),
         ("vLLM adapters / base", ratio(tok("vLLM adapters"), tok("vLLM base"))),
     ]
     if engine:
         ratios += [("loradock HTTP / engine without HTTP, adapters",
                     ratio(tok("loradock adapters"), engine.get("adapters", {}).get("best"))),
-                   ("loradock HTTP / engine without HTTP, base", ratio(tok("loradock base"), engine.get("base", {}).get("best"))),
-                   ("loradock/1-thread HTTP / engine without HTTP (1 thread), adapters",
-                    ratio(tok("loradock/1-thread adapters"), engine.get("adapters, 1 thread", {}).get("best")))]
+                   ("loradock HTTP / engine without HTTP, base", ratio(tok("loradock base"), engine.get("base", {}).get("best")))]
     if peft:
         ratios += [("loradock / PEFT mixed batches, adapters", ratio(tok("loradock adapters"), peft.get("mixed adapters"))),
                    ("loradock / PEFT one at a time (set_adapter)", ratio(tok("loradock adapters"),
@@ -700,7 +673,8 @@ def parse_args(argv):
     p.add_argument("--no-peft", action="store_true")
     p.add_argument("--no-engine", action="store_true", help="skip loradock's engine without HTTP")
     p.add_argument("--no-headline", action="store_true", help="skip the HTTP headline runs")
-    p.add_argument("--torch-threads", type=int, help="torch intra-op threads of this process (engine and PEFT runs)")
+    p.add_argument("--torch-threads", type=int,
+                   help="torch intra-op threads of this process (engine and PEFT runs; default: as `loradock serve`)")
     p.add_argument("--profile", action="store_true", help="py-spy the loradock server through one more headline run")
     p.add_argument("--peft-sequential-requests", type=int, default=8)
     p.add_argument("--vllm-python", default=os.environ.get("LORADOCK_VLLM_PYTHON", "/tmp/vllm-venv/bin/python"),
@@ -743,8 +717,9 @@ def main(argv=None) -> int:
                            ordinary_ids=ordinary).take(args.requests)
     prompts, models = [p.prompt for p in workload], [p.model for p in workload]
     started = time.time()
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    from ..serve.cli import serving_threads
+
+    torch.set_num_threads(args.torch_threads or serving_threads())
     measured = {} if args.no_headline else headline(args, setup, ordinary)
     engine = None if args.no_engine else engine_in_process(args, setup, prompts, models)
     peft = None if args.no_peft else peft_baselines(args, setup, prompts, models)

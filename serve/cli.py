@@ -57,9 +57,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default 64)")
 
 
+def serving_threads() -> int:
+    """torch compute threads when serving on the CPU: all usable cores but one, left to the HTTP loop and clients."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine's settings from the flags; also sets torch's CPU threads (process-wide)."""
-    torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) - 1))
+    torch.set_num_threads(args.threads or serving_threads())
     return EngineConfig(
         model=args.model,
         quantize=args.quantize,
