@@ -7,6 +7,11 @@
 // once for the four of them, then each token's y row takes the expand as axpys over out (four ranks per pass).
 // Work items are tiles of up to four tokens of one segment, spread over torch's intra-op threads.
 //
+// A decode step reads every used slot's weights once, mostly from memory (a step's adapter weights rarely stay
+// in the caches between steps), so the last tile of a segment prefetches the next segment's weights, row by row,
+// as it reads its own: demo-model decode step (32 tokens, 8 rank-16 adapters, 28 layers, caches flushed,
+// 1 thread): 0.94-1.01 ms against 1.24-1.29 without, no change with warm caches.
+//
 // Layout it needs (checked by the Python side, which otherwise uses the torch path): x, y, A rows and B's out
 // dimension with unit stride, i.e. A [n, S, R, in] with in innermost and B [S, out, R] with out innermost, which
 // is how `slot_buffers` stores them (rank-outermost).
@@ -23,6 +28,11 @@ namespace {
 constexpr int kTile = 4;         // tokens per work item
 constexpr int64_t kRankChunk = 64;  // ranks shrunk (into registers / stack) before their expand
 
+struct NextWeights {  // the next segment's weights for the same slice, to prefetch; nullptr: none
+  const float* A = nullptr;
+  const float* B = nullptr;
+};
+
 struct SliceWeights {
   const float* A;        // A[i, s, 0, 0]
   int64_t a_rank_stride;  // elements between A[i, s, k] and A[i, s, k + 1]
@@ -35,9 +45,12 @@ struct SliceWeights {
 
 // h[k][j] = scale * x_j . A[k0 + k] for the TL tokens x_j, k < count
 template <int TL>
-void shrink(float (*h)[kTile], const float* const* xs, const SliceWeights& w, int64_t in, int64_t k0, int64_t count) {
+void shrink(float (*h)[kTile], const float* const* xs, const SliceWeights& w, int64_t in, int64_t k0, int64_t count,
+            const NextWeights& next) {
   for (int64_t k = 0; k < count; ++k) {
     const float* __restrict a = w.A + (k0 + k) * w.a_rank_stride;
+    if (next.A != nullptr)  // one 64-byte line per prefetch, into L2
+      for (int64_t c = 0; c < in; c += 16) __builtin_prefetch(next.A + (k0 + k) * w.a_rank_stride + c, 0, 2);
     float acc[kTile] = {0.f, 0.f, 0.f, 0.f};
     if constexpr (TL == kTile) {
       const float* __restrict x0 = xs[0];
@@ -69,11 +82,15 @@ void shrink(float (*h)[kTile], const float* const* xs, const SliceWeights& w, in
 
 // y_j += sum_k h[k][j] * B[k0 + k] for the TL token rows y_j, k < count
 template <int TL>
-void expand(float* const* ys, const float (*h)[kTile], const SliceWeights& w, int64_t k0, int64_t count) {
+void expand(float* const* ys, const float (*h)[kTile], const SliceWeights& w, int64_t k0, int64_t count,
+            const NextWeights& next) {
   for (int j = 0; j < TL; ++j) {
     float* __restrict y = ys[j];
     int64_t k = 0;
     for (; k + 4 <= count; k += 4) {
+      if (j == 0 && next.B != nullptr)
+        for (int64_t q = k0 + k; q < k0 + k + 4; ++q)
+          for (int64_t o = 0; o < w.out; o += 16) __builtin_prefetch(next.B + q * w.b_rank_stride + o, 0, 2);
       const float* __restrict b0 = w.B + (k0 + k) * w.b_rank_stride;
       const float* __restrict b1 = b0 + w.b_rank_stride;
       const float* __restrict b2 = b1 + w.b_rank_stride;
@@ -92,12 +109,12 @@ void expand(float* const* ys, const float (*h)[kTile], const SliceWeights& w, in
 }
 
 template <int TL>
-void apply_tile(const float* const* xs, float* const* ys, const SliceWeights& w, int64_t in) {
+void apply_tile(const float* const* xs, float* const* ys, const SliceWeights& w, int64_t in, const NextWeights& next) {
   float h[kRankChunk][kTile];
   for (int64_t k0 = 0; k0 < w.rank; k0 += kRankChunk) {
     const int64_t count = std::min(kRankChunk, w.rank - k0);
-    shrink<TL>(h, xs, w, in, k0, count);
-    expand<TL>(ys, h, w, k0, count);
+    shrink<TL>(h, xs, w, in, k0, count, next);
+    expand<TL>(ys, h, w, k0, count, next);
   }
 }
 
@@ -139,6 +156,11 @@ void lora_apply(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor
                              B.data_ptr<float>() + slot * B.stride(0) + offsets[i], B.stride(2),
                              sizes[i], rank_of[i * S + slot], scale_of[i * S + slot]};
         if (w.rank == 0) continue;
+        NextWeights next;
+        if (first + kTile >= seg_lengths[g] && g + 1 < num_segments) {  // the segment's last tile
+          next.A = A.data_ptr<float>() + i * A.stride(0) + seg_slots[g + 1] * A.stride(1);
+          next.B = B.data_ptr<float>() + seg_slots[g + 1] * B.stride(0) + offsets[i];
+        }
         const float* xs[kTile];
         float* ys[kTile];
         for (int j = 0; j < count; ++j) {
@@ -146,10 +168,10 @@ void lora_apply(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor
           ys[j] = y_data + rows[j] * y_row + offsets[i];
         }
         switch (count) {
-          case 4: apply_tile<4>(xs, ys, w, in); break;
-          case 3: apply_tile<3>(xs, ys, w, in); break;
-          case 2: apply_tile<2>(xs, ys, w, in); break;
-          default: apply_tile<1>(xs, ys, w, in); break;
+          case 4: apply_tile<4>(xs, ys, w, in, next); break;
+          case 3: apply_tile<3>(xs, ys, w, in, next); break;
+          case 2: apply_tile<2>(xs, ys, w, in, next); break;
+          default: apply_tile<1>(xs, ys, w, in, next); break;
         }
       }
     }
