@@ -708,7 +708,10 @@ def main(argv=None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from ..serve.cli import serving_threads
+
     hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.torch_threads or serving_threads())
     hardware = describe_hardware(torch.device("cpu"))
     print(format_hardware(hardware), flush=True)
     setup = prepare(args)
@@ -717,9 +720,6 @@ def main(argv=None) -> int:
                            ordinary_ids=ordinary).take(args.requests)
     prompts, models = [p.prompt for p in workload], [p.model for p in workload]
     started = time.time()
-    from ..serve.cli import serving_threads
-
-    torch.set_num_threads(args.torch_threads or serving_threads())
     measured = {} if args.no_headline else headline(args, setup, ordinary)
     engine = None if args.no_engine else engine_in_process(args, setup, prompts, models)
     peft = None if args.no_peft else peft_baselines(args, setup, prompts, models)
