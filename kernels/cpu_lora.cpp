@@ -179,5 +179,7 @@ void lora_apply(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_apply", &lora_apply, "y += gathered LoRA deltas of the step's segments (float32, CPU)");
+  // Like torch's own ops it runs without the GIL: the server's event loop thread goes on meanwhile.
+  m.def("lora_apply", &lora_apply, "y += gathered LoRA deltas of the step's segments (float32, CPU)",
+        py::call_guard<py::gil_scoped_release>());
 }

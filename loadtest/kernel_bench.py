@@ -1,8 +1,8 @@
 """Gathered-LoRA microbenchmark: the op against the torch reference, one adapter's plain mm, and the base layer.
 
-On CPU (fp32): the oracle (`lora_reference`), the fast torch path (auto, and each strategy forced), a single-
-adapter `x @ A.T @ B.T` of the same rank, and an nn.Linear of the same in/out (the base layer's own time), on
-the demo model's layer shapes and a 4096-wide one, for decode (T=32; 1, 8, 32 adapters), 31 decode tokens with
+On CPU (fp32): the compiled kernel (`cpu_lora`, the engine's CPU path), the oracle (`lora_reference`), the
+torch fallback path (auto, and each strategy forced), a single-adapter `x @ A.T @ B.T` of the same rank, and an
+nn.Linear of the same in/out (the base layer's own time), on the demo model's layer shapes and a 4096-wide one, for decode (T=32; 1, 8, 32 adapters), 31 decode tokens with
 a 225-token prefill chunk (T=256), and prefill (T=512; 1, 4, 32 adapters).
 On CUDA (bf16): the Triton kernels, the reference, the single-adapter mm, the base Linear and, when
 bitsandbytes imports, an nf4 Linear4bit, on 8B-model decode shapes (in 4096; out 4096, 14336; ranks 8-64 in
@@ -27,6 +27,8 @@ import torch
 
 from ..kernels import (
     build_lora_meta,
+    cpu_kernel,
+    lora_cpu,
     lora_operands,
     lora_reference,
     lora_torch,
@@ -144,6 +146,8 @@ def variants(shape: Shape, device: torch.device, dtype: torch.dtype) -> list[tup
 
         found.append(("triton", partial(lora_triton, y, x, ops, meta), op_bytes))
     else:
+        if cpu_kernel() is not None:
+            found.append(("cpp (compiled kernel)", partial(lora_cpu, y, x, ops, meta), op_bytes))
         plan = meta.torch_plan
         chosen = "loop" if plan.batched is None else f"{len(plan.loop)} loop+batched" if plan.loop else "batched"
         found.append((f"torch (auto: {chosen})", partial(lora_torch, y, x, ops, meta), op_bytes))
