@@ -61,7 +61,7 @@ def slot_buffers(
 
     CPU (the compiled kernel): slot-major, A stored [S, R, in] and B [S, R, out], so the weights a slot's tokens
     read are one contiguous block each. The decode step of the demo model (32 tokens, 8 rank-16 adapters, all 28
-    LoRA layers, caches flushed between steps, 1 thread): 1.19-1.43 ms slot-major, 1.43-1.75 rank-outermost.
+    LoRA layers, caches flushed between steps, 1 thread): 1.19-1.56 ms slot-major, 1.43-1.75 rank-outermost.
     Elsewhere: rank-outermost, A stored [R, S, in] and B [R, S, out]: a step reads the first r rank planes of the
     slots it uses, one compact region whatever R (max_lora_rank) is, with in / out innermost for the kernels'
     tiles. Either way in / out are innermost.

@@ -2,8 +2,8 @@
 
 The torch path (`torch_lora`) pays a fixed cost per op and per group of tokens (index_select, two bmm,
 index_add_) that dwarfs the arithmetic of a decode step; the kernel walks the step's segments in one call.
-Demo model, decode step of 32 tokens over 8 rank-16 adapters, all 28 LoRA layers, 1 thread, 2-core AMD EPYC:
-0.58-0.64 ms against 1.6-1.8 ms for the torch path (base linears: 3.5-3.8 ms).
+Demo model, decode step of 32 tokens over 8 rank-16 adapters, all 28 LoRA layers, warm caches, 1 thread, 2-core
+AMD EPYC: 0.5-0.6 ms against 1.5-2.0 ms for the torch path (loadtest/RESULTS.md has the cold-cache figures).
 
 It is compiled on first use with torch's extension loader (needs a C++ compiler and ninja; about 25 s on an
 idle 2-core machine) for this machine's CPU (`-march=native`), and cached under the user cache directory, one
@@ -19,17 +19,24 @@ import platform
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from platformdirs import user_cache_dir
 
-from .metadata import LoraBatchMeta
 from .operands import LoraOperands
 from .torch_lora import lora_torch
+
+if TYPE_CHECKING:
+    from .metadata import LoraBatchMeta, Segment
 
 log = logging.getLogger("loradock.kernels")
 
 SOURCE = Path(__file__).with_name("cpu_lora.cpp")
+# Segments from this many tokens up (prefill chunks) go through torch's BLAS, one matmul pair each: it beats the
+# kernel there (512-token prefill, rank 16, 256 -> 688: 0.18 ms against 0.30), the kernel wins below (32 tokens:
+# 0.015 against 0.017 ms at rank 16; decode steps of many adapters by 2-3x).
+LONG_SEGMENT = 64
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs in parallel (torch's libgomp)
 
 _lock = threading.Lock()
@@ -92,7 +99,29 @@ def lora_cpu(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatc
     if kernel is None or not ops.cpu_kernel_layout or x.stride(1) != 1 or y.stride(1) != 1:
         lora_torch(y, x, ops, meta)
         return
-    kernel.lora_apply(
-        y, x, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots, meta.segment_starts,
-        meta.segment_lengths, len(meta.segments), ops.offsets, ops.sizes,
-    )
+    plan = meta.cpu_plan
+    if plan.long:  # prefill-sized segments: one matmul pair each through torch's BLAS
+        lora_torch(y, x, ops, meta, strategy="loop", segments=plan.long)
+    if plan.num_short:
+        kernel.lora_apply(
+            y, x, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, plan.slots, plan.starts, plan.lengths,
+            plan.num_short, ops.offsets, ops.sizes,
+        )
+
+
+class CpuPlan(NamedTuple):
+    """A step's segments split between torch's BLAS (long ones) and the kernel (the rest, as its arrays)."""
+
+    long: tuple[Segment, ...]  # segments of at least LONG_SEGMENT tokens
+    slots: torch.Tensor  # [num_short] int32: the kernel's segments (all the others)
+    starts: torch.Tensor  # [num_short] int32
+    lengths: torch.Tensor  # [num_short] int32
+    num_short: int
+
+
+def plan_cpu(segments: tuple[Segment, ...]) -> CpuPlan:
+    """Split a step's segments (`meta.cpu_plan` calls this once per step)."""
+    long = tuple(segment for segment in segments if segment.length >= LONG_SEGMENT)
+    short = [segment for segment in segments if segment.length < LONG_SEGMENT]
+    columns = torch.tensor([[s.slot, s.start, s.length] for s in short] or [[0, 0, 0]], dtype=torch.int32)
+    return CpuPlan(long, *columns.T.contiguous(), len(short))  # [3, num_short]: one contiguous row per field

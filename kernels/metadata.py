@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from .backend import lora_backend
 from .torch_plan import TorchPlan, plan_segments
+
+if TYPE_CHECKING:
+    from .cpu_lora import CpuPlan
 
 
 class Segment(NamedTuple):
@@ -56,6 +59,13 @@ class LoraBatchMeta:
     def num_lora_tokens(self) -> int:
         """Tokens that use an adapter."""
         return sum(segment.length for segment in self.segments)
+
+    @cached_property
+    def cpu_plan(self) -> CpuPlan:
+        """How the CPU path splits this step's segments between BLAS and the kernel (`cpu_lora.plan_cpu`)."""
+        from .cpu_lora import plan_cpu
+
+        return plan_cpu(self.segments)
 
     @cached_property
     def torch_plan(self) -> TorchPlan:

@@ -21,15 +21,25 @@ from .torch_plan import PaddedSegments, plan_segments
 
 
 def lora_torch(
-    y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatchMeta, strategy: str | None = None
+    y: torch.Tensor,
+    x: torch.Tensor,
+    ops: LoraOperands,
+    meta: LoraBatchMeta,
+    strategy: str | None = None,
+    segments: tuple[Segment, ...] | None = None,
 ) -> None:
     """y += scale * x A^T B^T per token's slot. y: [T, out_total] (may be strided); x: [T, in]; ops: checked
     weights (`lora_operands`) matching x and y; meta: the step's metadata.
 
     strategy: None follows the step's plan (`meta.torch_plan`); 'loop' or 'batched' forces one for every
-    segment (benchmarks, tests). Reads ranks and scales on the host: meant for the CPU (on CUDA it works but syncs).
+    segment (benchmarks, tests). segments: only these of the step's segments (None: all of them).
+    Reads ranks and scales on the host: meant for the CPU (on CUDA it works but syncs).
     """
-    plan = meta.torch_plan if strategy is None else plan_segments(meta.segments, meta.sorted_tokens, x.device, strategy)
+    if segments is None and strategy is None:
+        plan = meta.torch_plan
+    else:
+        chosen = meta.segments if segments is None else segments
+        plan = plan_segments(chosen, meta.sorted_tokens, x.device, strategy)
     host_ranks, host_scales = ops.ranks.tolist(), ops.scales.tolist()  # [n][S]
     for i, (offset, size) in enumerate(zip(ops.offsets, ops.sizes)):
         if len(ops.sizes) > 1:

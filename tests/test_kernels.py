@@ -297,6 +297,20 @@ def test_cpu_kernel_matches_reference(cpu_kernel_built, case, layout, threads):
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
+def test_cpu_kernel_alone_takes_segments_of_any_length(cpu_kernel_built):
+    case = CASES[8]  # long_prefill: runs of 150 and 130 tokens, which lora_cpu hands to torch's BLAS instead
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    ops = lora_operands(A, B, scales, ranks, case.slice_sizes)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    assert meta.cpu_plan.long and meta.cpu_plan.num_short == 1
+    cpu_kernel_built.lora_apply(
+        y, x, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots, meta.segment_starts,
+        meta.segment_lengths, len(meta.segments), ops.offsets, ops.sizes,
+    )
+    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "rank_innermost", "bfloat16"])
 def test_cpu_path_falls_back_to_torch_where_the_kernel_does_not_apply(cpu_kernel_built, layout):
     case = CASES[6]
