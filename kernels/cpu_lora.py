@@ -6,15 +6,17 @@ Demo model, decode step of 32 tokens over 8 rank-16 adapters, all 28 LoRA layers
 AMD EPYC: 0.5-0.6 ms against 1.5-2.0 ms for the torch path (loadtest/RESULTS.md has the cold-cache figures).
 
 It is compiled on first use with torch's extension loader (needs a C++ compiler and ninja; about 25 s on an
-idle 2-core machine) for this machine's CPU (`-march=native`), and cached under the user cache directory, one
-build per torch version and CPU. When it cannot be built, or the operands do not suit it (not float32, or
-another memory layout), the torch path serves instead: the build failure is logged once.
+idle 2-core machine) for this machine's CPU (`-march=native`), and cached under `$LORADOCK_CACHE_DIR` or the
+user cache directory (`cpu-lora/`), one build per kernel source, torch version and CPU. When it cannot be
+built, or the operands do not suit it (not float32, or another memory layout), the torch path serves instead:
+the build failure is logged once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import threading
 from pathlib import Path
@@ -57,7 +59,8 @@ def build_directory() -> Path:
     cpu = platform.machine() + _cpu_flags()
     source = SOURCE.read_bytes()
     tag = hashlib.sha256(cpu.encode() + source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    return Path(user_cache_dir("loradock")) / "cpu-lora" / f"torch-{torch.__version__}-{tag}"
+    root = os.environ.get("LORADOCK_CACHE_DIR") or user_cache_dir("loradock")  # the demo model's cache root too
+    return Path(root) / "cpu-lora" / f"torch-{torch.__version__}-{tag}"
 
 
 def _cpu_flags() -> str:

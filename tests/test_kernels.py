@@ -342,7 +342,7 @@ def test_cpu_kernel_reads_unit_stride_columns_only(cpu_kernel_built):
 
 
 def test_cpu_kernel_build_failure_leaves_the_torch_path(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_lora_module, "user_cache_dir", lambda name: str(tmp_path))  # a fresh build directory
+    monkeypatch.setenv("LORADOCK_CACHE_DIR", str(tmp_path))  # a fresh build directory
     monkeypatch.setattr(cpu_lora_module, "_built", {})
     monkeypatch.setenv("CXX", "/bin/false")  # a compiler that always fails
     with caplog.at_level(logging.WARNING, logger="loradock.kernels"):
