@@ -139,6 +139,8 @@ void lora_apply(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor
   const int32_t* rank_of = ranks.data_ptr<int32_t>();  // [n, S]
   const float* x_data = x.data_ptr<float>();
   float* y_data = y.data_ptr<float>();
+  const float* A_data = A.data_ptr<float>();
+  const float* B_data = B.data_ptr<float>();
   const int64_t x_row = x.stride(0), y_row = y.stride(0);
 
   std::vector<int64_t> first_tile(num_segments + 1, 0);  // tiles of segments before g
@@ -152,14 +154,14 @@ void lora_apply(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor
       const int count = static_cast<int>(std::min<int64_t>(kTile, seg_lengths[g] - first));
       const int32_t* rows = tokens + seg_starts[g] + first;
       for (int64_t i = 0; i < n; ++i) {
-        const SliceWeights w{A.data_ptr<float>() + i * A.stride(0) + slot * A.stride(1), A.stride(2),
-                             B.data_ptr<float>() + slot * B.stride(0) + offsets[i], B.stride(2),
+        const SliceWeights w{A_data + i * A.stride(0) + slot * A.stride(1), A.stride(2),
+                             B_data + slot * B.stride(0) + offsets[i], B.stride(2),
                              sizes[i], rank_of[i * S + slot], scale_of[i * S + slot]};
         if (w.rank == 0) continue;
         NextWeights next;
         if (first + kTile >= seg_lengths[g] && g + 1 < num_segments) {  // the segment's last tile
-          next.A = A.data_ptr<float>() + i * A.stride(0) + seg_slots[g + 1] * A.stride(1);
-          next.B = B.data_ptr<float>() + seg_slots[g + 1] * B.stride(0) + offsets[i];
+          next.A = A_data + i * A.stride(0) + seg_slots[g + 1] * A.stride(1);
+          next.B = B_data + seg_slots[g + 1] * B.stride(0) + offsets[i];
         }
         const float* xs[kTile];
         float* ys[kTile];

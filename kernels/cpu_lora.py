@@ -98,7 +98,7 @@ def lora_cpu(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatc
     The kernel takes float32 weights laid out with A's in and B's out innermost (`ops.cpu_kernel_layout`) and
     x, y with unit column stride; anything else goes to the torch path.
     """
-    kernel = _built.get("kernel") or cpu_kernel()
+    kernel = cpu_kernel()
     if kernel is None or not ops.cpu_kernel_layout or x.stride(1) != 1 or y.stride(1) != 1:
         lora_torch(y, x, ops, meta)
         return
@@ -126,5 +126,5 @@ def plan_cpu(segments: tuple[Segment, ...]) -> CpuPlan:
     """Split a step's segments (`meta.cpu_plan` calls this once per step)."""
     long = tuple(segment for segment in segments if segment.length >= LONG_SEGMENT)
     short = [segment for segment in segments if segment.length < LONG_SEGMENT]
-    columns = torch.tensor([[s.slot, s.start, s.length] for s in short] or [[0, 0, 0]], dtype=torch.int32)
+    columns = torch.tensor([[s.slot, s.start, s.length] for s in short], dtype=torch.int32).view(-1, 3)
     return CpuPlan(long, *columns.T.contiguous(), len(short))  # [3, num_short]: one contiguous row per field

@@ -93,8 +93,8 @@ def build_lora_meta(
     else:
         device = torch.device(device) if device is not None else torch.device("cpu")
         slots = list(token_slots)
-    if any(not isinstance(slot, int) or isinstance(slot, bool) for slot in slots):
-        raise ValueError("token slots must be integers")
+        if any(not isinstance(slot, int) or isinstance(slot, bool) for slot in slots):
+            raise ValueError("token slots must be integers")
     if slots and (min(slots) < -1 or max(slots) >= max_slots):
         raise ValueError(f"token slots must lie in [-1, {max_slots}), got {min(slots)}..{max(slots)}")
     # base tokens sort last; the stable sort keeps each slot's tokens in their batch order

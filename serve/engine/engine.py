@@ -181,7 +181,7 @@ class Engine:
         targets = config.lora_target_modules
         names = [n for n in base.linear_modules if targets is None or n.rsplit(".", 1)[-1] in targets]
         context, layers = attach_lora_layers(model, names, config.max_gpu_adapters, config.max_lora_rank, dtype)
-        log.info("LoRA backend: %s", prepare_lora_backend(next(model.parameters()).device))
+        log.info("LoRA backend: %s", prepare_lora_backend(self.device))
         manager = AdapterManager(
             layers,
             context,
