@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import torch
 
 from .backend import BACKEND_ENV, lora_backend
-from .cpu_lora import cpu_kernel, lora_cpu
+from .cpu_build import cpu_ops
+from .cpu_lora import lora_cpu
 from .metadata import LoraBatchMeta, Segment, build_lora_meta
 from .operands import LoraOperands, check_activations, lora_operands
 from .reference import lora_reference
@@ -35,7 +36,7 @@ __all__ = [
     "apply_lora",
     "apply_lora_operands",
     "build_lora_meta",
-    "cpu_kernel",
+    "cpu_ops",
     "lora_backend",
     "lora_cpu",
     "lora_operands",
@@ -47,10 +48,10 @@ __all__ = [
 
 
 def prepare_lora_backend(device: torch.device) -> str:
-    """Build what `device`'s backend needs before the first step (the CPU kernel); returns the backend."""
+    """Build what `device`'s backend needs before the first step (the compiled CPU ops); returns the backend."""
     backend = lora_backend(device)
     if backend == "cpp":
-        cpu_kernel()
+        cpu_ops()
     return backend
 
 

@@ -16,7 +16,7 @@
 // dimension with unit stride, i.e. A [n, S, R, in] with in innermost and B [S, out, R] with out innermost, which
 // is how `slot_buffers` stores them (rank-outermost).
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <ATen/Parallel.h>
 
@@ -121,12 +121,12 @@ void apply_tile(const float* const* xs, float* const* ys, const SliceWeights& w,
 }  // namespace
 
 // y [T, out_total] += the LoRA deltas of the step's segments; see the header comment for the operands.
-void lora_apply(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor B, torch::Tensor scales,
-                torch::Tensor ranks, torch::Tensor sorted_tokens, torch::Tensor segment_slots,
-                torch::Tensor segment_starts, torch::Tensor segment_lengths, int64_t num_segments,
+void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales,
+                at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
+                at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
                 std::vector<int64_t> offsets, std::vector<int64_t> sizes) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && y.dtype() == torch::kFloat32 && A.dtype() == torch::kFloat32 &&
-                  B.dtype() == torch::kFloat32,
+  TORCH_CHECK(x.dtype() == at::kFloat && y.dtype() == at::kFloat && A.dtype() == at::kFloat &&
+                  B.dtype() == at::kFloat,
               "the CPU LoRA kernel takes float32");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && A.stride(3) == 1 && B.stride(1) == 1,
               "the CPU LoRA kernel needs unit strides along x/y columns, A's in and B's out");
@@ -178,10 +178,4 @@ void lora_apply(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor
       }
     }
   });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // Like torch's own ops it runs without the GIL: the server's event loop thread goes on meanwhile.
-  m.def("lora_apply", &lora_apply, "y += gathered LoRA deltas of the step's segments (float32, CPU)",
-        py::call_guard<py::gil_scoped_release>());
 }

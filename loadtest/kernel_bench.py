@@ -27,7 +27,7 @@ import torch
 
 from ..kernels import (
     build_lora_meta,
-    cpu_kernel,
+    cpu_ops,
     lora_cpu,
     lora_operands,
     lora_reference,
@@ -146,7 +146,7 @@ def variants(shape: Shape, device: torch.device, dtype: torch.dtype) -> list[tup
 
         found.append(("triton", partial(lora_triton, y, x, ops, meta), op_bytes))
     else:
-        if cpu_kernel() is not None:
+        if cpu_ops() is not None:
             found.append(("cpp (compiled kernel)", partial(lora_cpu, y, x, ops, meta), op_bytes))
         plan = meta.torch_plan
         chosen = "loop" if plan.batched is None else f"{len(plan.loop)} loop+batched" if plan.loop else "batched"

@@ -14,7 +14,7 @@ from loradock.kernels import (
     apply_lora,
     apply_lora_operands,
     build_lora_meta,
-    cpu_kernel,
+    cpu_ops,
     lora_backend,
     lora_cpu,
     lora_operands,
@@ -22,8 +22,9 @@ from loradock.kernels import (
     lora_torch,
     slot_buffers,
 )
-from loradock.kernels import cpu_lora as cpu_lora_module
+from loradock.kernels import cpu_build
 from loradock.kernels.torch_plan import plan_segments
+from loradock.serve.engine.model_runner import cpu_decode_attention
 
 IN_FEATURES = 40  # not a multiple of any block size: exercises the K masks
 
@@ -271,17 +272,17 @@ CPU_KERNEL_LAYOUTS = ["rank_outermost", "out_innermost"]  # the layouts it reads
 
 
 @pytest.fixture(scope="module")
-def cpu_kernel_built():
-    """The compiled CPU kernel: built here if no earlier run on this machine built it (about half a minute)."""
-    kernel = cpu_kernel()
-    assert kernel is not None, "the CPU LoRA kernel did not build: see the loradock.kernels warning"
+def cpu_ops_built():
+    """The compiled CPU ops: built here if no earlier run on this machine built it (about half a minute)."""
+    kernel = cpu_ops()
+    assert kernel is not None, "the compiled CPU ops did not build: see the loradock.kernels warning"
     return kernel
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", CPU_KERNEL_LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_cpu_kernel_matches_reference(cpu_kernel_built, case, layout, threads):
+def test_cpu_kernel_matches_reference(cpu_ops_built, case, layout, threads):
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout=layout)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
@@ -297,14 +298,14 @@ def test_cpu_kernel_matches_reference(cpu_kernel_built, case, layout, threads):
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_cpu_kernel_alone_takes_segments_of_any_length(cpu_kernel_built):
+def test_cpu_kernel_alone_takes_segments_of_any_length(cpu_ops_built):
     case = CASES[8]  # long_prefill: runs of 150 and 130 tokens, which lora_cpu hands to torch's BLAS instead
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     ops = lora_operands(A, B, scales, ranks, case.slice_sizes)
     meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
     assert meta.cpu_plan.long and meta.cpu_plan.num_short == 1
-    cpu_kernel_built.lora_apply(
+    cpu_ops_built.lora_apply(
         y, x, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots, meta.segment_starts,
         meta.segment_lengths, len(meta.segments), ops.offsets, ops.sizes,
     )
@@ -312,7 +313,7 @@ def test_cpu_kernel_alone_takes_segments_of_any_length(cpu_kernel_built):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "rank_innermost", "bfloat16"])
-def test_cpu_path_falls_back_to_torch_where_the_kernel_does_not_apply(cpu_kernel_built, layout):
+def test_cpu_path_falls_back_to_torch_where_the_kernel_does_not_apply(cpu_ops_built, layout):
     case = CASES[6]
     dtype = torch.bfloat16 if layout == "bfloat16" else torch.float32
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(
@@ -326,13 +327,13 @@ def test_cpu_path_falls_back_to_torch_where_the_kernel_does_not_apply(cpu_kernel
     torch.testing.assert_close(y_storage.float(), expected, **tolerance)
 
 
-def test_cpu_kernel_reads_unit_stride_columns_only(cpu_kernel_built):
+def test_cpu_kernel_reads_unit_stride_columns_only(cpu_ops_built):
     case = CASES[5]
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
     ops = lora_operands(A[0], B, scales[0], ranks[0])
     meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
     with pytest.raises(RuntimeError, match="unit strides"):  # the kernel itself refuses what it cannot read
-        cpu_kernel_built.lora_apply(
+        cpu_ops_built.lora_apply(
             y, x.t().contiguous().t(), ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots,
             meta.segment_starts, meta.segment_lengths, len(meta.segments), ops.offsets, ops.sizes,
         )
@@ -341,13 +342,14 @@ def test_cpu_kernel_reads_unit_stride_columns_only(cpu_kernel_built):
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_cpu_kernel_build_failure_leaves_the_torch_path(monkeypatch, tmp_path, caplog):
+def test_cpu_ops_build_failure_leaves_the_torch_paths(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("LORADOCK_CACHE_DIR", str(tmp_path))  # a fresh build directory
-    monkeypatch.setattr(cpu_lora_module, "_built", {})
+    monkeypatch.setattr(cpu_build, "_built", {})
     monkeypatch.setenv("CXX", "/bin/false")  # a compiler that always fails
     with caplog.at_level(logging.WARNING, logger="loradock.kernels"):
-        assert cpu_kernel() is None
+        assert cpu_ops() is None
     assert "could not be built" in caplog.text
+    assert cpu_decode_attention(torch.device("cpu"), torch.float32) is None  # the engine's attention: SDPA
     case = CASES[0]
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)

@@ -4,6 +4,10 @@ The HF modelling code computes q/k/v (and RoPE at each token's own position) for
 calls this function. It writes the step's new keys and values into the cache, then attends each group of
 queries to its gathered context. The model runs with `attn_implementation=ATTENTION_NAME`, and the step's
 metadata travels down the model's forward kwargs as `loradock_step`.
+
+Decode tokens on the CPU in float32 go through the compiled decode attention (`kernels/cpu_attention.cpp`), which
+reads the cache in place; everything else (prefill chunks, CUDA, other dtypes) through torch's SDPA over
+contexts gathered from the cache.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .batch import StepBatch
+from .batch import AttentionGroup, StepBatch
 
 ATTENTION_NAME = "loradock_paged"
 
@@ -42,22 +46,43 @@ def paged_attention(
     q = query[0].transpose(0, 1)  # [T, H, D]
     out = q.new_empty(q.shape) if len(step.groups) > 1 else None
     for group in step.groups:
-        keys = _gather(k_cache, group.kv_index).to(q.dtype)  # [B, Hkv, L, D]
-        values = _gather(v_cache, group.kv_index).to(q.dtype)
-        queries = q[group.rows].view(group.num_seqs, -1, *q.shape[1:]).transpose(1, 2)  # [B, H, Q, D]
-        attended = F.scaled_dot_product_attention(
-            queries,
-            keys,
-            values,
-            attn_mask=group.mask(sliding_window),
-            scale=scaling,
-            enable_gqa=keys.shape[1] != queries.shape[1],
-        )  # [B, H, Q, D]
-        attended = attended.transpose(1, 2).reshape(-1, *q.shape[1:])  # [B*Q, H, D]
+        if group.decode and step.decode_kernel is not None and q.dtype == k_cache.dtype == torch.float32:
+            attended = out[group.rows] if out is not None else q.new_empty(q.shape)  # [B, H, D]
+            scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+            step.decode_kernel(
+                attended, q[group.rows], k_cache, v_cache, group.kv_index, group.query_pos.view(-1), scale,
+                sliding_window or 0,
+            )
+        else:
+            attended = _sdpa(q, group, k_cache, v_cache, scaling, sliding_window)  # [B*Q, H, D]
+            if out is not None:
+                out[group.rows] = attended
         if out is None:
             return attended[None], None
-        out[group.rows] = attended
     return out[None], None  # [1, T, H, D]
+
+
+def _sdpa(
+    q: torch.Tensor,  # [T, H, D]
+    group: AttentionGroup,
+    k_cache: torch.Tensor,  # [slots, Hkv, D]
+    v_cache: torch.Tensor,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """The group's queries against copies of their contexts gathered from the cache, through torch's SDPA."""
+    keys = _gather(k_cache, group.kv_index).to(q.dtype)  # [B, Hkv, L, D]
+    values = _gather(v_cache, group.kv_index).to(q.dtype)
+    queries = q[group.rows].view(group.num_seqs, -1, *q.shape[1:]).transpose(1, 2)  # [B, H, Q, D]
+    attended = F.scaled_dot_product_attention(
+        queries,
+        keys,
+        values,
+        attn_mask=group.mask(sliding_window),
+        scale=scaling,
+        enable_gqa=keys.shape[1] != queries.shape[1],
+    )  # [B, H, Q, D]
+    return attended.transpose(1, 2).reshape(-1, *q.shape[1:])  # [B*Q, H, D]
 
 
 def _gather(cache: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ logits, and (once adapters land) the adapter slot of each token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ class AttentionGroup:
     kv_index: torch.Tensor  # [B, L] cache slot of each context token (padding: the query's own slot)
     query_pos: torch.Tensor  # [B, Q] absolute position of each query token
     key_pos: torch.Tensor  # [B, L] absolute position of each context token (padding: _PAD_POS)
+    decode: bool = False  # one query per sequence, and column j of kv_index is position j
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -55,6 +57,8 @@ class StepBatch:
     adapter_slots: torch.Tensor  # [T] adapter slot per token, -1 = base model (host tensor)
     groups: list[AttentionGroup]
     kv_cache: PagedKVCache
+    # the compiled CPU decode attention (`decode_attention` of the CPU ops) for the decode group, or None: SDPA
+    decode_kernel: Callable | None
     # the requests due a token, in the order of logits_rows
     sampled: list[Request]
 
@@ -64,8 +68,14 @@ def _slots(blocks: torch.Tensor, positions: torch.Tensor, block_size: int) -> to
     return torch.gather(blocks, -1, positions // block_size) * block_size + positions % block_size
 
 
-def build_step(entries: list[tuple[Request, int]], cache: PagedKVCache, device: torch.device) -> StepBatch:
-    """entries: (request, number of its pending tokens to run now). Decode entries (1 token) go first."""
+def build_step(
+    entries: list[tuple[Request, int]],
+    cache: PagedKVCache,
+    device: torch.device,
+    decode_kernel: Callable | None = None,
+) -> StepBatch:
+    """entries: (request, number of its pending tokens to run now). Decode entries (1 token) go first.
+    decode_kernel: the decode group's attention kernel (None: SDPA for every group)."""
     entries = sorted(entries, key=lambda e: e[1] != 1)  # stable: keeps the scheduler's order within each kind
     bs = cache.block_size
     token_ids: list[int] = []
@@ -86,7 +96,9 @@ def build_step(entries: list[tuple[Request, int]], cache: PagedKVCache, device: 
         # padding reads the query's own slot, just written, so nothing uninitialised enters attention
         kv_index = _slots(blocks, torch.minimum(key_pos, query_pos), bs)
         groups.append(
-            AttentionGroup(slice(0, len(decodes)), kv_index, query_pos, torch.where(valid, key_pos, _PAD_POS))
+            AttentionGroup(
+                slice(0, len(decodes)), kv_index, query_pos, torch.where(valid, key_pos, _PAD_POS), decode=True
+            )
         )
         positions.append(query_pos[:, 0])
         slot_parts.append(torch.gather(kv_index, 1, query_pos)[:, 0])
@@ -122,6 +134,7 @@ def build_step(entries: list[tuple[Request, int]], cache: PagedKVCache, device: 
         adapter_slots=torch.tensor(adapter_slots, dtype=torch.int32),
         groups=groups,
         kv_cache=cache,
+        decode_kernel=decode_kernel,
         sampled=sampled,
     )
 

@@ -37,6 +37,7 @@ from ..model_loader import (
 )
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .host_memory import pack_into_huge_pages
 from .kv_cache import CacheShape, PagedKVCache, free_device_memory, parse_size
 from .model_runner import ModelRunner
 from .request import FinishReason, Request, TokenEvent
@@ -151,6 +152,8 @@ class Engine:
         self.adapters: AdapterManager | None = None
         if config.max_gpu_adapters > 0:
             self.adapters = self._attach_adapters(model, config, shape.dtype)
+        if device.type == "cpu":
+            log.info("weights on huge pages: %.1f MiB", pack_into_huge_pages(model) / 2**20)
         self.runner = ModelRunner(
             model,
             self.cache,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .host_memory import huge_page_empty
+
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -80,13 +82,16 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.allocator = BlockAllocator(num_blocks)
         slots = num_blocks * block_size
-        # per layer: [slots, kv_heads, head_dim]; left uninitialised (pages are committed as they are used),
-        # attention only ever reads slots written earlier in the same or a previous step
-        self.keys = [
-            torch.empty(slots, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype, device=device)
-            for _ in range(shape.num_layers)
-        ]
-        self.values = [torch.empty_like(k) for k in self.keys]
+        # per layer: [slots, kv_heads, head_dim]; left uninitialised on CUDA, lazily zeroed huge pages on the CPU
+        # (pages are committed as they are used); attention only ever reads slots written earlier in the same or a
+        # previous step
+        whole = (2, shape.num_layers, slots, shape.num_kv_heads, shape.head_dim)
+        if torch.device(device).type == "cpu":
+            storage = huge_page_empty(whole, shape.dtype)
+        else:
+            storage = torch.empty(whole, dtype=shape.dtype, device=device)
+        self.keys = list(storage[0])
+        self.values = list(storage[1])
 
     @classmethod
     def from_budget(

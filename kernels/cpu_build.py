@@ -1,0 +1,75 @@
+"""The compiled CPU ops (`cpu_ops.cpp`: the gathered-LoRA kernel of `cpu_lora.cpp` and the decode attention of
+`cpu_attention.cpp`), built on first use and cached.
+
+They are compiled with torch's extension loader (needs a C++ compiler and ninja; about half a minute on an idle
+2-core machine) for this machine's CPU (`-march=native`), and cached under `$LORADOCK_CACHE_DIR` or the user cache
+directory (`cpu-ops/`), one build per source, torch version and CPU. When they cannot be built, the failure is
+logged once and the torch paths serve instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from platformdirs import user_cache_dir
+
+log = logging.getLogger("loradock.kernels")
+
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_lora.cpp", "cpu_attention.cpp")]
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs in parallel (torch's libgomp)
+
+_lock = threading.Lock()
+_built: dict[str, ModuleType | None] = {}  # "ops": the module, or None when the build failed
+
+
+def cpu_ops() -> ModuleType | None:
+    """The compiled ops, building them the first time (blocks ~30 s); None when they cannot be built."""
+    if "ops" not in _built:
+        with _lock:
+            if "ops" not in _built:
+                _built["ops"] = _build()
+    return _built["ops"]
+
+
+def build_directory() -> Path:
+    """Where this machine's build lives: one per source, torch version and CPU (its flags)."""
+    digest = hashlib.sha256((platform.machine() + _cpu_flags() + " ".join(CFLAGS)).encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    root = os.environ.get("LORADOCK_CACHE_DIR") or user_cache_dir("loradock")  # the demo model's cache root too
+    return Path(root) / "cpu-ops" / f"torch-{torch.__version__}-{digest.hexdigest()[:16]}"
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
+
+
+def _build() -> ModuleType | None:
+    from torch.utils.cpp_extension import load
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        log.info("building the compiled CPU ops (once per machine, about half a minute) in %s", directory)
+    try:
+        return load(
+            name="loradock_cpu_ops",
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+        )
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed compile: the torch paths still work
+        log.warning("the compiled CPU ops could not be built, using the slower torch paths: %s", error)
+        return None
