@@ -10,7 +10,11 @@
 //     scores[g, j] = scale * q[b, h_g] . K[slot_j, kvh]      (h_g = kvh * G + g)
 //     out[b, h_g]  = sum_j softmax_j(scores[g]) * V[slot_j, kvh]
 //
-// Work items are (sequence, kv head) pairs spread over torch's intra-op threads.
+// Work items are sequences, or runs of a sequence's kv heads when there are too few sequences for the threads,
+// spread over torch's intra-op threads. Keys and values are prefetched a few keys ahead. Demo model shapes (32
+// sequences of 80 tokens, 4 heads over 2 kv heads, head_dim 64, 1 thread, 2-core AMD EPYC VM): 0.28-0.33 ms per
+// layer against 0.41 ms for the gather + SDPA path; 32 x 512 tokens, 32/8 heads, head_dim 128: 25-28 ms
+// against 120.
 
 #include <ATen/core/Tensor.h>
 
@@ -19,6 +23,8 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+constexpr int64_t kAhead = 8;  // keys prefetched ahead
 
 void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                       at::Tensor kv_index, at::Tensor query_pos, double scale, int64_t window) {
@@ -29,6 +35,8 @@ void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tens
               "the CPU decode attention takes float32");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
               "the CPU decode attention needs unit stride along head_dim");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(),
+              "the key and value caches must have one shape and layout");
   TORCH_CHECK(kv_index.dtype() == at::kLong && kv_index.stride(1) == 1 && query_pos.dtype() == at::kLong,
               "kv_index and query_pos must be int64, kv_index rows contiguous");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
@@ -43,51 +51,76 @@ void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tens
   const float* v_data = v_cache.data_ptr<float>();
   const int64_t* index_data = kv_index.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
+  const int64_t row_stride = k_cache.stride(0), head_stride = k_cache.stride(1);  // the same for v_cache
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * L);  // [G, keys]
-    std::vector<float> acc(G * D);     // [G, D]
+  // Work items: a sequence's kv heads in `chunks` runs, so a whole cache row ([Hkv, D], contiguous) is read at once
+  // when there are enough sequences to keep the threads busy, and the heads are split when there are not.
+  if (B == 0) return;
+  const int64_t wanted = std::min<int64_t>(Hkv, (4 * at::get_num_threads() + B - 1) / B);  // runs per sequence
+  const int64_t per_chunk = (Hkv + wanted - 1) / wanted;  // kv heads per run
+  const int64_t chunks = (Hkv + per_chunk - 1) / per_chunk;  // runs per sequence, none of them empty
+
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(per_chunk * G * L);  // [heads of the item, keys]
+    std::vector<float> acc(per_chunk * G * D);     // [heads of the item, D]
+    std::vector<float> totals(per_chunk * G);
+    std::vector<int64_t> kv_of(per_chunk * G);  // where the item's query head h finds its kv head in a cache row
+    for (int64_t h = 0; h < per_chunk * G; ++h) kv_of[h] = (h / G) * head_stride;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / Hkv, kvh = item % Hkv;
+      const int64_t b = item / chunks;
+      const int64_t kv_first = (item % chunks) * per_chunk, kv_end = std::min(Hkv, kv_first + per_chunk);
+      const int64_t heads = (kv_end - kv_first) * G;  // query heads kv_first * G .. kv_end * G - 1
       const int64_t last = positions[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const int64_t keys = last - first + 1;
       const int64_t* slots = index_data + b * kv_index.stride(0) + first;
-      const float* qs = q_data + b * q.stride(0) + kvh * G * q.stride(1);
+      const float* qs = q_data + b * q.stride(0) + kv_first * G * q.stride(1);
 
+      // keys are prefetched kAhead ahead: consecutive keys sit in cache blocks scattered over memory
+      const int64_t span = (kv_end - kv_first - 1) * head_stride + D;  // floats of a row the item reads
+      auto row_of = [&](const float* cache, int64_t j) { return cache + slots[j] * row_stride + kv_first * head_stride; };
+      auto prefetch_row = [&](const float* cache, int64_t j) {
+        const float* row = row_of(cache, j);
+        for (int64_t f = 0; f < span; f += 16) __builtin_prefetch(row + f, 0, 3);  // one 64-byte line each
+      };
+      for (int64_t j = 0; j < std::min<int64_t>(kAhead, keys); ++j) prefetch_row(k_data, j);
       for (int64_t j = 0; j < keys; ++j) {
-        const float* __restrict k = k_data + slots[j] * k_cache.stride(0) + kvh * k_cache.stride(1);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* __restrict qg = qs + g * q.stride(1);
+        if (j + kAhead < keys) prefetch_row(k_data, j + kAhead);
+        const float* k_row = row_of(k_data, j);
+        for (int64_t h = 0; h < heads; ++h) {
+          const float* __restrict k = k_row + kv_of[h];
+          const float* __restrict qh = qs + h * q.stride(1);
           float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * k[d];
-          scores[g * keys + j] = s * fscale;
+          for (int64_t d = 0; d < D; ++d) s += qh[d] * k[d];
+          scores[h * keys + j] = s * fscale;
         }
       }
-      std::vector<float> totals(G);
-      for (int64_t g = 0; g < G; ++g) {
-        float* row = scores.data() + g * keys;
+      for (int64_t j = 0; j < std::min<int64_t>(kAhead, keys); ++j) prefetch_row(v_data, j);
+      for (int64_t h = 0; h < heads; ++h) {
+        float* row = scores.data() + h * keys;
         const float top = *std::max_element(row, row + keys);
         float total = 0.f;
         for (int64_t j = 0; j < keys; ++j) total += row[j] = std::exp(row[j] - top);
-        totals[g] = total;
+        totals[h] = total;
       }
 
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc.begin(), acc.begin() + heads * D, 0.f);
       for (int64_t j = 0; j < keys; ++j) {
-        const float* __restrict v = v_data + slots[j] * v_cache.stride(0) + kvh * v_cache.stride(1);
-        for (int64_t g = 0; g < G; ++g) {
-          float* __restrict a = acc.data() + g * D;
-          const float p = scores[g * keys + j];
+        if (j + kAhead < keys) prefetch_row(v_data, j + kAhead);
+        const float* v_row = row_of(v_data, j);
+        for (int64_t h = 0; h < heads; ++h) {
+          const float* __restrict v = v_row + kv_of[h];
+          float* __restrict a = acc.data() + h * D;
+          const float p = scores[h * keys + j];
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* __restrict o = out_data + b * out.stride(0) + (kvh * G + g) * out.stride(1);
-        const float inverse = 1.f / totals[g];
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inverse;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* __restrict o = out_data + b * out.stride(0) + (kv_first * G + h) * out.stride(1);
+        const float inverse = 1.f / totals[h];
+        for (int64_t d = 0; d < D; ++d) o[d] = acc[h * D + d] * inverse;
       }
     }
   });

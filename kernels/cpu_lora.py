@@ -22,10 +22,10 @@ from .torch_lora import lora_torch
 if TYPE_CHECKING:
     from .metadata import LoraBatchMeta, Segment
 
-# Segments from this many tokens up (prefill chunks) go through torch's BLAS, one matmul pair each: it beats the
-# kernel there (512-token prefill, rank 16, 256 -> 688: 0.18 ms against 0.30), the kernel wins below (32 tokens:
-# 0.015 against 0.017 ms at rank 16; decode steps of many adapters by 2-3x).
-LONG_SEGMENT = 64
+# Segments from this many tokens up (long prefill chunks) go through torch's BLAS, one matmul pair each: all 28
+# LoRA layers of the demo model, 8 segments of n tokens, rank 16, 1 thread: n = 128: kernel 18.0 ms, BLAS 23.5;
+# 192: 27.1 and 28.0; 256: 37.5 and 34.3 (2-core AMD EPYC VM).
+LONG_SEGMENT = 192
 
 
 def lora_cpu(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatchMeta) -> None:

@@ -66,9 +66,10 @@ def reference_decode(query, cache, requests, scale, window):
     return torch.stack(out)  # [B, H, D]
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (4, 4, 32), (6, 1, 40)])
+@pytest.mark.parametrize("threads", [1, 2])  # 2: a sequence's kv heads split over work items
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (4, 4, 32), (6, 3, 40), (10, 5, 16), (6, 1, 24)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_decode_attention_matches_the_written_out_attention(compiled, heads, kv_heads, head_dim, window):
+def test_decode_attention_matches_the_written_out_attention(compiled, heads, kv_heads, head_dim, window, threads):
     cache = filled_cache(kv_heads, head_dim, seed=heads)
     requests = cached_requests([1, 2, 9, 17, 40, 64, 3], cache, seed=head_dim)
     step = build_step([(r, 1) for r in requests], cache, CPU, compiled.decode_attention)
@@ -85,9 +86,14 @@ def test_decode_attention_matches_the_written_out_attention(compiled, heads, kv_
     module.layer_idx = 0
     scale = head_dim**-0.5
 
-    attended, _ = paged_attention(
-        module, query, key, value, None, scaling=scale, sliding_window=window, loradock_step=step
-    )  # also writes this step's key and value into the cache
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        attended, _ = paged_attention(
+            module, query, key, value, None, scaling=scale, sliding_window=window, loradock_step=step
+        )  # also writes this step's key and value into the cache
+    finally:
+        torch.set_num_threads(previous)
 
     expected = reference_decode(query[0].transpose(0, 1), cache, requests, scale, window)
     torch.testing.assert_close(attended[0], expected, rtol=1e-5, atol=1e-5)

@@ -55,7 +55,7 @@ CASES = [
     Case("fused_qkv", (-1, 0, 0, 0, 3, 1, 1, 5, 5, 5, 5, -1, 2), slice_sizes=(64, 16, 16), max_rank=12),
     Case("fused_qkv_decode", tuple(range(6)) * 2, slice_sizes=(32, 16, 16), max_rank=16),
     # over 256 tokens: the kernels' 64-row blocks
-    Case("long_prefill", (-1,) * 20 + (1,) * 150 + (4,) * 3 + (0,) * 130, slice_sizes=(24, 8)),
+    Case("long_prefill", (-1,) * 20 + (1,) * 200 + (4,) * 3 + (0,) * 130, slice_sizes=(24, 8)),
     # one rank for every slot, below max_rank (the torch path's batched bmm reads the slot buffers in place)
     Case("decode_uniform_rank", tuple(range(8)) * 2, num_slots=10, max_rank=16, rank=6, scale=1.75),
     Case("uniform_rank_slot_gaps", (0, 2, 5, 2, 0, 5, -1, 5), rank=5),  # slots 1, 3, 4 unused
@@ -299,12 +299,12 @@ def test_cpu_kernel_matches_reference(cpu_ops_built, case, layout, threads):
 
 
 def test_cpu_kernel_alone_takes_segments_of_any_length(cpu_ops_built):
-    case = CASES[8]  # long_prefill: runs of 150 and 130 tokens, which lora_cpu hands to torch's BLAS instead
+    case = CASES[8]  # long_prefill: a run of 200 tokens, which lora_cpu hands to torch's BLAS instead
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     ops = lora_operands(A, B, scales, ranks, case.slice_sizes)
     meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
-    assert meta.cpu_plan.long and meta.cpu_plan.num_short == 1
+    assert len(meta.cpu_plan.long) == 1 and meta.cpu_plan.num_short == 2
     cpu_ops_built.lora_apply(
         y, x, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots, meta.segment_starts,
         meta.segment_lengths, len(meta.segments), ops.offsets, ops.sizes,
