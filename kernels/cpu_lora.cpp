@@ -4,7 +4,9 @@
 // each slice i of the projection (columns off_i .. off_i + size_i of y):
 //     y[t, off_i + o] += scales[i, s] * sum_{k < r} (x[t] . A[i, s, k]) * B[s, off_i + o, k],  r = ranks[i, s]
 // Weights beyond a slot's rank are never read. Tokens go four at a time: the shrink reads each rank row of A
-// once for the four of them, then each token's y row takes the expand as axpys over out (four ranks per pass).
+// once for the four of them, then the expand adds four ranks per pass over the four y rows, reading each vector
+// of those four B rows once for the four tokens (1 slot, 32 tokens, rank 16, 256 -> 688, 1 thread: 14 us, 68
+// GFLOP/s, against 21 us when each token's row took its own pass; MKL's mm pair for one adapter: 16 us).
 // Work items are tiles of up to four tokens of one segment, spread over torch's intra-op threads.
 //
 // A decode step reads every used slot's weights once, mostly from memory (a step's adapter weights rarely stay
@@ -80,27 +82,54 @@ void shrink(float (*h)[kTile], const float* const* xs, const SliceWeights& w, in
   }
 }
 
-// y_j += sum_k h[k][j] * B[k0 + k] for the TL token rows y_j, k < count
+// y_j += sum_k h[k][j] * B[k0 + k] for the TL token rows y_j, k < count, four ranks per pass over y. A full tile
+// updates its four rows together: each vector of the four B rows is loaded once for the four tokens.
 template <int TL>
 void expand(float* const* ys, const float (*h)[kTile], const SliceWeights& w, int64_t k0, int64_t count,
             const NextWeights& next) {
-  for (int j = 0; j < TL; ++j) {
-    float* __restrict y = ys[j];
-    int64_t k = 0;
-    for (; k + 4 <= count; k += 4) {
-      if (j == 0 && next.B != nullptr)
-        for (int64_t q = k0 + k; q < k0 + k + 4; ++q)
-          for (int64_t o = 0; o < w.out; o += 16) __builtin_prefetch(next.B + q * w.b_rank_stride + o, 0, 2);
-      const float* __restrict b0 = w.B + (k0 + k) * w.b_rank_stride;
-      const float* __restrict b1 = b0 + w.b_rank_stride;
-      const float* __restrict b2 = b1 + w.b_rank_stride;
-      const float* __restrict b3 = b2 + w.b_rank_stride;
-      const float h0 = h[k][j], h1 = h[k + 1][j], h2 = h[k + 2][j], h3 = h[k + 3][j];
+  auto prefetch_rows = [&](int64_t k, int64_t n) {
+    if (next.B != nullptr)
+      for (int64_t q = k0 + k; q < k0 + k + n; ++q)
+        for (int64_t o = 0; o < w.out; o += 16) __builtin_prefetch(next.B + q * w.b_rank_stride + o, 0, 2);
+  };
+  int64_t k = 0;
+  for (; k + 4 <= count; k += 4) {
+    prefetch_rows(k, 4);
+    const float* __restrict b0 = w.B + (k0 + k) * w.b_rank_stride;
+    const float* __restrict b1 = b0 + w.b_rank_stride;
+    const float* __restrict b2 = b1 + w.b_rank_stride;
+    const float* __restrict b3 = b2 + w.b_rank_stride;
+    if constexpr (TL == kTile) {
+      float* __restrict y0 = ys[0];
+      float* __restrict y1 = ys[1];
+      float* __restrict y2 = ys[2];
+      float* __restrict y3 = ys[3];
+      const float h00 = h[k][0], h01 = h[k][1], h02 = h[k][2], h03 = h[k][3];
+      const float h10 = h[k + 1][0], h11 = h[k + 1][1], h12 = h[k + 1][2], h13 = h[k + 1][3];
+      const float h20 = h[k + 2][0], h21 = h[k + 2][1], h22 = h[k + 2][2], h23 = h[k + 2][3];
+      const float h30 = h[k + 3][0], h31 = h[k + 3][1], h32 = h[k + 3][2], h33 = h[k + 3][3];
 #pragma omp simd
-      for (int64_t o = 0; o < w.out; ++o) y[o] += h0 * b0[o] + h1 * b1[o] + h2 * b2[o] + h3 * b3[o];
+      for (int64_t o = 0; o < w.out; ++o) {
+        const float v0 = b0[o], v1 = b1[o], v2 = b2[o], v3 = b3[o];
+        y0[o] += h00 * v0 + h10 * v1 + h20 * v2 + h30 * v3;
+        y1[o] += h01 * v0 + h11 * v1 + h21 * v2 + h31 * v3;
+        y2[o] += h02 * v0 + h12 * v1 + h22 * v2 + h32 * v3;
+        y3[o] += h03 * v0 + h13 * v1 + h23 * v2 + h33 * v3;
+      }
+    } else {
+      for (int j = 0; j < TL; ++j) {
+        float* __restrict y = ys[j];
+        const float h0 = h[k][j], h1 = h[k + 1][j], h2 = h[k + 2][j], h3 = h[k + 3][j];
+#pragma omp simd
+        for (int64_t o = 0; o < w.out; ++o) y[o] += h0 * b0[o] + h1 * b1[o] + h2 * b2[o] + h3 * b3[o];
+      }
     }
-    for (; k < count; ++k) {
-      const float* __restrict b = w.B + (k0 + k) * w.b_rank_stride;
+  }
+  for (; k < count; ++k) {
+    prefetch_rows(k, 1);
+    const float* __restrict b = w.B + (k0 + k) * w.b_rank_stride;
+    for (int j = 0; j < TL; ++j) {
+      float* __restrict y = ys[j];
       const float hk = h[k][j];
 #pragma omp simd
       for (int64_t o = 0; o < w.out; ++o) y[o] += hk * b[o];
