@@ -31,6 +31,7 @@ from ..serve.model_loader import (
     resolve_device,
     resolve_model_path,
 )
+from ..serve.cli import serving_threads
 from .hardware import describe_hardware, format_hardware
 
 WARMUP_TOKENS = 4
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=("nf4", "int8", "none"), help="default nf4 on CUDA, none on CPU")
     parser.add_argument("--device", help="cpu | cuda (default cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt set (default 0)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: as `loradock serve`, cores - 1)")
     parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
     args = parser.parse_args(argv)
     try:
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
 def bench(args: argparse.Namespace) -> None:
     """Run both sides at every concurrency, print the table, write the JSON."""
     hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads or serving_threads())  # the engine as it serves
     device = resolve_device(args.device)
     quantize = args.quantize or default_quantize(device)
     dtype = default_dtype(device)

@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 from ..serve.engine import Engine, EngineConfig
 from ..serve.model_loader import default_dtype, default_quantize, load_model, resolve_device, resolve_model_path
 from .engine_bench import _left_padded, make_prompts, run_engine
+from ..serve.cli import serving_threads
 from .hardware import describe_hardware, format_hardware
 from .random_adapters import write_random_adapter
 
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=("nf4", "int8", "none"))
     parser.add_argument("--device", choices=("cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: as `loradock serve`, cores - 1)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     args.adapter_counts = [int(k) for k in args.adapter_counts.split(",")]
@@ -90,6 +92,7 @@ def peft_sequential(model, prompts, names, max_tokens: int, pad_id: int) -> floa
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads or serving_threads())  # the engine as it serves
     device = resolve_device(args.device)
     quantize = args.quantize or default_quantize(device)
     path = resolve_model_path(args.model)
