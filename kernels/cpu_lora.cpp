@@ -7,7 +7,7 @@
 // once for the four of them, then the expand adds four ranks per pass over the four y rows, reading each vector
 // of those four B rows once for the four tokens (1 slot, 32 tokens, rank 16, 256 -> 688, 1 thread: 14 us, 68
 // GFLOP/s, against 21 us when each token's row took its own pass; MKL's mm pair for one adapter: 16 us).
-// Work items are tiles of up to four tokens of one segment, spread over `threads` OpenMP threads.
+// Work items are tiles of up to four tokens of one segment, spread over torch's intra-op threads.
 //
 // A decode step reads every used slot's weights once, mostly from memory (a step's adapter weights rarely stay
 // in the caches between steps), so the last tile of a segment prefetches the next segment's weights, row by row,
@@ -19,6 +19,8 @@
 // is how `slot_buffers` stores them (rank-outermost).
 
 #include <ATen/core/Tensor.h>
+
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
@@ -151,13 +153,12 @@ void apply_tile(const float* const* xs, float* const* ys, const SliceWeights& w,
 void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales,
                 at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
                 at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
-                std::vector<int64_t> offsets, std::vector<int64_t> sizes, int64_t threads) {
+                std::vector<int64_t> offsets, std::vector<int64_t> sizes) {
   TORCH_CHECK(x.dtype() == at::kFloat && y.dtype() == at::kFloat && A.dtype() == at::kFloat &&
                   B.dtype() == at::kFloat,
               "the CPU LoRA kernel takes float32");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && A.stride(3) == 1 && B.stride(1) == 1,
               "the CPU LoRA kernel needs unit strides along x/y columns, A's in and B's out");
-  TORCH_CHECK(threads >= 1, "the CPU LoRA kernel needs at least one thread");
   const int64_t n = A.size(0), S = A.size(1), in = A.size(3);
   const int32_t* tokens = sorted_tokens.data_ptr<int32_t>();  // [T]
   const int32_t* seg_slots = segment_slots.data_ptr<int32_t>();  // [>= num_segments]
@@ -174,38 +175,36 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tens
   std::vector<int64_t> first_tile(num_segments + 1, 0);  // tiles of segments before g
   for (int64_t g = 0; g < num_segments; ++g) first_tile[g + 1] = first_tile[g] + (seg_lengths[g] + kTile - 1) / kTile;
 
-  // Tiles are handed out one by one to `threads` threads (dynamic): one that starts late takes fewer, none waits
-  // for another's share.
-  const int64_t tiles = first_tile[num_segments];
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && tiles > 1)
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    const int64_t g = std::upper_bound(first_tile.begin(), first_tile.end(), tile) - first_tile.begin() - 1;
-    const int64_t slot = seg_slots[g];
-    const int64_t first = (tile - first_tile[g]) * kTile;
-    const int count = static_cast<int>(std::min<int64_t>(kTile, seg_lengths[g] - first));
-    const int32_t* rows = tokens + seg_starts[g] + first;
-    for (int64_t i = 0; i < n; ++i) {
-      const SliceWeights w{A_data + i * A.stride(0) + slot * A.stride(1), A.stride(2),
-                           B_data + slot * B.stride(0) + offsets[i], B.stride(2),
-                           sizes[i], rank_of[i * S + slot], scale_of[i * S + slot]};
-      if (w.rank == 0) continue;
-      NextWeights next;
-      if (first + kTile >= seg_lengths[g] && g + 1 < num_segments) {  // the segment's last tile
-        next.A = A_data + i * A.stride(0) + seg_slots[g + 1] * A.stride(1);
-        next.B = B_data + seg_slots[g + 1] * B.stride(0) + offsets[i];
-      }
-      const float* xs[kTile];
-      float* ys[kTile];
-      for (int j = 0; j < count; ++j) {
-        xs[j] = x_data + rows[j] * x_row;
-        ys[j] = y_data + rows[j] * y_row + offsets[i];
-      }
-      switch (count) {
-        case 4: apply_tile<4>(xs, ys, w, in, next); break;
-        case 3: apply_tile<3>(xs, ys, w, in, next); break;
-        case 2: apply_tile<2>(xs, ys, w, in, next); break;
-        default: apply_tile<1>(xs, ys, w, in, next); break;
+  at::parallel_for(0, first_tile[num_segments], 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t g = std::upper_bound(first_tile.begin(), first_tile.end(), tile) - first_tile.begin() - 1;
+      const int64_t slot = seg_slots[g];
+      const int64_t first = (tile - first_tile[g]) * kTile;
+      const int count = static_cast<int>(std::min<int64_t>(kTile, seg_lengths[g] - first));
+      const int32_t* rows = tokens + seg_starts[g] + first;
+      for (int64_t i = 0; i < n; ++i) {
+        const SliceWeights w{A_data + i * A.stride(0) + slot * A.stride(1), A.stride(2),
+                             B_data + slot * B.stride(0) + offsets[i], B.stride(2),
+                             sizes[i], rank_of[i * S + slot], scale_of[i * S + slot]};
+        if (w.rank == 0) continue;
+        NextWeights next;
+        if (first + kTile >= seg_lengths[g] && g + 1 < num_segments) {  // the segment's last tile
+          next.A = A_data + i * A.stride(0) + seg_slots[g + 1] * A.stride(1);
+          next.B = B_data + seg_slots[g + 1] * B.stride(0) + offsets[i];
+        }
+        const float* xs[kTile];
+        float* ys[kTile];
+        for (int j = 0; j < count; ++j) {
+          xs[j] = x_data + rows[j] * x_row;
+          ys[j] = y_data + rows[j] * y_row + offsets[i];
+        }
+        switch (count) {
+          case 4: apply_tile<4>(xs, ys, w, in, next); break;
+          case 3: apply_tile<3>(xs, ys, w, in, next); break;
+          case 2: apply_tile<2>(xs, ys, w, in, next); break;
+          default: apply_tile<1>(xs, ys, w, in, next); break;
+        }
       }
     }
-  }
+  });
 }

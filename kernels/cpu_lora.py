@@ -11,8 +11,6 @@ do not suit the kernel (not float32, or another memory layout), the torch path s
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -47,23 +45,8 @@ def lora_cpu(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatc
     if plan.num_short:
         compiled.lora_apply(
             y, x, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, plan.slots, plan.starts, plan.lengths,
-            plan.num_short, ops.offsets, ops.sizes, kernel_threads(),
+            plan.num_short, ops.offsets, ops.sizes,
         )
-
-
-def kernel_threads() -> int:
-    """Threads the kernel spreads a call's tiles over: torch's threads and one more, up to the usable cores.
-
-    Serving leaves one core to the event loop (`loradock serve --threads` defaults to cores - 1); the kernel borrows
-    it, since its reads are short and memory-bound: over HTTP (8 adapters, 96 requests at concurrency 32, 2-core
-    AMD EPYC, 4 interleaved rounds) 2026 tok/s median against 1901 with the kernel on one thread.
-    """
-    return min(_usable_cores(), torch.get_num_threads() + 1)
-
-
-@functools.cache
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class CpuPlan(NamedTuple):

@@ -7,7 +7,7 @@
 void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales,
                 at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
                 at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
-                std::vector<int64_t> offsets, std::vector<int64_t> sizes, int64_t threads);  // cpu_lora.cpp
+                std::vector<int64_t> offsets, std::vector<int64_t> sizes);  // cpu_lora.cpp
 
 void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                       at::Tensor kv_index, at::Tensor query_pos, double scale,
