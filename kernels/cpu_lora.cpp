@@ -16,7 +16,7 @@
 //
 // Layout it needs (checked by the Python side, which otherwise uses the torch path): x, y, A rows and B's out
 // dimension with unit stride, i.e. A [n, S, R, in] with in innermost and B [S, out, R] with out innermost, which
-// is how `slot_buffers` stores them (rank-outermost).
+// both layouts `slot_buffers` stores them in qualify (slot-major on the CPU, rank-outermost elsewhere).
 
 #include <ATen/core/Tensor.h>
 

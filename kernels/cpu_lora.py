@@ -3,7 +3,7 @@
 The torch path (`torch_lora`) pays a fixed cost per op and per group of tokens (index_select, two bmm,
 index_add_) that dwarfs the arithmetic of a decode step; the kernel walks the step's segments in one call.
 Demo model, decode step of 32 tokens over 8 rank-16 adapters, all 28 LoRA layers, warm caches, 1 thread, 2-core
-AMD EPYC: 0.5-0.6 ms against 1.5-2.0 ms for the torch path (loadtest/RESULTS.md has the cold-cache figures).
+AMD EPYC: 0.43-0.6 ms against 1.5-2.0 ms for the torch path (loadtest/RESULTS.md has the cold-cache figures).
 
 It is one of the compiled CPU ops (`cpu_build`), built on first use. When they cannot be built, or the operands
 do not suit the kernel (not float32, or another memory layout), the torch path serves instead.

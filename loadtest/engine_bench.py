@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers.utils import logging as hf_logging
 
+from ..serve.cli import serving_threads
 from ..serve.engine import Engine, EngineConfig, RequestError, SamplingParams
 from ..serve.model_loader import (
     ModelLoadError,
@@ -31,7 +32,6 @@ from ..serve.model_loader import (
     resolve_device,
     resolve_model_path,
 )
-from ..serve.cli import serving_threads
 from .hardware import describe_hardware, format_hardware
 
 WARMUP_TOKENS = 4

@@ -2,8 +2,9 @@
 
 On CPU (fp32): the compiled kernel (`cpu_lora`, the engine's CPU path), the oracle (`lora_reference`), the
 torch fallback path (auto, and each strategy forced), a single-adapter `x @ A.T @ B.T` of the same rank, and an
-nn.Linear of the same in/out (the base layer's own time), on the demo model's layer shapes and a 4096-wide one, for decode (T=32; 1, 8, 32 adapters), 31 decode tokens with
-a 225-token prefill chunk (T=256), and prefill (T=512; 1, 4, 32 adapters).
+nn.Linear of the same in/out (the base layer's own time), on the demo model's layer shapes and a 4096-wide one,
+for decode (T=32; 1, 8, 32 adapters), 31 decode tokens with a 225-token prefill chunk (T=256), and prefill
+(T=512; 1, 4, 32 adapters).
 On CUDA (bf16): the Triton kernels, the reference, the single-adapter mm, the base Linear and, when
 bitsandbytes imports, an nf4 Linear4bit, on 8B-model decode shapes (in 4096; out 4096, 14336; ranks 8-64 in
 rank-64 slot buffers; 1-64 adapters; T=64). GB/s is the bytes the op must move (x, the used adapters' weights

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from ..serve.cli import serving_threads
 from ..serve.engine import Engine, EngineConfig
 from ..serve.model_loader import default_dtype, default_quantize, load_model, resolve_device, resolve_model_path
 from .engine_bench import _left_padded, make_prompts, run_engine
-from ..serve.cli import serving_threads
 from .hardware import describe_hardware, format_hardware
 from .random_adapters import write_random_adapter
 
