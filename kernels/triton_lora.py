@@ -48,6 +48,7 @@ def _shrink_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr,  # in_features / SPLIT_K rounded up to whole BLOCK_K
 ):
     """buf[i, t, :r] (+)= x[t] @ A[i, slot, :r].T over one K split, for one block of one segment's tokens."""
     slice_id = tl.program_id(0) // SPLIT_K
@@ -68,13 +69,12 @@ def _shrink_kernel(
     rank_mask = offs_r < rank  # [BLOCK_R]
     a_base = a_ptr + slice_id * stride_an + slot * stride_as
 
-    k_per_split = (in_features + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K
-    k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, in_features)
+    k_begin = split * K_PER_SPLIT
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
-    for k in range(k_begin, k_end, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
+    # constexpr loop bounds: Triton 3.6's interpreter cannot turn a runtime value into a range() bound
+    for k in range(0, K_PER_SPLIT, BLOCK_K):
+        offs_k = k_begin + k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < in_features
         x_tile = tl.load(  # [BLOCK_M, BLOCK_K]
             x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
             mask=row_mask[:, None] & k_mask[None, :],
@@ -206,7 +206,8 @@ def lora_shrink(
     split_k = split_k or _split_k(num_tokens, in_features)
     allocate = torch.empty if split_k == 1 else torch.zeros
     buf = allocate(n, num_tokens, R, dtype=torch.float32, device=x.device)  # [n, T, R]
-    block_k = 256 if block_r <= 32 else 128
+    block_k = min(256 if block_r <= 32 else 128, triton.next_power_of_2(max(in_features, 16)))
+    k_per_split = triton.cdiv(in_features, split_k * block_k) * block_k
     grid = (n * split_k, triton.cdiv(num_tokens, block_m), meta.max_slots)
     _shrink_kernel[grid](
         x, A, buf,
@@ -215,8 +216,7 @@ def lora_shrink(
         x.stride(0), x.stride(1),
         A.stride(0), A.stride(1), A.stride(2), A.stride(3),
         buf.stride(0), buf.stride(1), buf.stride(2),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=min(block_k, triton.next_power_of_2(max(in_features, 16))),
-        SPLIT_K=split_k,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, K_PER_SPLIT=k_per_split,
     )  # fmt: skip
     return buf
 

@@ -25,7 +25,7 @@ from ..serve.engine import Engine, EngineConfig
 from ..serve.model_loader import default_dtype, default_quantize, load_model, resolve_device, resolve_model_path
 from .engine_bench import _left_padded, make_prompts, run_engine
 from .hardware import describe_hardware, format_hardware
-from .random_adapters import write_random_adapter
+from .random_adapters import write_bench_adapters
 
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="loradock-bench-adapters-") as adapter_dir:
-        for i in range(most):
-            write_random_adapter(path, Path(adapter_dir) / f"adapter-{i}", seed=i, std=0.02, r=args.rank,
-                                 lora_alpha=2 * args.rank, target_modules="all-linear")
+        write_bench_adapters(path, Path(adapter_dir), range(most), args.rank)
         results = run_loradock(args, path, quantize, device, adapter_dir)
         peft = {} if args.no_peft else run_peft(args, path, quantize, device, adapter_dir, results["prompts"])
     report(args, hardware, results["runs"], peft)
@@ -182,6 +180,12 @@ def report(args, hardware, runs, peft) -> None:
             json.dump(
                 {
                     "hardware": hardware,
+                    "settings": {
+                        "model": args.model, "quantize": args.quantize, "rank": args.rank,
+                        "concurrency": args.concurrency, "requests": args.requests,
+                        "prompt_len": list(args.prompt_len), "max_tokens": args.max_tokens,
+                        "peft_sequential_requests": args.peft_sequential_requests,
+                    },
                     "loradock": {k: r.tokens_per_s for k, r in runs.items()},
                     "peft_mixed": peft.get("mixed", {}),
                     "peft_sequential": peft.get("sequential"),

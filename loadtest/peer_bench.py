@@ -8,7 +8,7 @@ What it runs
 ------------
 - The model: loradock's demo model (a tiny Llama: 4 layers, hidden 256, fp32), a local HF directory that vLLM
   loads too; `--model DIR` for another. Adapters: `--adapters` (default 8) random PEFT adapters of rank 16 on every
-  linear module (`random_adapters.write_random_adapter`), cached under `--work-dir`.
+  linear module (`random_adapters.write_bench_adapters`), cached under `--work-dir`.
 - The load (`loradock loadtest`'s own code): 96 requests at concurrency 32, prompts of 16-64 random token ids,
   64 new tokens each (`ignore_eos`, greedy), streamed; with adapters, request i names adapter i mod 8
   (`distinct`), so every batch mixes all of them.
@@ -365,12 +365,10 @@ def prepare(args) -> Setup:
     most = max([args.adapters, *args.sweep]) if not args.no_sweep else args.adapters
     missing = [i for i in range(most) if not (adapter_dir / f"adapter-{i}" / "adapter_model.safetensors").is_file()]
     if missing:
-        from .random_adapters import write_random_adapter
+        from .random_adapters import write_bench_adapters
 
         print(f"writing {len(missing)} random adapters of rank {args.rank} into {adapter_dir}", file=sys.stderr)
-        for i in missing:
-            write_random_adapter(model, adapter_dir / f"adapter-{i}", seed=i, std=0.02, r=args.rank,
-                                 lora_alpha=2 * args.rank, target_modules="all-linear")
+        write_bench_adapters(model, adapter_dir, missing, args.rank)
     vllm_python = Path(args.vllm_python) if args.vllm_python else None
     if vllm_python is not None and not vllm_python.exists():
         print(f"no vLLM: {vllm_python} does not exist (see --install-vllm); skipping vLLM", file=sys.stderr)

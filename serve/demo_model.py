@@ -6,7 +6,7 @@ standard-library sources. Its output is gibberish. For real use, point ``--model
 Hugging Face model directory.
 
 The same machinery writes tiny random models of every supported architecture for the tests
-(``write_tiny_model``). Everything here is deterministic: with the same Python and library
+(``write_random_model``). Everything here is deterministic: with the same Python and library
 versions, the same arguments give the same tokenizer and the same weights on every run.
 """
 
@@ -96,7 +96,7 @@ _CONFIG_CLASSES = {
     "gemma": GemmaConfig,
 }
 
-# Defaults for write_tiny_model: small enough that the tests run fast on a CPU.
+# Defaults for write_random_model: small enough that the tests run fast on a CPU.
 _TINY_DEFAULTS = dict(
     hidden_size=64,
     num_hidden_layers=2,
@@ -185,12 +185,14 @@ def _training_texts() -> list[str]:
     return [file.read_text(encoding="utf-8") for file in files if file.is_file()]
 
 
-def write_tiny_model(
+def write_random_model(
     path: str | Path,
     architecture: str = "llama",
     *,
     tokenizer: PreTrainedTokenizerFast | None = None,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     **config_overrides,
 ) -> Path:
     """Write a complete local HF model directory with seeded random weights; return its path.
@@ -201,6 +203,7 @@ def write_tiny_model(
     the vocab size and the bos/eos/pad ids come from it.
     ``config_overrides`` go to the transformers config class and win over the tiny defaults
     (hidden 64, 2 layers, 4 heads, 2 kv heads, intermediate 128, initializer_range 0.2).
+    The weights are initialized on ``device`` (a GPU initializes an 8B model in seconds) and saved in ``dtype``.
 
     The model is built in a temporary folder beside ``path`` and renamed into place, so ``path``
     never holds a half-written model. An existing non-empty ``path`` is an error; if another
@@ -219,7 +222,7 @@ def write_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
+        dtype=str(dtype).removeprefix("torch."),
     )
     if architecture == "mistral":
         settings["sliding_window"] = None
@@ -234,9 +237,10 @@ def write_tiny_model(
     tokenizer.model_max_length = config.max_position_embeddings
 
     # Seed a private copy of the RNG so that callers' random state is left alone.
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=_stop_token_ids(tokenizer),
@@ -279,11 +283,11 @@ def demo_model_path(cache_dir: str | Path | None = None) -> Path:
     if cache_dir is None:
         cache_dir = os.environ.get("LORADOCK_CACHE_DIR") or platformdirs.user_cache_dir("loradock")
     path = Path(cache_dir) / f"demo-model-v{DEMO_MODEL_VERSION}"
-    # write_tiny_model renames a finished directory into place, so a config means it is complete.
+    # write_random_model renames a finished directory into place, so a config means it is complete.
     if (path / "config.json").is_file():
         return path
     logger.info("building the loradock demo model (random weights, gibberish output) in %s", path)
-    return write_tiny_model(
+    return write_random_model(
         path,
         "llama",
         tokenizer=build_tokenizer(_DEMO_VOCAB_SIZE),

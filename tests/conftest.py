@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from lora_workload import mixed_workload, write_adapters
 
-from loradock.serve.demo_model import build_tokenizer, write_tiny_model
+from loradock.serve.demo_model import build_tokenizer, write_random_model
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,18 @@ def model_dir(tmp_path_factory, tokenizer):
     def get(architecture: str = "llama") -> Path:
         if architecture not in built:
             path = tmp_path_factory.mktemp(f"tiny-{architecture}")
-            built[architecture] = write_tiny_model(path / "model", architecture, tokenizer=tokenizer, seed=0)
+            built[architecture] = write_random_model(path / "model", architecture, tokenizer=tokenizer, seed=0)
         return built[architecture]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(model_dir, tmp_path_factory):
+    """The three adapters of lora_workload.ADAPTERS for the tiny llama, written once per session."""
+    return write_adapters(model_dir("llama"), tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="session")
+def workload(tokenizer):
+    return mixed_workload(tokenizer)

@@ -16,9 +16,9 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 CPU = torch.device("cpu")
 
 
-def start_engine(path: Path, quantize: str = "none", **config) -> Engine:
-    model, tok = load_model(path, quantize, torch.float32, CPU)
-    return Engine(model, tok, EngineConfig(**config), CPU).start()
+def start_engine(path: Path, quantize: str = "none", device: torch.device = CPU, **config) -> Engine:
+    model, tok = load_model(path, quantize, torch.float32, device)
+    return Engine(model, tok, EngineConfig(**config), device).start()
 
 
 async def collect(
@@ -41,7 +41,7 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: boo
     if not ignore_eos:
         config.eos_token_id = model.generation_config.eos_token_id
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), generation_config=config)
+        out = model.generate(torch.tensor([prompt_ids], device=model.device), generation_config=config)
     return out[0, len(prompt_ids) :].tolist()
 
 
@@ -59,12 +59,12 @@ def varied_prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
 
 def peft_greedy(
     base_path: Path, adapter_dir: Path | None, prompts: list[list[int]], max_new_tokens: int,
-    quantize: str = "none", ignore_eos: bool = False,
+    quantize: str = "none", ignore_eos: bool = False, device: torch.device = CPU,
 ) -> list[list[int]]:
     """PEFT's greedy output for each prompt alone: the oracle for an adapter (None: the bare base model)."""
     from peft import PeftModel
 
-    model, _ = load_model(base_path, quantize, torch.float32, CPU)
+    model, _ = load_model(base_path, quantize, torch.float32, device)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()

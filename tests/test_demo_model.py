@@ -18,7 +18,7 @@ from loradock.serve.demo_model import (
     DEMO_MODEL_VERSION,
     build_tokenizer,
     demo_model_path,
-    write_tiny_model,
+    write_random_model,
 )
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
@@ -116,8 +116,8 @@ def test_chat_template(tokenizer):
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_write_tiny_model_loads_and_generates(tmp_path, tokenizer, architecture):
-    path = write_tiny_model(tmp_path / architecture, architecture, tokenizer=tokenizer)
+def test_write_random_model_loads_and_generates(tmp_path, tokenizer, architecture):
+    path = write_random_model(tmp_path / architecture, architecture, tokenizer=tokenizer)
     assert path == tmp_path / architecture
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
@@ -160,9 +160,9 @@ def test_write_tiny_model_loads_and_generates(tmp_path, tokenizer, architecture)
     assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
 
 
-def test_write_tiny_model_is_seeded(tmp_path, tokenizer):
+def test_write_random_model_is_seeded(tmp_path, tokenizer):
     def weights(name, seed):
-        path = write_tiny_model(tmp_path / name, tokenizer=tokenizer, seed=seed)
+        path = write_random_model(tmp_path / name, tokenizer=tokenizer, seed=seed)
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).state_dict()
 
     first, again, other = weights("a", 0), weights("b", 0), weights("c", 1)
@@ -171,8 +171,8 @@ def test_write_tiny_model_is_seeded(tmp_path, tokenizer):
                            other["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_write_tiny_model_overrides_and_errors(tmp_path, tokenizer):
-    path = write_tiny_model(
+def test_write_random_model_overrides_and_errors(tmp_path, tokenizer):
+    path = write_random_model(
         tmp_path / "small", "qwen3", tokenizer=tokenizer,
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
         vocab_size=2112,
@@ -182,14 +182,14 @@ def test_write_tiny_model_overrides_and_errors(tmp_path, tokenizer):
     assert config["vocab_size"] == 2112  # padded beyond the tokenizer, as real models often are
 
     with pytest.raises(ValueError, match="architecture"):
-        write_tiny_model(tmp_path / "x", "gpt2", tokenizer=tokenizer)
+        write_random_model(tmp_path / "x", "gpt2", tokenizer=tokenizer)
     with pytest.raises(ValueError, match="vocab_size"):
-        write_tiny_model(tmp_path / "x", tokenizer=tokenizer, vocab_size=100)
+        write_random_model(tmp_path / "x", tokenizer=tokenizer, vocab_size=100)
     with pytest.raises(FileExistsError):
-        write_tiny_model(path, tokenizer=tokenizer)
+        write_random_model(path, tokenizer=tokenizer)
 
 
-def test_write_tiny_model_keeps_the_winner_of_a_race(tmp_path, tokenizer, monkeypatch):
+def test_write_random_model_keeps_the_winner_of_a_race(tmp_path, tokenizer, monkeypatch):
     target = tmp_path / "model"
     real_rename = os.rename
 
@@ -200,7 +200,7 @@ def test_write_tiny_model_keeps_the_winner_of_a_race(tmp_path, tokenizer, monkey
         real_rename(source, destination)
 
     monkeypatch.setattr(demo_model.os, "rename", lose_the_race)
-    assert write_tiny_model(target, tokenizer=tokenizer) == target
+    assert write_random_model(target, tokenizer=tokenizer) == target
     assert [p.name for p in target.iterdir()] == ["theirs"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # our staging folder is gone
 
@@ -209,7 +209,7 @@ def test_write_tiny_model_keeps_the_winner_of_a_race(tmp_path, tokenizer, monkey
 
     monkeypatch.setattr(demo_model.os, "rename", fail)
     with pytest.raises(PermissionError):
-        write_tiny_model(tmp_path / "other", tokenizer=tokenizer)
+        write_random_model(tmp_path / "other", tokenizer=tokenizer)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 

@@ -68,7 +68,10 @@ CASES = [
 LAYOUTS = ["contiguous", "rank_outermost", "rank_innermost", "out_innermost"]  # how A and B lie in memory (`make_operands`)
 
 
-def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0, layout: str = "contiguous"):
+def make_operands(
+    case: Case, dtype: torch.dtype = torch.float32, seed: int = 0, layout: str = "contiguous", device: str = "cpu",
+    in_features: int = IN_FEATURES,
+):
     """Random operands of a case, garbage (NaN, huge values) beyond each slot's rank and in every slot no token
     uses (scales too), y a strided column view. layout: 'contiguous'; 'rank_outermost': A stored [n, R, S, in]
     and B [R, S, out] (the LoRA layers' `slot_buffers`); 'rank_innermost': A stored [n, S, in, R], B [S, out, R];
@@ -87,7 +90,7 @@ def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0,
         ranks = torch.full((n, S), case.rank, dtype=torch.int32)  # [n, S]
     ranks[:, list(case.zero_rank_slots)] = 0
     scales = torch.rand(n, S, generator=generator) + 0.5 if case.scale is None else torch.full((n, S), case.scale)
-    A = torch.randn(n, S, R, IN_FEATURES, generator=generator)  # [n, S, R, in]
+    A = torch.randn(n, S, R, in_features, generator=generator)  # [n, S, R, in]
     B = torch.randn(S, out, R, generator=generator)  # [S, out, R]
     within_A = torch.arange(R)[None, None, :, None] < ranks[:, :, None, None]  # [n, S, R, 1]
     slice_of_column = torch.repeat_interleave(torch.arange(n), torch.tensor(case.slice_sizes))  # [out]
@@ -104,20 +107,23 @@ def make_operands(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0,
         A = A.transpose(2, 3).contiguous().transpose(2, 3)  # [n, S, R, in], stored [n, S, in, R]
     elif layout == "out_innermost":
         B = B.transpose(1, 2).contiguous().transpose(1, 2)  # [S, out, R], strides (R * out, 1, out)
-    x = torch.randn(T, IN_FEATURES, generator=generator)  # [T, in]
+    x = torch.randn(T, in_features, generator=generator)  # [T, in]
     y_storage = torch.randn(T, out + 16, generator=generator)  # [T, out + 16]
-    y_storage, x, A, B, clean_A, clean_B = (t.to(dtype) for t in (y_storage, x, A, B, clean_A, clean_B))
+    # .to keeps the strides of these dense layouts; y is made a view of y_storage only on `device`
+    y_storage, x, A, B, clean_A, clean_B = (t.to(device, dtype) for t in (y_storage, x, A, B, clean_A, clean_B))
+    scales, ranks = scales.to(device), ranks.to(device)
     y = y_storage[:, 8 : 8 + out]  # [T, out], row stride out + 16
     return y_storage, y, x, A, B, scales, ranks, clean_A, clean_B
 
 
 def expected_output(case: Case, y_storage, x, clean_A, clean_B, scales, ranks) -> torch.Tensor:
-    """The oracle on zero-padded weights, in fp32: what y_storage must become."""
-    expected = y_storage.float().clone()
+    """The oracle on zero-padded weights, in fp32 on the CPU: what y_storage must become."""
+    expected = y_storage.to("cpu", torch.float32, copy=True)
     out = sum(case.slice_sizes)
     slots = torch.tensor(case.token_slots)
     lora_reference(
-        expected[:, 8 : 8 + out], x.float(), clean_A.float(), clean_B.float(), scales, ranks, slots, case.slice_sizes
+        expected[:, 8 : 8 + out], x.cpu().float(), clean_A.cpu().float(), clean_B.cpu().float(), scales.cpu(),
+        ranks.cpu(), slots, case.slice_sizes,
     )
     return expected
 
@@ -357,70 +363,98 @@ def test_cpu_ops_build_failure_leaves_the_torch_paths(monkeypatch, tmp_path, cap
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------- Triton (interpreted)
+# ---------------------------------------------------------------------------------------------- Triton
+
+# Interpreted on the CPU everywhere (fp32); compiled for real where there is a CUDA device.
+TRITON_TARGETS = [
+    "interpreted",
+    pytest.param("compiled", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
 
 
-@pytest.fixture(scope="module")
-def triton_lora():
-    """loradock.kernels.triton_lora with its kernels under the Triton interpreter.
+@dataclass(frozen=True)
+class TritonTarget:
+    module: object  # loradock.kernels.triton_lora, its kernels interpreted or compiled
+    device: str  # where the operands live
 
-    @triton.jit reads TRITON_INTERPRET when the decorator runs, so the module is (re)imported with it set.
-    """
-    pytest.importorskip("triton")
+
+def _triton_module(interpret: bool):
+    """loradock.kernels.triton_lora with its kernels interpreted or compiled. @triton.jit reads TRITON_INTERPRET
+    when the decorator runs, so the module is reloaded whenever the wanted mode is not the one it was built in."""
     from triton.runtime.interpreter import InterpretedFunction
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
+        if interpret:
+            patch.setenv("TRITON_INTERPRET", "1")
+        else:
+            patch.delenv("TRITON_INTERPRET", raising=False)
         module = importlib.import_module("loradock.kernels.triton_lora")
-        if not isinstance(module._shrink_kernel, InterpretedFunction):
+        if isinstance(module._shrink_kernel, InterpretedFunction) != interpret:
             module = importlib.reload(module)
-        yield module
+    return module
+
+
+@pytest.fixture(scope="module", params=TRITON_TARGETS)
+def triton_lora(request):
+    pytest.importorskip("triton")
+    interpret = request.param == "interpreted"
+    yield TritonTarget(_triton_module(interpret), "cpu" if interpret else "cuda")
+    if interpret and torch.cuda.is_available():
+        _triton_module(False)  # the engine's CUDA tests want compiled kernels
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_triton_matches_reference(triton_lora, case, layout):
-    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout=layout)
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout=layout, device=triton_lora.device)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
-    triton_lora.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta, split_k=1)
-    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots, device=triton_lora.device)
+    triton_lora.module.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta, split_k=1)
+    torch.testing.assert_close(y_storage.cpu(), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[6]], ids=lambda case: case.name)
 def test_triton_split_k(triton_lora, case):
-    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case)
+    # 2000 input features: each of the 3 splits reduces its own 768 (whole 256-wide K blocks, the last one masked)
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(
+        case, device=triton_lora.device, in_features=2000
+    )
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
-    triton_lora.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta, split_k=3)
-    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots, device=triton_lora.device)
+    triton_lora.module.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta, split_k=3)
+    # sums of 2000 fp32 products in another order: |y| reaches a few hundred, rounding a few 1e-4
+    torch.testing.assert_close(y_storage.cpu(), expected, rtol=1e-4, atol=2e-3)
 
 
-def test_triton_fp16(triton_lora):
+def test_triton_half_precision(triton_lora):
     case = CASES[6]
-    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, torch.float16)
-    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
-    triton_lora.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta)
-    torch.testing.assert_close(y_storage.float(), expected, rtol=1e-2, atol=0.1)
+    # bf16 is what CUDA serves in; the interpreter computes bf16 through numpy, which has no such type
+    dtypes = {torch.float16: 0.1, torch.bfloat16: 0.5} if triton_lora.device == "cuda" else {torch.float16: 0.1}
+    for dtype, atol in dtypes.items():  # bf16 keeps 8 bits of mantissa; |y| reaches about 60 here
+        y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, dtype, device=triton_lora.device)
+        expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+        meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots, device=triton_lora.device)
+        triton_lora.module.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta)
+        torch.testing.assert_close(y_storage.cpu().float(), expected, rtol=1e-2, atol=atol)
 
 
 def test_triton_shrink_writes_only_adapter_rows(triton_lora):
     case = CASES[2]
-    _, _, x, A, _, _, ranks, clean_A, _ = make_operands(case)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
-    buf = triton_lora.lora_shrink(x, A, ranks, meta, split_k=2)  # [1, T, R], zero-filled for split-K
+    _, _, x, A, _, _, ranks, clean_A, _ = make_operands(case, device=triton_lora.device)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots, device=triton_lora.device)
+    buf = triton_lora.module.lora_shrink(x, A, ranks, meta, split_k=2)  # [1, T, R], zero-filled for split-K
     slots = torch.tensor(case.token_slots)
+    x, clean_A = x.cpu(), clean_A.cpu()
     expected = torch.where(slots[:, None] >= 0, torch.einsum("ti,tri->tr", x, clean_A[0, slots.clamp(min=0)]), 0)
-    torch.testing.assert_close(buf[0], expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(buf[0].cpu(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_apply_lora_forced_triton(triton_lora, monkeypatch):
     monkeypatch.setenv("LORADOCK_LORA_BACKEND", "triton")
     case = CASES[6]
-    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, seed=1)
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, seed=1, device=triton_lora.device)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots, device=triton_lora.device)
     apply_lora(y, x, A, B, scales, ranks, meta, case.slice_sizes)
-    torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y_storage.cpu(), expected, rtol=1e-5, atol=1e-4)

@@ -5,65 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from support import collect, peft_greedy, start_engine, varied_prompts, wait_until
+from lora_workload import ADAPTERS, MAX_NEW, expected, run_mixed
+from support import collect, start_engine, wait_until
 
 from loradock.adapters.manager import UnknownAdapter
 from loradock.adapters.peft_format import AdapterError
-from loradock.loadtest.random_adapters import write_random_adapter
 from loradock.serve.engine import SamplingParams
-
-MAX_NEW = 10
-
-# Different ranks, different target sets, the scaling options peft offers.
-ADAPTERS = {
-    "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-    "all-r16-rslora": dict(r=16, lora_alpha=8, target_modules="all-linear", use_rslora=True),
-    "mlp-patterns": dict(
-        r=4,
-        lora_alpha=8,
-        target_modules=["o_proj", "gate_proj", "down_proj"],
-        rank_pattern={"down_proj": 2},
-        alpha_pattern={"gate_proj": 3},
-    ),
-}
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    for seed, (name, config) in enumerate(ADAPTERS.items()):
-        write_random_adapter(model_dir("llama"), root / name, seed=seed, **config)
-    return root
-
-
-@pytest.fixture(scope="module")
-def workload(tokenizer):
-    """Four requests per adapter and four on the base model, interleaved."""
-    names = [*ADAPTERS, None]
-    return [(names[i % len(names)], p) for i, p in enumerate(varied_prompts(tokenizer, 16, seed=11))]
-
-
-def expected(model_dir, adapter_dir, workload, quantize="none") -> list[list[int]]:
-    """PEFT's greedy output for each request alone, on its adapter (or the bare base model)."""
-    out = {}
-    for name in [*ADAPTERS, None]:
-        indices = [i for i, (a, _) in enumerate(workload) if a == name]
-        adapter = adapter_dir / name if name else None
-        tokens = peft_greedy(model_dir("llama"), adapter, [workload[i][1] for i in indices], MAX_NEW, quantize)
-        out.update(zip(indices, tokens))
-    return [out[i] for i in range(len(workload))]
-
-
-def run_mixed(engine, workload) -> list[list[int]]:
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
-
-    async def main():
-        return await asyncio.gather(
-            *(collect(engine, p, params, delay=0.003 * i, adapter=a) for i, (a, p) in enumerate(workload))
-        )
-
-    return [ids for ids, _text, _reason in asyncio.run(main())]
-
 
 @pytest.fixture(scope="module")
 def peft_reference(model_dir, adapter_dir, workload):

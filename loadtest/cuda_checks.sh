@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# What only a CUDA machine can check, in one go; each step's log (and JSON) goes to OUT_DIR:
+#
+#   bash loadtest/cuda_checks.sh OUT_DIR [STEP ...]      steps: tests kernels model8b bench8b http (default: all)
+#
+#   tests    compiled Triton kernels vs the oracle; the engine on CUDA (nf4 and bf16 base, mixed adapters, evictions)
+#            vs PEFT token for token; QLoRA training on the GPU (test_train.py)
+#   kernels  kernel_bench: the Triton kernel on 8B decode shapes, next to the base nf4 / bf16 layer
+#   model8b  an 8B-shaped Llama (Llama-3-8B's config) with random bf16 weights, in $LORADOCK_BENCH_MODEL
+#            (default /dev/shm/loradock-llama-3-8b; kept for reruns; LORADOCK_BENCH_SHAPE picks another shape)
+#   bench8b  lora_bench on it, nf4: 0, 1 and 32 adapters of rank 16 at concurrency 32, next to PEFT
+#   http     `loradock serve` on the demo model (nf4, bf16) + `loradock loadtest`: the CPU headline workload
+#            (8 adapters, 96 requests at concurrency 32, 64 tokens, streamed) over HTTP on the GPU
+set -uo pipefail
+out=${1:?usage: cuda_checks.sh OUT_DIR [STEP ...]}
+shift
+steps=${*:-tests kernels model8b bench8b http}
+mkdir -p "$out"
+shape=${LORADOCK_BENCH_SHAPE:-llama-3-8b}  # llama-mini: the same pipeline small enough for a CPU dry run
+model8b=${LORADOCK_BENCH_MODEL:-/dev/shm/loradock-$shape}
+failed=()
+
+run() {  # run NAME LIMIT_S COMMAND...: the command's output to the terminal and NAME.log
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    [ "$rc" = 0 ] || failed+=("$name")
+}
+
+http_check() {  # the headline workload over HTTP against `loradock serve` on the GPU
+    local adapters=/tmp/loradock-cuda-http-adapters port=8811
+    [ -d "$adapters/adapter-7" ] || python -m loradock.loadtest.random_adapters --out "$adapters" --count 8 --rank 16
+    python -m loradock.serve.cli serve --adapters "$adapters" --max-gpu-adapters 8 --port $port \
+        >"$out/http-server.log" 2>&1 &
+    local server=$!
+    python -c "import time, urllib.request as u
+for _ in range(300):
+    try: u.urlopen('http://127.0.0.1:$port/health', timeout=2); break
+    except OSError: time.sleep(0.5)"
+    python -m loradock.serve.cli loadtest --url "http://127.0.0.1:$port" --adapters-dir "$adapters" \
+        --distribution distinct --concurrency 32 --requests 96 --max-tokens 64 --warmup 32 --quiet \
+        --out "$out/http.json"
+    local rc=$?
+    kill "$server"
+    wait "$server"
+    return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import torch, triton, transformers, peft, bitsandbytes as b; print('torch', torch.__version__, 'triton',
+triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)"
+
+for step in $steps; do
+    case $step in
+    tests) run tests 240 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py \
+               tests/test_train.py -k "triton or cuda or (test_train and not torchrun)" ;;
+    kernels) run kernels 150 python -m loradock.loadtest.kernel_bench --json "$out/kernels.json" ;;
+    model8b) [ -f "$model8b/config.json" ] ||
+                 run model8b 200 python -m loradock.loadtest.random_model --shape "$shape" --out "$model8b" ;;
+    bench8b) run bench8b 360 python -m loradock.loadtest.lora_bench --model "$model8b" --device cuda --quantize nf4 \
+                 --adapter-counts 0,1,32 --concurrency 32 --requests 64 --peft-sequential-requests 4 \
+                 --json "$out/bench8b.json" ;;
+    http) export out; export -f http_check; run http 150 bash -c http_check ;;
+    *) echo "unknown step $step"; failed+=("$step") ;;
+    esac
+done
+echo "failed steps: ${failed[*]:-none}"
+[ ${#failed[@]} = 0 ]

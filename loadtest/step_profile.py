@@ -1,0 +1,113 @@
+"""Where an engine step's time goes: wall time per step, device kernel time per step (CUDA), and the engine
+thread's Python profile, for the base model alone and with k adapters in the batch.
+
+    python -m loradock.loadtest.step_profile --model DIR --adapters 8 --concurrency 32
+
+Each run: the timed workload through `engine_bench.run_engine` (tok/s, TPOT), then a short profiled pass of
+`--concurrency` requests of --profile-tokens tokens under torch.profiler (device kernels) with cProfile on the
+engine thread (torch.profiler records the CPU ops of the thread that starts it only, and the engine steps in its
+own thread). On CUDA the gap between wall and kernel time per step is what the host spends launching work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ..serve.cli import serving_threads
+from ..serve.engine import Engine, EngineConfig
+from ..serve.model_loader import resolve_model_path
+from .engine_bench import _engine_pass, make_prompts, run_engine
+from .hardware import describe_hardware, format_hardware
+from .lora_bench import adapter_names
+from .random_adapters import write_bench_adapters
+
+
+@contextmanager
+def python_profile_of_steps(engine: Engine):
+    """cProfile enabled around each engine step (in the engine's thread) while the block runs."""
+    profiler = cProfile.Profile()
+    step = engine._step
+
+    def profiled_step(entries):
+        profiler.enable()
+        try:
+            step(entries)
+        finally:
+            profiler.disable()
+
+    engine._step = profiled_step
+    try:
+        yield profiler
+    finally:
+        engine._step = step
+
+
+def profile_run(engine: Engine, prompts, names, args) -> None:
+    """Time the workload, then profile a short pass of it; print both."""
+    run = run_engine(engine, prompts, args.concurrency, args.max_tokens, names)
+    print(f"\n=== {len(set(names) - {None})} adapters: {run.tokens_per_s:.1f} tok/s, TPOT {run.mean_tpot_ms:.2f} ms, "
+          f"TTFT {run.mean_ttft_ms:.1f} ms", flush=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    first_step = engine.steps
+    with python_profile_of_steps(engine) as python_profile, profile(activities=activities) as device_profile:
+        wall, _ = asyncio.run(
+            _engine_pass(engine, prompts[: args.concurrency], args.concurrency, args.profile_tokens,
+                         names[: args.concurrency])
+        )
+    steps = engine.steps - first_step
+    line = f"profiled: {steps} steps, wall {1e3 * wall / steps:.2f} ms/step (profilers on)"
+    if engine.device.type == "cuda":
+        events = device_profile.key_averages()
+        kernel_us = sum(event.self_device_time_total for event in events)
+        print(f"{line}, device kernels {kernel_us / 1e3 / steps:.2f} ms/step")
+        print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+    else:
+        print(line)
+    pstats.Stats(python_profile, stream=sys.stdout).sort_stats("tottime").print_stats(args.rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loradock.loadtest.step_profile", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="local HF model directory (default: the built-in demo model)")
+    parser.add_argument("--quantize", choices=("nf4", "int8", "none"), help="default nf4 on CUDA, none on CPU")
+    parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser.add_argument("--adapters", type=int, default=8, help="distinct rank-16 adapters, round robin (default 8)")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--profile-tokens", type=int, default=16, help="tokens per request of the profiled pass")
+    parser.add_argument("--rows", type=int, default=20, help="rows of each table")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(serving_threads())
+    path = resolve_model_path(args.model)
+    with tempfile.TemporaryDirectory(prefix="loradock-profile-adapters-") as adapter_dir:
+        started = time.perf_counter()
+        write_bench_adapters(path, Path(adapter_dir), range(args.adapters), 16)
+        engine = Engine.from_config(
+            EngineConfig(
+                model=str(path), quantize=args.quantize, device=args.device, adapters_dir=adapter_dir,
+                max_gpu_adapters=max(args.adapters, 1), max_lora_rank=16, max_num_seqs=args.concurrency,
+                max_model_len=64 + args.max_tokens,
+            )
+        )
+        print(format_hardware(describe_hardware(engine.device)))
+        print(f"model {path}; adapters written and engine up in {time.perf_counter() - started:.0f} s")
+        prompts = make_prompts(engine.tokenizer, engine.vocab_size, args.requests, (16, 64), 0)
+        with engine:
+            for count in (0, args.adapters):
+                profile_run(engine, prompts, adapter_names(count, args.requests), args)
+
+
+if __name__ == "__main__":
+    main()

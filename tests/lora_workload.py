@@ -1,0 +1,64 @@
+"""The mixed-adapter workload the engine tests share (on the CPU and on CUDA): three PEFT adapters with different
+ranks, targets and scaling options, sixteen requests over them and the base model, and PEFT's answers to them."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from support import CPU, collect, peft_greedy, varied_prompts
+
+from loradock.loadtest.random_adapters import write_random_adapter
+from loradock.serve.engine import SamplingParams
+
+MAX_NEW = 10
+
+# Different ranks, different target sets, the scaling options peft offers.
+ADAPTERS = {
+    "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "all-r16-rslora": dict(r=16, lora_alpha=8, target_modules="all-linear", use_rslora=True),
+    "mlp-patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["o_proj", "gate_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"gate_proj": 3},
+    ),
+}
+
+
+def write_adapters(base_path: Path, root: Path) -> Path:
+    """Each of ADAPTERS as a PEFT adapter folder under `root`, random weights seeded by its position."""
+    for seed, (name, config) in enumerate(ADAPTERS.items()):
+        write_random_adapter(base_path, root / name, seed=seed, **config)
+    return root
+
+
+def mixed_workload(tokenizer) -> list[tuple[str | None, list[int]]]:
+    """Four requests per adapter and four on the base model, interleaved: (adapter or None, prompt ids)."""
+    names = [*ADAPTERS, None]
+    return [(names[i % len(names)], p) for i, p in enumerate(varied_prompts(tokenizer, 16, seed=11))]
+
+
+def expected(model_dir, adapter_dir, workload, quantize="none", device=CPU) -> list[list[int]]:
+    """PEFT's greedy output for each request alone, on its adapter (or the bare base model)."""
+    out = {}
+    for name in [*ADAPTERS, None]:
+        indices = [i for i, (a, _) in enumerate(workload) if a == name]
+        adapter = adapter_dir / name if name else None
+        tokens = peft_greedy(
+            model_dir("llama"), adapter, [workload[i][1] for i in indices], MAX_NEW, quantize, device=device
+        )
+        out.update(zip(indices, tokens))
+    return [out[i] for i in range(len(workload))]
+
+
+def run_mixed(engine, workload) -> list[list[int]]:
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+
+    async def main():
+        return await asyncio.gather(
+            *(collect(engine, p, params, delay=0.003 * i, adapter=a) for i, (a, p) in enumerate(workload))
+        )
+
+    return [ids for ids, _text, _reason in asyncio.run(main())]
