@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What only a CUDA machine can check, in one go; each step's log (and JSON) goes to OUT_DIR:
 #
-#   bash loadtest/cuda_checks.sh OUT_DIR [STEP ...]      steps: tests kernels model8b bench8b http (default: all)
+#   bash loadtest/cuda_checks.sh OUT_DIR [STEP ...]   steps: tests kernels model8b bench8b profile8b http (default: all)
 #
 #   tests    compiled Triton kernels vs the oracle; the engine on CUDA (nf4 and bf16 base, mixed adapters, evictions)
 #            vs PEFT token for token; QLoRA training on the GPU (test_train.py)
@@ -9,12 +9,13 @@
 #   model8b  an 8B-shaped Llama (Llama-3-8B's config) with random bf16 weights, in $LORADOCK_BENCH_MODEL
 #            (default /dev/shm/loradock-llama-3-8b; kept for reruns; LORADOCK_BENCH_SHAPE picks another shape)
 #   bench8b  lora_bench on it, nf4: 0, 1 and 32 adapters of rank 16 at concurrency 32, next to PEFT
+#   profile8b  step_profile on it: wall vs GPU kernel time per decode step, base and 8 adapters
 #   http     `loradock serve` on the demo model (nf4, bf16) + `loradock loadtest`: the CPU headline workload
 #            (8 adapters, 96 requests at concurrency 32, 64 tokens, streamed) over HTTP on the GPU
 set -uo pipefail
 out=${1:?usage: cuda_checks.sh OUT_DIR [STEP ...]}
 shift
-steps=${*:-tests kernels model8b bench8b http}
+steps=${*:-tests kernels model8b bench8b profile8b http}
 mkdir -p "$out"
 shape=${LORADOCK_BENCH_SHAPE:-llama-3-8b}  # llama-mini: the same pipeline small enough for a CPU dry run
 model8b=${LORADOCK_BENCH_MODEL:-/dev/shm/loradock-$shape}
@@ -63,6 +64,7 @@ for step in $steps; do
     bench8b) run bench8b 360 python -m loradock.loadtest.lora_bench --model "$model8b" --device cuda --quantize nf4 \
                  --adapter-counts 0,1,32 --concurrency 32 --requests 64 --peft-sequential-requests 4 \
                  --json "$out/bench8b.json" ;;
+    profile8b) run profile8b 240 python -m loradock.loadtest.step_profile --model "$model8b" --adapters 8 ;;
     http) export out; export -f http_check; run http 150 bash -c http_check ;;
     *) echo "unknown step $step"; failed+=("$step") ;;
     esac
