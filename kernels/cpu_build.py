@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from platformdirs import user_cache_dir
+import platformdirs
 
 log = logging.getLogger("loradock.kernels")
 
@@ -38,13 +38,17 @@ def cpu_ops() -> ModuleType | None:
     return _built["ops"]
 
 
+def cache_root() -> Path:
+    """loradock's cache directory (the compiled ops, the demo model): $LORADOCK_CACHE_DIR, else the user cache."""
+    return Path(os.environ.get("LORADOCK_CACHE_DIR") or platformdirs.user_cache_dir("loradock"))
+
+
 def build_directory() -> Path:
     """Where this machine's build lives: one per source, torch version and CPU (its flags)."""
     digest = hashlib.sha256((platform.machine() + _cpu_flags() + " ".join(CFLAGS)).encode())
     for source in SOURCES:
         digest.update(source.read_bytes())
-    root = os.environ.get("LORADOCK_CACHE_DIR") or user_cache_dir("loradock")  # the demo model's cache root too
-    return Path(root) / "cpu-ops" / f"torch-{torch.__version__}-{digest.hexdigest()[:16]}"
+    return cache_root() / "cpu-ops" / f"torch-{torch.__version__}-{digest.hexdigest()[:16]}"
 
 
 def _cpu_flags() -> str:

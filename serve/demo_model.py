@@ -22,7 +22,6 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-import platformdirs
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -35,6 +34,8 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+from ..kernels.cpu_build import cache_root
 
 logger = logging.getLogger("loradock.demo_model")
 
@@ -280,9 +281,7 @@ def demo_model_path(cache_dir: str | Path | None = None) -> Path:
     The demo model is a Llama: 4 layers, hidden 256, 4 attention heads, 2 kv heads, intermediate
     688, vocab 2048, 2048 positions, fp32, seed 0. Its output is gibberish.
     """
-    if cache_dir is None:
-        cache_dir = os.environ.get("LORADOCK_CACHE_DIR") or platformdirs.user_cache_dir("loradock")
-    path = Path(cache_dir) / f"demo-model-v{DEMO_MODEL_VERSION}"
+    path = Path(cache_dir if cache_dir is not None else cache_root()) / f"demo-model-v{DEMO_MODEL_VERSION}"
     # write_random_model renames a finished directory into place, so a config means it is complete.
     if (path / "config.json").is_file():
         return path

@@ -9,6 +9,7 @@ import os
 import unicodedata
 
 import jinja2
+import platformdirs
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -260,6 +261,6 @@ def test_demo_model_path_locations(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
     monkeypatch.delenv("LORADOCK_CACHE_DIR")
-    monkeypatch.setattr(demo_model.platformdirs, "user_cache_dir", lambda app: str(tmp_path / app))
+    monkeypatch.setattr(platformdirs, "user_cache_dir", lambda app: str(tmp_path / app))
     assert demo_model_path() == tmp_path / "loradock" / f"demo-model-v{DEMO_MODEL_VERSION}"
     assert (demo_model_path() / "config.json").is_file()
