@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels import LoraBatchMeta, apply_lora_operands, lora_operands, slot_buffers
+from ..kernels import LoraBatchMeta, linear_with_lora, lora_operands, slot_buffers
 
 
 @dataclass
@@ -44,16 +44,8 @@ class LoraLinear(nn.Module):
         self.operands = lora_operands(self.lora_A, self.lora_B, self.scales, self.ranks)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
-        y = self.base(x)  # [..., out]
-        meta = self.context.meta
-        if meta is not None:
-            ops = self.operands
-            x_2d = x.reshape(-1, self.in_features)  # [T, in]
-            if x_2d.dtype != ops.A.dtype:
-                x_2d = x_2d.to(ops.A.dtype)
-            apply_lora_operands(y.view(-1, self.out_features), x_2d, ops, meta)
-        return y
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        return linear_with_lora(self.base, x, self.operands, self.context.meta)
 
     def load_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
         """Copy one adapter's weights for this module into `slot`; A: [r, in], B: [out, r]. None clears the slot."""

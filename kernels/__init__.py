@@ -23,7 +23,7 @@ import torch
 
 from .backend import BACKEND_ENV, lora_backend
 from .cpu_build import cpu_ops
-from .cpu_lora import lora_cpu
+from .cpu_lora import lora_cpu, lora_linear_cpu
 from .metadata import LoraBatchMeta, Segment, build_lora_meta
 from .operands import LoraOperands, check_activations, lora_operands
 from .reference import lora_reference
@@ -37,6 +37,7 @@ __all__ = [
     "apply_lora_operands",
     "build_lora_meta",
     "cpu_ops",
+    "linear_with_lora",
     "lora_backend",
     "lora_cpu",
     "lora_operands",
@@ -95,6 +96,27 @@ def apply_lora(
     """
     if meta is not None:
         apply_lora_operands(y, x, lora_operands(A, B, scales, ranks, slice_sizes), meta)
+
+
+def linear_with_lora(
+    base: torch.nn.Module, x: torch.Tensor, ops: LoraOperands, meta: LoraBatchMeta | None
+) -> torch.Tensor:
+    """base(x) plus each token's adapter delta: a LoRA layer's forward. x: [..., in] -> [..., out].
+
+    On the compiled CPU backend, with a float32 `nn.Linear` base, the deltas are computed on a helper thread
+    while the base GEMM runs (`lora_linear_cpu`); otherwise the base runs, then `apply_lora_operands` adds them
+    (x cast to the adapters' dtype for the LoRA part).
+    """
+    x_2d = x.reshape(-1, x.shape[-1])  # [T, in]
+    if meta is not None and meta.backend == "cpp":
+        y = lora_linear_cpu(base, x_2d, ops, meta)
+        if y is not None:
+            return y.view(*x.shape[:-1], y.shape[-1])
+    y = base(x)  # [..., out]
+    if meta is not None:
+        x_lora = x_2d if x_2d.dtype == ops.A.dtype else x_2d.to(ops.A.dtype)
+        apply_lora_operands(y.view(-1, y.shape[-1]), x_lora, ops, meta)
+    return y
 
 
 def apply_lora_operands(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatchMeta | None) -> None:

@@ -49,6 +49,32 @@ def lora_cpu(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatc
         )
 
 
+def lora_linear_cpu(base: torch.nn.Module, x: torch.Tensor, ops: LoraOperands, meta: LoraBatchMeta) -> torch.Tensor | None:
+    """base(x) + the LoRA deltas [T, out], the kernel running on a helper thread during the base GEMM; None when
+    this path does not apply (no compiled ops, a base other than a float32 `nn.Linear`, other operands).
+
+    x: [T, in] float32 with unit column stride; ops, meta: as for `lora_cpu`.
+    """
+    compiled = cpu_ops()
+    if (
+        compiled is None
+        or type(base) is not torch.nn.Linear
+        or base.weight.dtype != torch.float32
+        or x.dtype != torch.float32
+        or not ops.cpu_kernel_layout
+        or x.stride(1) != 1
+    ):
+        return None
+    plan = meta.cpu_plan
+    y = compiled.lora_linear(
+        x, base.weight, base.bias, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, plan.slots, plan.starts,
+        plan.lengths, plan.num_short, ops.offsets, ops.sizes,
+    )
+    if plan.long:  # prefill-sized segments: one matmul pair each through torch's BLAS
+        lora_torch(y, x, ops, meta, strategy="loop", segments=plan.long)
+    return y
+
+
 class CpuPlan(NamedTuple):
     """A step's segments split between torch's BLAS (long ones) and the kernel (the rest, as its arrays)."""
 

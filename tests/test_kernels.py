@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import multiprocessing
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -15,8 +17,10 @@ from loradock.kernels import (
     apply_lora_operands,
     build_lora_meta,
     cpu_ops,
+    linear_with_lora,
     lora_backend,
     lora_cpu,
+    lora_linear_cpu,
     lora_operands,
     lora_reference,
     lora_torch,
@@ -346,6 +350,139 @@ def test_cpu_kernel_reads_unit_stride_columns_only(cpu_ops_built):
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     lora_cpu(y, x.t().contiguous().t(), ops, meta)  # lora_cpu sends such x to the torch path instead
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+
+
+def layer_operands(case: Case, layout: str, bias: bool, seed: int = 0, in_features: int = IN_FEATURES):
+    """A LoRA layer's parts for a case: the base nn.Linear, x, the operands, the metadata, and the expected
+    output: base(x) plus the oracle's deltas."""
+    y_storage, _, x, A, B, scales, ranks, clean_A, clean_B = make_operands(
+        case, layout=layout, seed=seed, in_features=in_features
+    )
+    out = sum(case.slice_sizes)
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(in_features, out, bias=bias)
+    with torch.no_grad():
+        y_storage[:, 8 : 8 + out] = base(x)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)[:, 8 : 8 + out]  # [T, out]
+    A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
+    ops = lora_operands(A, B, scales, ranks, case.slice_sizes)
+    return base, x, ops, build_lora_meta(torch.tensor(case.token_slots), case.num_slots), expected
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", CPU_KERNEL_LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_cpu_lora_layer_overlapped_matches_reference(cpu_ops_built, case, layout, threads, bias):
+    base, x, ops, meta, expected = layer_operands(case, layout, bias)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            y = lora_linear_cpu(base, x, ops, meta)  # the deltas on the helper thread during the GEMM
+            plain = base(x)
+    finally:
+        torch.set_num_threads(previous)
+    assert y is not None, "the overlapped path did not take a float32 nn.Linear"
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    base_rows = [t for t, slot in enumerate(case.token_slots) if slot < 0]
+    assert torch.equal(y[base_rows], plain[base_rows])  # base tokens: the GEMM's rows, untouched
+
+
+def test_cpu_lora_layer_waits_for_the_helper(cpu_ops_built):
+    # one torch thread, as the server runs, and LoRA work longer than the GEMM (rank 128 on 512 -> 256): the helper
+    # thread is still running tiles when the caller's GEMM ends, and the caller must wait for each of them before
+    # adding the deltas
+    case = Case("heavy_decode", tuple(range(8)) * 8 + (-1,) * 4, num_slots=8, max_rank=128, rank=128,
+                slice_sizes=(256,))
+    base, x, ops, meta, expected = layer_operands(case, "out_innermost", bias=False, in_features=512)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for _ in range(50):
+                torch.testing.assert_close(lora_linear_cpu(base, x, ops, meta), expected, rtol=1e-5, atol=1e-3)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cpu_lora_layer_leaves_base_rows_alone_after_a_wider_call(cpu_ops_built):
+    # the deltas live in a scratch buffer kept between calls: a call with base tokens after a call that filled it
+    # must add nothing to those tokens' rows
+    wide_base, wide_x, wide_ops, wide_meta, _ = layer_operands(CASES[8], "out_innermost", bias=False, seed=1)
+    case = CASES[2]  # decode_distinct_with_base
+    base, x, ops, meta, expected = layer_operands(case, "out_innermost", bias=True)
+    with torch.inference_mode():
+        for _ in range(3):
+            lora_linear_cpu(wide_base, wide_x, wide_ops, wide_meta)
+            y = lora_linear_cpu(base, x, ops, meta)
+            torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+            base_rows = [t for t, slot in enumerate(case.token_slots) if slot < 0]
+            assert torch.equal(y[base_rows], base(x)[base_rows])
+
+
+def test_cpu_lora_layer_from_concurrent_callers(cpu_ops_built):
+    # one caller at a time has the helper thread; another one meanwhile computes its deltas itself
+    parts = [layer_operands(case, "out_innermost", bias=True, seed=seed) for seed, case in enumerate(CASES[:6])]
+    errors: list[BaseException] = []
+
+    def call_repeatedly(index: int) -> None:
+        base, x, ops, meta, expected = parts[index]
+        try:
+            with torch.inference_mode():
+                for _ in range(200):
+                    torch.testing.assert_close(lora_linear_cpu(base, x, ops, meta), expected, rtol=1e-5, atol=1e-4)
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=call_repeatedly, args=(index,)) for index in range(len(parts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a LoRA layer call never returned"
+    assert not errors, errors[0]
+
+
+def _layer_in_child(connection, part) -> None:
+    base, x, ops, meta, _ = part
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        connection.send(lora_linear_cpu(base, x, ops, meta).tolist())  # plain data: no tensor sharing
+
+
+def test_cpu_lora_layer_in_a_forked_child(cpu_ops_built):
+    # the helper thread does not survive fork(): the child computes the deltas itself
+    part = layer_operands(CASES[5], "out_innermost", bias=False)
+    with torch.inference_mode():
+        lora_linear_cpu(*part[:4])  # the parent's helper thread is running
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_layer_in_child, args=(sender, part))
+    child.start()
+    assert receiver.poll(60), "the forked child's LoRA layer call never returned"
+    torch.testing.assert_close(torch.tensor(receiver.recv()), part[4], rtol=1e-5, atol=1e-4)
+    child.join(10)
+    assert child.exitcode == 0
+
+
+def test_linear_with_lora_dispatch(cpu_ops_built):
+    case = CASES[6]  # fused_qkv
+    base, x, ops, meta, expected = layer_operands(case, "out_innermost", bias=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear_with_lora(base, x[None], ops, meta), expected[None], rtol=1e-5, atol=1e-4)
+        assert torch.equal(linear_with_lora(base, x, ops, None), base(x))  # no adapter token in the step
+
+        class HookedLinear(torch.nn.Linear):  # not a plain nn.Linear: the base runs as a module, then the op
+            def forward(self, inputs):
+                return super().forward(inputs) + 1.0
+
+        hooked = HookedLinear(IN_FEATURES, sum(case.slice_sizes))
+        hooked.load_state_dict(base.state_dict())
+        assert lora_linear_cpu(hooked, x, ops, meta) is None
+        torch.testing.assert_close(linear_with_lora(hooked, x, ops, meta), expected + 1.0, rtol=1e-5, atol=1e-4)
+        assert lora_linear_cpu(base, x.t().contiguous().t(), ops, meta) is None  # x columns not unit stride
+        torch.testing.assert_close(linear_with_lora(base, x.t().contiguous().t(), ops, meta), expected)
 
 
 def test_cpu_ops_build_failure_leaves_the_torch_paths(monkeypatch, tmp_path, caplog):

@@ -1,0 +1,95 @@
+"""The LoRA layers of one decode step on the CPU, back to back, with the adapter weights cold as in the engine:
+base GEMMs alone, each GEMM followed by the kernel on the same thread (`lora_apply`), and each layer as served
+(`lora_linear`: the kernel on a helper thread while the GEMM runs).
+
+    python -m loradock.loadtest.layer_bench [--model DIR] [--tokens 32] [--adapters 8] [--rank 16] [--steps 60]
+
+The layers are the model's q/k/v/o and gate/up/down projections (shapes from its config.json, random weights),
+every one with `--adapters` rank-`--rank` slots; token t uses adapter t % adapters. Between steps a 64 MB buffer is
+written, so each step reads its weights from memory, as an engine step does. Variants alternate step by step;
+the median and the 10th percentile per step are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig
+
+from ..kernels import build_lora_meta, cpu_ops, lora_cpu, lora_linear_cpu, lora_operands, slot_buffers
+from ..kernels.operands import LoraOperands
+from ..serve.cli import serving_threads
+from ..serve.model_loader import resolve_model_path
+from .hardware import describe_hardware, format_hardware
+
+Layer = tuple[torch.nn.Linear, LoraOperands, torch.Tensor]  # base linear, slot buffers as operands, x [T, in]
+
+
+def projection_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of every LoRA-targeted linear of a Llama-style decoder, layer by layer."""
+    hidden, mlp = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    one_layer = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, mlp), (hidden, mlp), (mlp, hidden)]
+    return one_layer * config.num_hidden_layers
+
+
+def make_layers(shapes: list[tuple[int, int]], tokens: int, adapters: int, rank: int) -> list[Layer]:
+    layers = []
+    for fin, fout in shapes:
+        base = torch.nn.Linear(fin, fout, bias=False)
+        A, B = slot_buffers(adapters, rank, fin, fout, torch.float32, torch.device("cpu"))  # [S, R, in], [S, out, R]
+        A.copy_(torch.randn(A.shape) * 0.05)
+        B.copy_(torch.randn(B.shape) * 0.05)
+        scales, ranks = torch.ones(adapters), torch.full((adapters,), rank, dtype=torch.int32)  # [S], [S]
+        layers.append((base, lora_operands(A, B, scales, ranks), torch.randn(tokens, fin)))
+    return layers
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loradock.loadtest.layer_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="local HF model directory, for its config (default: the built-in demo model)")
+    parser.add_argument("--tokens", type=int, default=32, help="decode tokens in the step (default 32)")
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant (default 60)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: as `loradock serve`, cores - 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads or serving_threads())
+    if cpu_ops() is None:
+        raise SystemExit("the compiled CPU ops did not build: nothing to measure")
+    config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    layers = make_layers(projection_shapes(config), args.tokens, args.adapters, args.rank)
+    meta = build_lora_meta([t % args.adapters for t in range(args.tokens)], args.adapters)
+    variants: dict[str, Callable[[torch.nn.Linear, LoraOperands, torch.Tensor], object]] = {
+        "base GEMMs only": lambda base, ops, x: F.linear(x, base.weight),
+        "GEMM, then the kernel": lambda base, ops, x: lora_cpu(F.linear(x, base.weight), x, ops, meta),
+        "kernel alongside the GEMM": lambda base, ops, x: lora_linear_cpu(base, x, ops, meta),
+    }
+    evict = torch.zeros(16 * 2**20)  # 64 MB, written between steps
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    print(format_hardware(describe_hardware(torch.device("cpu"))))
+    with torch.inference_mode():
+        for step in range(args.steps + 3):  # the first 3 warm up
+            for name, layer_call in variants.items():
+                evict.add_(1.0)
+                started = time.perf_counter()
+                for base, ops, x in layers:
+                    layer_call(base, ops, x)
+                if step >= 3:
+                    timings[name].append(1e3 * (time.perf_counter() - started))
+    print(f"\n{len(layers)} LoRA layers, {args.tokens} tokens over {args.adapters} rank-{args.rank} adapters, "
+          f"{torch.get_num_threads()} torch thread(s), caches flushed between steps; ms per step:")
+    base_ms = statistics.median(timings["base GEMMs only"])
+    for name, values in timings.items():
+        median, p10 = statistics.median(values), sorted(values)[len(values) // 10]
+        print(f"  {name:<27} median {median:6.3f}  p10 {p10:6.3f}  ({median - base_ms:+.3f} on the GEMMs)")
+
+
+if __name__ == "__main__":
+    main()
