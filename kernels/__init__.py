@@ -107,15 +107,16 @@ def linear_with_lora(
     while the base GEMM runs (`lora_linear_cpu`); otherwise the base runs, then `apply_lora_operands` adds them
     (x cast to the adapters' dtype for the LoRA part).
     """
+    if meta is None:  # no token of this step uses an adapter
+        return base(x)
     x_2d = x.reshape(-1, x.shape[-1])  # [T, in]
-    if meta is not None and meta.backend == "cpp":
+    if meta.backend == "cpp":
         y = lora_linear_cpu(base, x_2d, ops, meta)
         if y is not None:
             return y.view(*x.shape[:-1], y.shape[-1])
     y = base(x)  # [..., out]
-    if meta is not None:
-        x_lora = x_2d if x_2d.dtype == ops.A.dtype else x_2d.to(ops.A.dtype)
-        apply_lora_operands(y.view(-1, y.shape[-1]), x_lora, ops, meta)
+    x_lora = x_2d if x_2d.dtype == ops.A.dtype else x_2d.to(ops.A.dtype)
+    apply_lora_operands(y.view(-1, y.shape[-1]), x_lora, ops, meta)
     return y
 
 

@@ -513,6 +513,7 @@ def sweep(args, setup: Setup, ordinary: list[int]) -> list[dict]:
 
 # (category, pattern on "function (file:line)"), matched from the innermost frame outwards: first hit wins.
 ENGINE_CATEGORIES = (
+    ("LoRA layers on the CPU: base GEMM, kernel alongside", r"lora_linear_cpu"),
     ("LoRA kernels (shrink/expand)", r"kernels/"),
     ("LoRA layer wrapper", r"adapters/lora_layer\.py"),
     ("base linears (GEMM)", r"Linear\.forward \(torch/nn/modules/linear\.py"),
