@@ -223,6 +223,13 @@ class LoraCall {
     }
   }
 
+  // Every tile, spread over torch's intra-op threads.
+  void run_all() const {
+    at::parallel_for(0, num_tiles(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) run_tile(tile);
+    });
+  }
+
   // dst[t] += y[t] over the columns of every slice, for the tokens of the segments (y written with overwrite)
   void add_rows_into(at::Tensor& dst) const {
     TORCH_CHECK(dst.stride(1) == 1, "the LoRA deltas are added into rows with unit column stride");
@@ -288,9 +295,7 @@ class TileHelper {
     const int64_t tiles = call.num_tiles();
     if (!caller.owns_lock() || forked_ || tiles == 0 || tiles > kMaxTiles) {  // e.g. another caller has it
       meanwhile();
-      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t tile = begin; tile < end; ++tile) call.run_tile(tile);
-      });
+      call.run_all();
       return;
     }
     job_ = &call;
@@ -406,9 +411,7 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tens
                 std::vector<int64_t> offsets, std::vector<int64_t> sizes) {
   const LoraCall call(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths,
                       num_segments, std::move(offsets), std::move(sizes), /*overwrite=*/false);
-  at::parallel_for(0, call.num_tiles(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) call.run_tile(tile);
-  });
+  call.run_all();
 }
 
 // linear(x, weight, bias) [T, out] plus the LoRA deltas of the step's segments. The deltas are computed on the
