@@ -402,6 +402,15 @@ class TileHelper {
   std::condition_variable wake_helper_, wake_caller_;
 };
 
+// CPUs the calling thread may run on.
+int64_t usable_cpus() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
 }  // namespace
 
 // y [T, out_total] += the LoRA deltas of the step's segments; see the header comment for the operands.
@@ -415,8 +424,9 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tens
 }
 
 // linear(x, weight, bias) [T, out] plus the LoRA deltas of the step's segments. The deltas are computed on the
-// helper thread while the caller runs the GEMM, into a scratch buffer the caller then adds; calls whose scratch
-// would exceed kMaxDelta (long prefill chunks of a wide model) run the GEMM, then the kernel, as lora_apply does.
+// helper thread while the caller runs the GEMM, into a scratch buffer the caller then adds. Where torch's threads
+// already take every CPU the caller may run on (no core left for the helper), and for calls whose scratch would
+// exceed kMaxDelta (long prefill chunks of a wide model), it runs the GEMM, then the kernel, as lora_apply does.
 at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias, at::Tensor A, at::Tensor B,
                        at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
                        at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
@@ -425,8 +435,9 @@ at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor
                   weight.size(0) == B.size(1),
               "lora_linear: expected x [T, in], weight [out, in], A [n, S, R, in] and B [S, out, R]");
   constexpr int64_t kMaxDelta = int64_t{1} << 22;  // floats (16 MB)
+  static const int64_t cpus = usable_cpus();  // those of the first caller, the engine thread
   const int64_t needed = x.size(0) * weight.size(0);
-  if (needed > kMaxDelta) {
+  if (needed > kMaxDelta || at::get_num_threads() >= cpus) {
     at::Tensor y = at::linear(x, weight, bias);
     lora_apply(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths, num_segments,
                std::move(offsets), std::move(sizes));
