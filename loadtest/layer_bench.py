@@ -4,9 +4,9 @@ base GEMMs alone, each GEMM followed by the kernel on the same thread (`lora_app
 
     python -m loradock.loadtest.layer_bench [--model DIR] [--tokens 32] [--adapters 8] [--rank 16] [--steps 60]
 
-The layers are the model's q/k/v/o and gate/up/down projections (shapes from its config.json, random weights),
-every one with `--adapters` rank-`--rank` slots; token t uses adapter t % adapters. Between steps a 64 MB buffer is
-written, so each step reads its weights from memory, as an engine step does. Variants alternate step by step;
+The layers are the linears the engine wraps (all but the output head, `BaseModelInfo`; shapes from the model's
+config.json, random weights), every one with `--adapters` rank-`--rank` slots; token t uses adapter t % adapters.
+Between steps a 64 MB buffer is written, so each step reads its weights from memory, as an engine step does. Variants alternate step by step;
 the median and the 10th percentile per step are printed.
 """
 
@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..adapters.peft_format import BaseModelInfo
 from ..kernels import build_lora_meta, cpu_ops, lora_cpu, lora_linear_cpu, lora_operands, slot_buffers
 from ..kernels.operands import LoraOperands
 from ..serve.cli import serving_threads
@@ -30,13 +31,13 @@ from .hardware import describe_hardware, format_hardware
 Layer = tuple[torch.nn.Linear, LoraOperands, torch.Tensor]  # base linear, slot buffers as operands, x [T, in]
 
 
-def projection_shapes(config) -> list[tuple[int, int]]:
-    """(in, out) of every LoRA-targeted linear of a Llama-style decoder, layer by layer."""
-    hidden, mlp = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    one_layer = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, mlp), (hidden, mlp), (mlp, hidden)]
-    return one_layer * config.num_hidden_layers
+def lora_layer_shapes(model_path) -> list[tuple[int, int]]:
+    """(in, out) of every linear the engine wraps in a LoRA layer (all but the output head), in model order; the
+    model is built from its config on the meta device, so no weight is read."""
+    config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return list(BaseModelInfo.from_model(model).linear_modules.values())
 
 
 def make_layers(shapes: list[tuple[int, int]], tokens: int, adapters: int, rank: int) -> list[Layer]:
@@ -63,8 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads or serving_threads())
     if cpu_ops() is None:
         raise SystemExit("the compiled CPU ops did not build: nothing to measure")
-    config = AutoConfig.from_pretrained(resolve_model_path(args.model))
-    layers = make_layers(projection_shapes(config), args.tokens, args.adapters, args.rank)
+    layers = make_layers(lora_layer_shapes(resolve_model_path(args.model)), args.tokens, args.adapters, args.rank)
     meta = build_lora_meta([t % args.adapters for t in range(args.tokens)], args.adapters)
     variants: dict[str, Callable[[torch.nn.Linear, LoraOperands, torch.Tensor], object]] = {
         "base GEMMs only": lambda base, ops, x: F.linear(x, base.weight),

@@ -26,7 +26,8 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """A zeroed uint8 tensor [nbytes] starting on a 2 MiB boundary, in memory advised for huge pages."""
     # Private anonymous memory (a shared mapping would be shmem, which THP leaves alone), zeroed and committed page
     # by page on first touch; whole huge pages from a 2 MiB boundary, with one page more to find that boundary in.
-    mapping = mmap.mmap(-1, -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    length = (math.ceil(nbytes / HUGE_PAGE) + 1) * HUGE_PAGE
+    mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         mapping.madvise(mmap.MADV_HUGEPAGE)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` alive
