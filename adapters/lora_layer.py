@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels import LoraBatchMeta, linear_with_lora, lora_operands, slot_buffers
+from ..kernels.lora import LoraBatchMeta, linear_with_lora, lora_operands, slot_buffers
 
 
 @dataclass

@@ -26,7 +26,7 @@ from functools import partial
 
 import torch
 
-from ..kernels import (
+from ..kernels.lora import (
     build_lora_meta,
     cpu_ops,
     lora_cpu,

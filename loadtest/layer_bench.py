@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..adapters.peft_format import BaseModelInfo
-from ..kernels import build_lora_meta, cpu_ops, lora_cpu, lora_linear_cpu, lora_operands, slot_buffers
+from ..kernels.lora import build_lora_meta, cpu_ops, lora_cpu, lora_linear_cpu, lora_operands, slot_buffers
 from ..kernels.operands import LoraOperands
 from ..serve.cli import serving_threads
 from ..serve.model_loader import resolve_model_path

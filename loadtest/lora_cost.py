@@ -21,7 +21,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu_ops
+from ..kernels.lora import cpu_ops
 from ..serve.cli import serving_threads
 from ..serve.engine import Engine, EngineConfig
 from ..serve.model_loader import resolve_model_path

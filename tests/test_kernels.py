@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loradock.kernels import (
+from loradock.kernels.lora import (
     apply_lora,
     apply_lora_operands,
     build_lora_meta,

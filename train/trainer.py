@@ -3,6 +3,11 @@
 The Trainer brings the progress bar, gradient accumulation, checkpoints and resuming, early stopping, mixed
 precision, and distribution: launched with ``torchrun --nproc_per_node N`` or ``accelerate launch``, every process
 runs this same code on its own device (gloo on CPUs, NCCL on GPUs); only the first writes the adapter.
+
+The package, in order: config (the options) -> data (JSONL rows to masked token ids, as the server tokenizes them)
+-> model (the base as the server loads it, LoRA on top) -> trainer (this module) -> export (PEFT files validated by
+the server's own checks, renamed into place) + report (JSON and loss curve) -> register (hot-load into a running
+server). cli holds the subcommands; demo, demo_server and tasks are the demo.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 from ...adapters.lora_layer import attach_lora_layers
 from ...adapters.manager import AdapterManager, AdapterVersion, UnknownAdapter, check_name
 from ...adapters.peft_format import AdapterError, BaseModelInfo
-from ...kernels import prepare_lora_backend
+from ...kernels.lora import prepare_lora_backend
 from ..metrics import ServerMetrics
 from ..model_loader import (
     DTYPES,

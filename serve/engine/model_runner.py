@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ...adapters.lora_layer import LoraContext
-from ...kernels import build_lora_meta, cpu_ops
+from ...kernels.lora import build_lora_meta, cpu_ops
 from .attention import ATTENTION_NAME
 from .batch import StepBatch, build_step
 from .kv_cache import PagedKVCache
