@@ -1,9 +1,10 @@
 """The LoRA layer: a base linear (plain or bitsandbytes) plus per-slot adapter weights applied per token.
 
 Every targeted linear of the base model is replaced by a LoraLinear that owns preallocated, stacked slot
-buffers `A[slots, r_max, in]`, `B[slots, out, r_max]`, `scales[slots]` and `ranks[slots]`. Loading an adapter
-into a slot is a copy into those buffers; no shapes change. Which slot each token uses comes from the step's
-LoraBatchMeta, built once per step and shared by every layer through a LoraContext.
+buffers `A[slots, r_max, in]`, `B[slots, out, r_max]`, `scales[slots]` and `ranks[slots]`, laid out as the LoRA
+backend reads them fastest. Loading an adapter into a slot is a copy into those buffers; no shapes change. Which
+slot each token uses comes from the step's LoraMeta, rewritten in place once per step and shared by every layer
+through the LoraContext, which also holds the one backend chosen at engine start.
 """
 
 from __future__ import annotations
@@ -13,26 +14,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels.lora import LoraBatchMeta, linear_with_lora, lora_operands, slot_buffers
+from ..kernels.lora import LoraBackend, LoraMeta, lora_operands
 
 
 @dataclass
 class LoraContext:
-    """Shared by all LoRA layers of a model; the model runner sets `meta` before each forward pass."""
+    """Shared by all LoRA layers of a model: the backend, and the step's metadata (the model runner updates it)."""
 
-    meta: LoraBatchMeta | None = None  # None: no token of this step uses an adapter
+    backend: LoraBackend
+    meta: LoraMeta
 
 
 class LoraLinear(nn.Module):
-    def __init__(
-        self, base: nn.Linear, context: LoraContext, num_slots: int, max_rank: int, dtype: torch.dtype
-    ):
+    def __init__(self, base: nn.Linear, context: LoraContext, num_slots: int, max_rank: int, dtype: torch.dtype):
         super().__init__()
         self.base = base
         self.context = context
         device = next(base.parameters()).device
         self.in_features, self.out_features = base.in_features, base.out_features
-        A, B = slot_buffers(num_slots, max_rank, self.in_features, self.out_features, dtype, device)
+        A, B = context.backend.slot_buffers(num_slots, max_rank, self.in_features, self.out_features, dtype, device)
         self.register_buffer("lora_A", A)  # [S, R, in]
         self.register_buffer("lora_B", B)  # [S, out, R]
         self.register_buffer("scales", torch.zeros(num_slots, dtype=torch.float32, device=device))
@@ -45,7 +45,10 @@ class LoraLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
-        return linear_with_lora(self.base, x, self.operands, self.context.meta)
+        context = self.context
+        if not context.meta.active:  # no token of this step uses an adapter
+            return self.base(x)
+        return context.backend.linear(self.base, x, self.operands, context.meta)
 
     def load_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
         """Copy one adapter's weights for this module into `slot`; A: [r, in], B: [out, r]. None clears the slot."""
@@ -62,11 +65,9 @@ class LoraLinear(nn.Module):
         self.ranks[slot] = rank
 
 
-def attach_lora_layers(
-    model: nn.Module, module_names: list[str], num_slots: int, max_rank: int, dtype: torch.dtype
-) -> tuple[LoraContext, dict[str, LoraLinear]]:
-    """Replace each named linear of `model` by a LoraLinear around it. Returns the shared context and the layers."""
-    context = LoraContext()
+def attach_lora_layers(model: nn.Module, module_names: list[str], context: LoraContext, num_slots: int,
+                       max_rank: int, dtype: torch.dtype) -> dict[str, LoraLinear]:
+    """Replace each named linear of `model` by a LoraLinear around it, sharing `context`. Returns the layers."""
     layers: dict[str, LoraLinear] = {}
     for name in module_names:
         parent_name, _, child = name.rpartition(".")
@@ -74,4 +75,4 @@ def attach_lora_layers(
         layer = LoraLinear(getattr(parent, child), context, num_slots, max_rank, dtype)
         setattr(parent, child, layer)
         layers[name] = layer
-    return context, layers
+    return layers

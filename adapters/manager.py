@@ -12,27 +12,20 @@ on the version they hold, which is freed when its last request ends.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .lora_layer import LoraContext, LoraLinear
-
-if TYPE_CHECKING:
-    from ..serve.metrics import ServerMetrics
+from .directory import AdapterDirectory, check_name
+from .lora_layer import LoraLinear
 from .peft_format import AdapterError, AdapterWeights, BaseModelInfo, read_adapter
+from .stats import AdapterStats
 
 log = logging.getLogger("loradock.adapters")
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_versions = itertools.count(1)
 
 
 class UnknownAdapter(LookupError):
@@ -43,27 +36,12 @@ class UnknownAdapter(LookupError):
         self.name = name
 
 
-def is_valid_name(name: str) -> bool:
-    return isinstance(name, str) and bool(_NAME.match(name)) and ".." not in name
-
-
-def check_name(name: str) -> str:
-    """Adapter names are folder names: letters, digits, '.', '_', '-'; no separators, no '..'."""
-    if not is_valid_name(name):
-        raise AdapterError(
-            f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (no path separators, no '..')",
-            code="bad_name",
-        )
-    return name
-
-
 @dataclass(eq=False)
 class AdapterVersion:
     """One loaded-or-loadable version of a named adapter. Mutated on the engine thread only."""
 
     name: str
     path: Path
-    version: int = field(default_factory=lambda: next(_versions))
     weights: AdapterWeights | None = None  # the host copy
     slot: int | None = None  # the device slot
     pins: int = 0  # requests in flight on this version
@@ -84,28 +62,28 @@ class AdapterManager:
     def __init__(
         self,
         layers: dict[str, LoraLinear],
-        context: LoraContext,
         base: BaseModelInfo,
         num_slots: int,
         max_cpu_adapters: int,
         max_rank: int,
         on_loaded: Callable[[AdapterVersion], None],
-        metrics: ServerMetrics | None = None,
+        directory: AdapterDirectory | None = None,
     ):
         self.layers = layers
-        self.context = context
         self.base = base
         self.max_rank = max_rank
         self.max_cpu_adapters = max_cpu_adapters
+        self.directory = directory  # adapters found here are registered on first use
+        self.stats = AdapterStats()
         self._on_loaded = on_loaded  # called from a pool thread when a disk read ends; wakes the engine
-        self.metrics = metrics
         self._registry: dict[str, AdapterVersion] = {}
+        self._unloaded: set[str] = set()  # unregistered names the directory does not bring back until registered
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loradock-adapter-read")
+        self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.slots: dict[int, AdapterVersion] = {}
         self.host: dict[AdapterVersion, None] = {}  # insertion-ordered: the host LRU, oldest first
-        self.loads = self.evictions = 0
 
     # ---- caller threads --------------------------------------------------------------------------------
 
@@ -122,23 +100,32 @@ class AdapterManager:
             if old is not None and not replace:
                 raise AdapterError(f"an adapter named {name!r} is already registered", code="name_conflict")
             self._registry[name] = version
+            self._unloaded.discard(name)
         return version, old
 
     def unregister(self, name: str) -> AdapterVersion:
-        """New requests for `name` fail from now on. Returns the version, which the engine thread must `retire`."""
+        """New requests for `name` fail from now on (the directory does not bring it back). Returns the version,
+        which the engine thread must `retire`."""
         with self._lock:
             version = self._registry.pop(name, None)
+            if version is not None:
+                self._unloaded.add(name)
         if version is None:
             raise UnknownAdapter(name)
         return version
 
     def get(self, name: str) -> AdapterVersion:
-        """The registered version, whatever its state."""
+        """The registered version, whatever its state; an adapter folder of the directory is registered here."""
         with self._lock:
             version = self._registry.get(name)
+            if version is None and self._from_directory(name):
+                version = self._registry[name] = AdapterVersion(name, self.directory.path(name))
         if version is None:
             raise UnknownAdapter(name)
         return version
+
+    def _from_directory(self, name: str) -> bool:
+        return self.directory is not None and name not in self._unloaded and self.directory.holds(name)
 
     def resolve(self, name: str) -> AdapterVersion:
         """The version a new request would use; raises its AdapterError if it was refused."""
@@ -151,24 +138,18 @@ class AdapterManager:
         with self._lock:
             return list(self._registry.values())
 
-    def scan(self, directory: Path) -> list[str]:
-        """Register every adapter folder under `directory` (one holding an adapter_config.json). At start-up.
-        A symlink that leads out of the directory is skipped."""
-        root = Path(directory).resolve()
-        if not root.is_dir():
-            raise AdapterError(f"the adapter directory {directory} does not exist or is not a directory", "missing_file")
-        names = []
-        for path in sorted(root.iterdir()):
-            try:
-                inside = path.resolve(strict=True).parent == root
-            except (OSError, RuntimeError):  # a dangling link or a symlink loop
-                inside = False
-            if not inside:
-                log.warning("skipping %s: it leads outside the adapter directory", path)
-            elif path.is_dir() and (path / "adapter_config.json").is_file() and is_valid_name(path.name):
-                self.register(path.name, path)
-                names.append(path.name)
+    def names(self) -> set[str]:
+        """Every name a request may use: the registered adapters and the directory's (unless unregistered)."""
+        with self._lock:
+            names = set(self._registry)
+            unloaded = set(self._unloaded)
+        if self.directory is not None:
+            names.update(name for name in self.directory.names() if name not in unloaded)
         return names
+
+    def register_directory(self) -> list[str]:
+        """Register every adapter folder of the directory now (at start, so the admin list shows them)."""
+        return [self.get(name).name for name in self.directory.names()] if self.directory is not None else []
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -196,18 +177,14 @@ class AdapterManager:
     def _timed_read(self, path: Path, name: str) -> AdapterWeights:
         started = time.perf_counter()
         weights = read_adapter(path, self.base, self.max_rank, name)
-        if self.metrics is not None:
-            self.metrics.adapter_loads.inc()
-            self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        self.stats.load_seconds.observe(time.perf_counter() - started)
         return weights
 
     def _count_lookup(self, version: AdapterVersion) -> None:
-        if self.metrics is None:
-            return
         on_device, on_host = version.slot is not None, version.weights is not None
-        self.metrics.adapter_cache.labels("device", "hit" if on_device else "miss").inc()
+        self.stats.lookups["device", "hit" if on_device else "miss"] += 1
         if not on_device:
-            self.metrics.adapter_cache.labels("host", "hit" if on_host else "miss").inc()
+            self.stats.lookups["host", "hit" if on_host else "miss"] += 1
 
     def unpin(self, version: AdapterVersion) -> None:
         version.pins -= 1
@@ -234,7 +211,6 @@ class AdapterManager:
             version.error = error
             log.warning("adapter %s refused: %s", version.name, version.error)
             return version.error
-        self.loads += 1
         if not version.retired:  # a version retired while being read is not kept
             version.weights = future.result()
             version.loaded_at = time.time()
@@ -283,16 +259,13 @@ class AdapterManager:
                 return
             del self.host[victim]
             victim.weights = None
-            if self.metrics is not None:
-                self.metrics.adapter_evictions.labels("host").inc()
+            self.stats.evictions["host"] += 1
 
     def _evict_slot(self, version: AdapterVersion) -> None:
         del self.slots[version.slot]
         self.free_slots.append(version.slot)
         version.slot = None
-        self.evictions += 1
-        if self.metrics is not None:
-            self.metrics.adapter_evictions.labels("device").inc()
+        self.stats.evictions["device"] += 1
 
     def _free(self, version: AdapterVersion) -> None:
         """Drop every copy of a retired version: its device slot and its host weights."""

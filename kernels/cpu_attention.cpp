@@ -11,10 +11,8 @@
 //     out[b, h_g]  = sum_j softmax_j(scores[g]) * V[slot_j, kvh]
 //
 // Work items are sequences, or runs of a sequence's kv heads when there are too few sequences for the threads,
-// spread over torch's intra-op threads. Keys and values are prefetched a few keys ahead. Demo model shapes (32
-// sequences of 80 tokens, 4 heads over 2 kv heads, head_dim 64, 1 thread, 2-core AMD EPYC VM): 0.28-0.33 ms per
-// layer against 0.41 ms for the gather + SDPA path; 32 x 512 tokens, 32/8 heads, head_dim 128: 25-28 ms
-// against 120.
+// spread over torch's intra-op threads. Keys and values are prefetched a few keys ahead. Against the gather + SDPA
+// path: loadtest/RESULTS.md, "The CPU kernels' design figures".
 
 #include <ATen/core/Tensor.h>
 

@@ -1,29 +1,24 @@
 // The gathered-LoRA op compiled for the CPU (fp32): the engine's LoRA path when it serves on the CPU.
 //
-// For each segment of the step's metadata (a run of tokens sharing slot s, read through sorted_tokens) and
-// each slice i of the projection (columns off_i .. off_i + size_i of y):
-//     y[t, off_i + o] += scales[i, s] * sum_{k < r} (x[t] . A[i, s, k]) * B[s, off_i + o, k],  r = ranks[i, s]
+// For each segment of the step's metadata (a run of tokens sharing slot s, read through sorted_tokens) shorter
+// than max_length tokens (longer ones, prefill chunks, go through torch's BLAS on the Python side):
+//     y[t, o] += scales[s] * sum_{k < r} (x[t] . A[s, k]) * B[s, o, k],  r = ranks[s]
 // Weights beyond a slot's rank are never read. Tokens go four at a time: the shrink reads each rank row of A
 // once for the four of them, then the expand adds four ranks per pass over the four y rows, reading each vector
-// of those four B rows once for the four tokens (1 slot, 32 tokens, rank 16, 256 -> 688, 1 thread: 14 us, 68
-// GFLOP/s, against 21 us when each token's row took its own pass; MKL's mm pair for one adapter: 16 us).
+// of those four B rows once for the four tokens, so a tile's weights are read once, not once per token.
 // Work items are tiles of up to four tokens of one segment.
 //
 // A decode step reads every used slot's weights once, mostly from memory (a step's adapter weights rarely stay
 // in the caches between steps), so the last tile of a segment prefetches the next segment's weights, row by row,
-// as it reads its own: demo-model decode step (32 tokens, 8 rank-16 adapters, 28 layers, caches flushed,
-// 1 thread): 0.94-1.01 ms against 1.24-1.29 without, no change with warm caches.
+// as it reads its own.
 //
 // Two entry points: lora_apply adds the deltas into y (tiles spread over torch's intra-op threads); lora_linear
 // is a whole LoRA layer, the base linear plus the deltas, with the kernel running on a helper thread while the
-// caller runs the base GEMM (TileHelper below). The step's adapter weights then stream in during the GEMM
-// instead of after it: the demo model's 28 LoRA layers of a decode step (32 tokens, 8 rank-16 adapters, caches
-// flushed, 1 torch thread; loadtest/layer_bench.py): the kernel after each GEMM adds 1.0-1.4 ms to 3.8-4.9 ms of
-// GEMMs, alongside them 0.3-1.2 ms (10th percentiles: 1.0-1.1 against 0.2-0.3).
+// caller runs the base GEMM (TileHelper below), so the step's adapter weights stream in during the GEMM instead
+// of after it. Figures for each of these choices: loadtest/RESULTS.md, "The CPU kernels' design figures".
 //
 // Layout it needs (checked by the Python side, which otherwise uses the torch path): x, y, A rows and B's out
-// dimension with unit stride, i.e. A [n, S, R, in] with in innermost and B [S, out, R] with out innermost, which
-// both layouts `slot_buffers` stores them in qualify (slot-major on the CPU, rank-outermost elsewhere).
+// dimension with unit stride, i.e. A [S, R, in] with in innermost and B [S, out, R] with out innermost.
 
 #include <ATen/core/Tensor.h>
 
@@ -47,24 +42,24 @@ namespace {
 constexpr int kTile = 4;         // tokens per work item
 constexpr int64_t kRankChunk = 64;  // ranks shrunk (into registers / stack) before their expand
 
-struct NextWeights {  // the next segment's weights for the same slice, to prefetch; nullptr: none
+struct NextWeights {  // the next segment's weights, to prefetch; nullptr: none
   const float* A = nullptr;
   const float* B = nullptr;
 };
 
-struct SliceWeights {
-  const float* A;        // A[i, s, 0, 0]
-  int64_t a_rank_stride;  // elements between A[i, s, k] and A[i, s, k + 1]
-  const float* B;        // B[s, off_i, 0]
+struct SlotWeights {
+  const float* A;        // A[s, 0, 0]
+  int64_t a_rank_stride;  // elements between A[s, k] and A[s, k + 1]
+  const float* B;        // B[s, 0, 0]
   int64_t b_rank_stride;  // elements between B[s, :, k] and B[s, :, k + 1]
-  int64_t out;           // size_i
+  int64_t out;
   int64_t rank;          // r
   float scale;
 };
 
 // h[k][j] = scale * x_j . A[k0 + k] for the TL tokens x_j, k < count
 template <int TL>
-void shrink(float (*h)[kTile], const float* const* xs, const SliceWeights& w, int64_t in, int64_t k0, int64_t count,
+void shrink(float (*h)[kTile], const float* const* xs, const SlotWeights& w, int64_t in, int64_t k0, int64_t count,
             const NextWeights& next) {
   for (int64_t k = 0; k < count; ++k) {
     const float* __restrict a = w.A + (k0 + k) * w.a_rank_stride;
@@ -102,7 +97,7 @@ void shrink(float (*h)[kTile], const float* const* xs, const SliceWeights& w, in
 // y_j += sum_k h[k][j] * B[k0 + k] for the TL token rows y_j, k < count, four ranks per pass over y. A full tile
 // updates its four rows together: each vector of the four B rows is loaded once for the four tokens.
 template <int TL>
-void expand(float* const* ys, const float (*h)[kTile], const SliceWeights& w, int64_t k0, int64_t count,
+void expand(float* const* ys, const float (*h)[kTile], const SlotWeights& w, int64_t k0, int64_t count,
             const NextWeights& next) {
   auto prefetch_rows = [&](int64_t k, int64_t n) {
     if (next.B != nullptr)
@@ -155,7 +150,7 @@ void expand(float* const* ys, const float (*h)[kTile], const SliceWeights& w, in
 }
 
 template <int TL>
-void apply_tile(const float* const* xs, float* const* ys, const SliceWeights& w, int64_t in, const NextWeights& next) {
+void apply_tile(const float* const* xs, float* const* ys, const SlotWeights& w, int64_t in, const NextWeights& next) {
   float h[kRankChunk][kTile];
   for (int64_t k0 = 0; k0 < w.rank; k0 += kRankChunk) {
     const int64_t count = std::min(kRankChunk, w.rank - k0);
@@ -164,29 +159,29 @@ void apply_tile(const float* const* xs, float* const* ys, const SliceWeights& w,
   }
 }
 
-// One call's operands as raw pointers, and its work: tiles of up to four tokens of one segment, each applying
-// every slice. Tiles write disjoint rows of y, so any thread may run any tile.
+// One call's operands as raw pointers, and its work: tiles of up to four tokens of one segment. Tiles write
+// disjoint rows of y, so any thread may run any tile.
 class LoraCall {
  public:
   LoraCall(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& scales,
            const at::Tensor& ranks, const at::Tensor& sorted_tokens, const at::Tensor& segment_slots,
            const at::Tensor& segment_starts, const at::Tensor& segment_lengths, int64_t num_segments,
-           std::vector<int64_t> offsets, std::vector<int64_t> sizes, bool overwrite)
+           int64_t max_length, bool overwrite)
       : x_(x.data_ptr<float>()), x_row_(x.stride(0)), y_(y.data_ptr<float>()), y_row_(y.stride(0)),
-        A_(A.data_ptr<float>()), a_slice_(A.stride(0)), a_slot_(A.stride(1)), a_rank_(A.stride(2)), in_(A.size(3)),
-        B_(B.data_ptr<float>()), b_slot_(B.stride(0)), b_rank_(B.stride(2)),
-        scales_(scales.data_ptr<float>()), ranks_(ranks.data_ptr<int32_t>()), n_(A.size(0)), S_(A.size(1)),
+        A_(A.data_ptr<float>()), a_slot_(A.stride(0)), a_rank_(A.stride(1)), in_(A.size(2)),
+        B_(B.data_ptr<float>()), b_slot_(B.stride(0)), b_rank_(B.stride(2)), out_(B.size(1)),
+        scales_(scales.data_ptr<float>()), ranks_(ranks.data_ptr<int32_t>()),
         tokens_(sorted_tokens.data_ptr<int32_t>()), slots_(segment_slots.data_ptr<int32_t>()),
         starts_(segment_starts.data_ptr<int32_t>()), lengths_(segment_lengths.data_ptr<int32_t>()),
-        offsets_(std::move(offsets)), sizes_(std::move(sizes)), first_tile_(num_segments + 1, 0),
-        overwrite_(overwrite) {
+        max_length_(max_length), first_tile_(num_segments + 1, 0), overwrite_(overwrite) {
     TORCH_CHECK(x.dtype() == at::kFloat && y.dtype() == at::kFloat && A.dtype() == at::kFloat &&
                     B.dtype() == at::kFloat,
                 "the CPU LoRA kernel takes float32");
-    TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && A.stride(3) == 1 && B.stride(1) == 1,
+    TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && A.stride(2) == 1 && B.stride(1) == 1,
                 "the CPU LoRA kernel needs unit strides along x/y columns, A's in and B's out");
-    for (int64_t g = 0; g < num_segments; ++g)  // tiles of the segments before g + 1
-      first_tile_[g + 1] = first_tile_[g] + (lengths_[g] + kTile - 1) / kTile;
+    TORCH_CHECK(num_segments <= segment_slots.size(0), "more segments than the metadata holds");
+    for (int64_t g = 0; g < num_segments; ++g)  // tiles of the segments before g + 1 (none for a long segment)
+      first_tile_[g + 1] = first_tile_[g] + (mine(g) ? (lengths_[g] + kTile - 1) / kTile : 0);
   }
 
   int64_t num_tiles() const { return first_tile_.back(); }
@@ -198,28 +193,26 @@ class LoraCall {
     const int64_t first = (tile - first_tile_[g]) * kTile;
     const int count = static_cast<int>(std::min<int64_t>(kTile, lengths_[g] - first));
     const int32_t* rows = tokens_ + starts_[g] + first;
-    for (int64_t i = 0; i < n_; ++i) {
-      const float* xs[kTile];
-      float* ys[kTile];
-      for (int j = 0; j < count; ++j) {
-        xs[j] = x_ + rows[j] * x_row_;
-        ys[j] = y_ + rows[j] * y_row_ + offsets_[i];
-        if (overwrite_) std::fill(ys[j], ys[j] + sizes_[i], 0.f);
-      }
-      const SliceWeights w{A_ + i * a_slice_ + slot * a_slot_, a_rank_, B_ + slot * b_slot_ + offsets_[i], b_rank_,
-                           sizes_[i], ranks_[i * S_ + slot], scales_[i * S_ + slot]};
-      if (w.rank == 0) continue;
-      NextWeights next;
-      if (first + kTile >= lengths_[g] && g + 1 < num_segments()) {  // the segment's last tile
-        next.A = A_ + i * a_slice_ + slots_[g + 1] * a_slot_;
-        next.B = B_ + slots_[g + 1] * b_slot_ + offsets_[i];
-      }
-      switch (count) {
-        case 4: apply_tile<4>(xs, ys, w, in_, next); break;
-        case 3: apply_tile<3>(xs, ys, w, in_, next); break;
-        case 2: apply_tile<2>(xs, ys, w, in_, next); break;
-        default: apply_tile<1>(xs, ys, w, in_, next); break;
-      }
+    const float* xs[kTile];
+    float* ys[kTile];
+    for (int j = 0; j < count; ++j) {
+      xs[j] = x_ + rows[j] * x_row_;
+      ys[j] = y_ + rows[j] * y_row_;
+      if (overwrite_) std::fill(ys[j], ys[j] + out_, 0.f);
+    }
+    const SlotWeights w{A_ + slot * a_slot_, a_rank_, B_ + slot * b_slot_, b_rank_, out_, ranks_[slot], scales_[slot]};
+    if (w.rank == 0) return;
+    NextWeights next;
+    if (first + kTile >= lengths_[g]) {  // the segment's last tile: prefetch the next segment the kernel runs
+      int64_t h = g + 1;
+      while (h < num_segments() && !mine(h)) ++h;
+      if (h < num_segments()) next = {A_ + slots_[h] * a_slot_, B_ + slots_[h] * b_slot_};
+    }
+    switch (count) {
+      case 4: apply_tile<4>(xs, ys, w, in_, next); break;
+      case 3: apply_tile<3>(xs, ys, w, in_, next); break;
+      case 2: apply_tile<2>(xs, ys, w, in_, next); break;
+      default: apply_tile<1>(xs, ys, w, in_, next); break;
     }
   }
 
@@ -230,39 +223,42 @@ class LoraCall {
     });
   }
 
-  // dst[t] += y[t] over the columns of every slice, for the tokens of the segments (y written with overwrite)
+  // dst[t] += y[t] for the tokens of the kernel's segments (y written with overwrite)
   void add_rows_into(at::Tensor& dst) const {
     TORCH_CHECK(dst.stride(1) == 1, "the LoRA deltas are added into rows with unit column stride");
     float* d = dst.data_ptr<float>();
-    const int64_t d_row = dst.stride(0), width = offsets_.back() + sizes_.back();
-    for (int64_t g = 0; g < num_segments(); ++g)
+    const int64_t d_row = dst.stride(0);
+    for (int64_t g = 0; g < num_segments(); ++g) {
+      if (!mine(g)) continue;
       for (int64_t e = starts_[g]; e < starts_[g] + lengths_[g]; ++e) {
         float* __restrict out = d + tokens_[e] * d_row;
         const float* __restrict delta = y_ + tokens_[e] * y_row_;
 #pragma omp simd
-        for (int64_t c = 0; c < width; ++c) out[c] += delta[c];
+        for (int64_t c = 0; c < out_; ++c) out[c] += delta[c];
       }
+    }
   }
 
  private:
+  bool mine(int64_t g) const { return lengths_[g] < max_length_; }  // longer segments go through BLAS
+
   const float* x_;
   int64_t x_row_;
   float* y_;
   int64_t y_row_;
-  const float* A_;  // [n, S, R, in]
-  int64_t a_slice_, a_slot_, a_rank_, in_;
-  const float* B_;  // [S, out_total, R], out innermost
-  int64_t b_slot_, b_rank_;
-  const float* scales_;  // [n, S]
-  const int32_t* ranks_;  // [n, S]
-  int64_t n_, S_;
+  const float* A_;  // [S, R, in]
+  int64_t a_slot_, a_rank_, in_;
+  const float* B_;  // [S, out, R], out innermost
+  int64_t b_slot_, b_rank_, out_;
+  const float* scales_;  // [S]
+  const int32_t* ranks_;  // [S]
   const int32_t* tokens_;  // [T]
   const int32_t* slots_;   // [>= num_segments]
   const int32_t* starts_;
   const int32_t* lengths_;
-  std::vector<int64_t> offsets_, sizes_;
+  int64_t max_length_;
   std::vector<int64_t> first_tile_;  // [num_segments + 1]
-  bool overwrite_;  // y holds scratch: each tile zeroes its rows' slice columns before adding
+  bool overwrite_;  // y holds scratch: each tile zeroes its rows before adding
 };
 
 // A second thread that runs a call's tiles while the caller runs the base GEMM, so the LoRA work, which mostly
@@ -272,8 +268,8 @@ class LoraCall {
 //
 // The helper runs at idle priority (SCHED_IDLE on Linux): it takes only cycles no other thread wants, so the
 // core it shares with the server's event loop and the clients stays theirs. Between jobs it spins for up to
-// kSpin (the LoRA layers of one forward pass come tens to hundreds of microseconds apart; waking a sleeping
-// thread costs the caller ~14 us on a 2-core VM, 0.33 ms a demo-model step), then sleeps until the next job.
+// kSpin (the LoRA layers of one forward pass come tens to hundreds of microseconds apart, and waking a sleeping
+// thread costs the caller more than spinning costs the idle core), then sleeps until the next job.
 // A caller whose last tile is still on the helper spins for up to kCallerSpin, then sleeps too: if something
 // else has the helper's core, the caller's own, now idle core lets the scheduler move the helper there.
 class TileHelper {
@@ -413,41 +409,41 @@ int64_t usable_cpus() {
 
 }  // namespace
 
-// y [T, out_total] += the LoRA deltas of the step's segments; see the header comment for the operands.
-void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales,
-                at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
-                at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
-                std::vector<int64_t> offsets, std::vector<int64_t> sizes) {
+// y [T, out] += the LoRA deltas of the step's segments shorter than max_length; see the header comment.
+void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales, at::Tensor ranks,
+                at::Tensor sorted_tokens, at::Tensor segment_slots, at::Tensor segment_starts,
+                at::Tensor segment_lengths, int64_t num_segments, int64_t max_length) {
   const LoraCall call(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths,
-                      num_segments, std::move(offsets), std::move(sizes), /*overwrite=*/false);
+                      num_segments, max_length, /*overwrite=*/false);
   call.run_all();
 }
 
-// linear(x, weight, bias) [T, out] plus the LoRA deltas of the step's segments. The deltas are computed on the
-// helper thread while the caller runs the GEMM, into a scratch buffer the caller then adds. Where torch's threads
-// already take every CPU the caller may run on (no core left for the helper), and for calls whose scratch would
-// exceed kMaxDelta (long prefill chunks of a wide model), it runs the GEMM, then the kernel, as lora_apply does.
+// linear(x, weight, bias) [T, out] plus the LoRA deltas of the step's segments shorter than max_length. The deltas
+// are computed on the helper thread while the caller runs the GEMM, into a scratch buffer the caller then adds.
+// Where torch's threads already take every CPU the caller may run on (no core left for the helper), and for calls
+// whose scratch would exceed kMaxDelta (long prefill chunks of a wide model), it runs the GEMM, then the kernel, as
+// lora_apply does.
 at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias, at::Tensor A, at::Tensor B,
                        at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
                        at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
-                       std::vector<int64_t> offsets, std::vector<int64_t> sizes) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(1) == A.size(3) &&
+                       int64_t max_length) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(1) == A.size(2) &&
                   weight.size(0) == B.size(1),
-              "lora_linear: expected x [T, in], weight [out, in], A [n, S, R, in] and B [S, out, R]");
+              "lora_linear: expected x [T, in], weight [out, in], A [S, R, in] and B [S, out, R]");
   constexpr int64_t kMaxDelta = int64_t{1} << 22;  // floats (16 MB)
   static const int64_t cpus = usable_cpus();  // those of the first caller, the engine thread
   const int64_t needed = x.size(0) * weight.size(0);
   if (needed > kMaxDelta || at::get_num_threads() >= cpus) {
     at::Tensor y = at::linear(x, weight, bias);
     lora_apply(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths, num_segments,
-               std::move(offsets), std::move(sizes));
+               max_length);
     return y;
   }
   thread_local at::Tensor scratch;  // [>= T * out] float32, kept between calls (a fresh one would page-fault)
   if (!scratch.defined() || scratch.numel() < needed) scratch = at::empty({needed}, x.options());
   at::Tensor delta = scratch.narrow(0, 0, needed).view({x.size(0), weight.size(0)});  // [T, out]
   const LoraCall call(delta, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths,
-                      num_segments, std::move(offsets), std::move(sizes), /*overwrite=*/true);
+                      num_segments, max_length, /*overwrite=*/true);
   at::Tensor y;
   TileHelper::instance().run_alongside(call, [&] { y = at::linear(x, weight, bias); });
   call.add_rows_into(y);

@@ -1,99 +1,99 @@
-"""The gathered-LoRA op as a compiled CPU kernel (`cpu_lora.cpp`): the engine's LoRA path on the CPU.
+"""The LoRA backend of the CPU: the compiled kernel (`cpu_lora.cpp`), one call for all of a step's segments.
 
-The torch path (`torch_lora`) pays a fixed cost per op and per group of tokens (index_select, two bmm,
-index_add_) that dwarfs the arithmetic of a decode step; the kernel walks the step's segments in one call.
-Demo model, decode step of 32 tokens over 8 rank-16 adapters, all 28 LoRA layers, warm caches, 1 thread, 2-core
-AMD EPYC: 0.43-0.6 ms against 1.5-2.0 ms for the torch path (loadtest/RESULTS.md has the cold-cache figures).
+The torch path pays a fixed cost per op and per group of tokens (index_select, two bmm, index_add_) that dwarfs
+the arithmetic of a decode step; the kernel walks the step's segments in one call. Segments of at least
+LONG_SEGMENT tokens (prefill chunks) go through torch's BLAS, one matmul pair each, where BLAS is the faster.
 
-`lora_linear_cpu` is a whole LoRA layer in one call: the base GEMM on the calling thread while a helper thread
-runs the kernel, so the adapter weights stream in from memory during the GEMM (loadtest/RESULTS.md: adapters/base
-over HTTP 0.98 median against 0.87 with the kernel after each GEMM).
+A LoRA layer (`linear`) is one call, `lora_linear`: the base GEMM on the calling thread while a helper thread runs
+the kernel, so the adapter weights stream in from memory during the GEMM. It applies to float32 `nn.Linear` bases;
+others run the base, then the kernel.
 
-It is one of the compiled CPU ops (`cpu_build`), built on first use. When they cannot be built, or the operands
-do not suit the kernel (not float32, or another memory layout), the torch path serves instead.
+The kernel is one of the compiled CPU ops (`cpu_build`), built on first use. When they cannot be built, or the
+operands do not suit the kernel (not float32, or another memory layout), the torch path serves instead.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+import os
 
 import torch
 
+from .backend import LoraBackend
 from .cpu_build import cpu_ops
+from .metadata import LoraMeta
 from .operands import LoraOperands
-from .torch_lora import lora_torch
+from .torch_lora import TorchBackend, run_plan
+from .torch_plan import TorchPlan, plan_segments
 
-if TYPE_CHECKING:
-    from .metadata import LoraBatchMeta, Segment
-
-# Segments from this many tokens up (long prefill chunks) go through torch's BLAS, one matmul pair each: all 28
-# LoRA layers of the demo model, 8 segments of n tokens, rank 16, 1 thread: n = 128: kernel 18.0 ms, BLAS 23.5;
-# 192: 27.1 and 28.0; 256: 37.5 and 34.3 (2-core AMD EPYC VM).
+# Segments from this many tokens up go through torch's BLAS (loadtest/RESULTS.md: the crossover, 128-256 tokens).
 LONG_SEGMENT = 192
+HELPER_ENV = "LORADOCK_CPU_LORA_HELPER"  # "off": the kernel after each GEMM, on the engine thread
 
 
-def lora_cpu(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraBatchMeta) -> None:
-    """y += scale * x A^T B^T per token's slot, through the kernel when it is built and suits the operands.
+class CpuBackend(LoraBackend):
+    """The compiled kernel; the torch path where it cannot serve."""
 
-    y: [T, out_total] (rows may be strided); x: [T, in]; ops, meta: as for `lora_torch` (CPU tensors).
-    The kernel takes float32 weights laid out with A's in and B's out innermost (`ops.cpu_kernel_layout`) and
-    x, y with unit column stride; anything else goes to the torch path.
-    """
-    compiled = cpu_ops()
-    if compiled is None or not ops.cpu_kernel_layout or x.stride(1) != 1 or y.stride(1) != 1:
-        lora_torch(y, x, ops, meta)
-        return
-    plan = meta.cpu_plan
-    if plan.long:  # prefill-sized segments: one matmul pair each through torch's BLAS
-        lora_torch(y, x, ops, meta, strategy="loop", segments=plan.long)
-    if plan.num_short:
-        compiled.lora_apply(
-            y, x, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, plan.slots, plan.starts, plan.lengths,
-            plan.num_short, ops.offsets, ops.sizes,
-        )
+    name = "cpp"
 
+    def __init__(self):
+        self._torch = TorchBackend()
+        self.overlap = os.environ.get(HELPER_ENV, "on") != "off"  # the kernel alongside the GEMM, on a helper thread
+        self._long: tuple[LoraMeta, int, TorchPlan | None] | None = None  # (meta, its step, the long segments' plan)
 
-def lora_linear_cpu(
-    base: torch.nn.Module, x: torch.Tensor, ops: LoraOperands, meta: LoraBatchMeta
-) -> torch.Tensor | None:
-    """base(x) + the LoRA deltas [T, out], the kernel running on a helper thread during the base GEMM; None when
-    this path does not apply (no compiled ops, a base other than a float32 `nn.Linear`, other operands).
+    def prepare(self) -> None:
+        cpu_ops()
 
-    x: [T, in] float32 with unit column stride; ops, meta: as for `lora_cpu`.
-    """
-    compiled = cpu_ops()
-    if (
-        compiled is None
-        or type(base) is not torch.nn.Linear
-        or base.weight.dtype != torch.float32
-        or x.dtype != torch.float32
-        or not ops.cpu_kernel_layout
-        or x.stride(1) != 1
-    ):
-        return None
-    plan = meta.cpu_plan
-    y = compiled.lora_linear(
-        x, base.weight, base.bias, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, plan.slots, plan.starts,
-        plan.lengths, plan.num_short, ops.offsets, ops.sizes,
-    )
-    if plan.long:  # prefill-sized segments: one matmul pair each through torch's BLAS
-        lora_torch(y, x, ops, meta, strategy="loop", segments=plan.long)
-    return y
+    def slot_buffers(
+        self, num_slots: int, max_rank: int, in_features: int, out_features: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot-major, A stored [S, R, in] and B [S, R, out]: the weights a slot's tokens read are one contiguous
+        block each (loadtest/RESULTS.md: faster than rank-outermost for the CPU kernel)."""
+        A = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)  # [S, R, in]
+        B = torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device).transpose(1, 2)  # [S, out, R]
+        return A, B
 
+    def linear(self, base: torch.nn.Module, x: torch.Tensor, ops: LoraOperands, meta: LoraMeta) -> torch.Tensor:
+        compiled = cpu_ops()
+        x_2d = x.reshape(-1, x.shape[-1])  # [T, in]
+        if (
+            compiled is None
+            or not self.overlap
+            or type(base) is not torch.nn.Linear
+            or base.weight.dtype != torch.float32
+            or not _kernel_reads(ops, x_2d)
+        ):
+            return super().linear(base, x, ops, meta)
+        y = compiled.lora_linear(x_2d, base.weight, base.bias, *_kernel_operands(ops, meta))  # [T, out]
+        self._add_long_segments(y, x_2d, ops, meta)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
-class CpuPlan(NamedTuple):
-    """A step's segments split between torch's BLAS (long ones) and the kernel (the rest, as its arrays)."""
+    def _add(self, y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraMeta) -> None:
+        compiled = cpu_ops()
+        if compiled is None or not _kernel_reads(ops, x) or y.stride(1) != 1:
+            self._torch._add(y, x, ops, meta)
+            return
+        compiled.lora_apply(y, x, *_kernel_operands(ops, meta))
+        self._add_long_segments(y, x, ops, meta)
 
-    long: tuple[Segment, ...]  # segments of at least LONG_SEGMENT tokens
-    slots: torch.Tensor  # [num_short] int32: the kernel's segments (all the others)
-    starts: torch.Tensor  # [num_short] int32
-    lengths: torch.Tensor  # [num_short] int32
-    num_short: int
+    def _add_long_segments(self, y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraMeta) -> None:
+        """The segments the kernel left to BLAS: one matmul pair each."""
+        if self._long is None or self._long[0] is not meta or self._long[1] != meta.step:
+            long = tuple(segment for segment in meta.segments if segment.length >= LONG_SEGMENT)
+            self._long = (meta, meta.step, plan_segments(long, meta.order, x.device, "loop") if long else None)
+        if self._long[2] is not None:
+            run_plan(y, x, ops, self._long[2], meta)
 
 
-def plan_cpu(segments: tuple[Segment, ...]) -> CpuPlan:
-    """Split a step's segments (`meta.cpu_plan` calls this once per step)."""
-    long = tuple(segment for segment in segments if segment.length >= LONG_SEGMENT)
-    short = [segment for segment in segments if segment.length < LONG_SEGMENT]
-    columns = torch.tensor([[s.slot, s.start, s.length] for s in short], dtype=torch.int32).view(-1, 3)
-    return CpuPlan(long, *columns.T.contiguous(), len(short))  # [3, num_short]: one contiguous row per field
+def _kernel_reads(ops: LoraOperands, x: torch.Tensor) -> bool:
+    """Whether the kernel takes these operands: float32 weights in its layout, x of the weights' dtype, unit stride."""
+    return ops.cpu_kernel_layout and x.dtype == torch.float32 and x.stride(1) == 1
+
+
+def _kernel_operands(ops: LoraOperands, meta: LoraMeta) -> tuple:
+    """The kernel's arguments after x / y: the weights, the step's segments, and the BLAS threshold."""
+    return (
+        ops.A, ops.B, ops.scales, ops.ranks,
+        meta.sorted_tokens, meta.segment_slots, meta.segment_starts, meta.segment_lengths, len(meta.segments),
+        LONG_SEGMENT,
+    )  # fmt: skip

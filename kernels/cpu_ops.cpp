@@ -5,15 +5,14 @@
 #include <optional>
 #include <vector>
 
-void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales,
-                at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
-                at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
-                std::vector<int64_t> offsets, std::vector<int64_t> sizes);  // cpu_lora.cpp
+void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales, at::Tensor ranks,
+                at::Tensor sorted_tokens, at::Tensor segment_slots, at::Tensor segment_starts,
+                at::Tensor segment_lengths, int64_t num_segments, int64_t max_length);  // cpu_lora.cpp
 
 at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias, at::Tensor A, at::Tensor B,
                        at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
                        at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
-                       std::vector<int64_t> offsets, std::vector<int64_t> sizes);  // cpu_lora.cpp
+                       int64_t max_length);  // cpu_lora.cpp
 
 void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                       at::Tensor kv_index, at::Tensor query_pos, double scale,

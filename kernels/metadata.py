@@ -1,29 +1,24 @@
-"""Per-step LoRA batch metadata: which tokens use which adapter slot, grouped by slot.
+"""Per-step LoRA metadata: which tokens use which adapter slot, grouped by slot, in buffers allocated once.
 
-Built once per engine step by `build_lora_meta` and read by every LoRA layer of that step. Tokens are grouped
-by slot through an index (`sorted_tokens`); x and y are never permuted. A *segment* is the run of entries of
-`sorted_tokens` that share one slot. Prefill chunks (long segments) and decode tokens (segments of one token,
-or one long segment when every request uses the same adapter) share this one format.
+Every LoRA layer of a step reads the same `LoraMeta`. Tokens are grouped by slot through an index
+(`sorted_tokens`); x and y are never permuted. A *segment* is the run of entries of `sorted_tokens` that share one
+slot. Prefill chunks (long segments) and decode tokens (segments of one token, or one long segment when every
+request uses the same adapter) share this one format.
 
-The device tensors have static shapes (T tokens, `max_slots` segments, padded), so Triton grids are sized
-from static maxima and kernels exit early on padded segments: a captured CUDA graph stays valid when the
-mix of adapters changes. The host copies (`segments`) serve the torch path without device->host syncs; its
-plan (`torch_plan`) is built on first use and shared by every layer of the step.
+The device tensors are allocated once, sized from the engine's limits (`max_tokens` a step, `max_slots` device
+slots), and rewritten in place from one host staging buffer by one copy a step (the metadata's own, or, inside a
+caller's packed buffers, the caller's one copy of all its step inputs): every step reads the same tensors,
+so the kernels' launch shapes depend only on those limits and a captured CUDA graph stays valid when the mix of
+adapters changes. Padding segments have length 0 (kernels exit early on them). The host copies (`segments`,
+`order`) serve the host-side plans of the CPU and torch paths without device->host syncs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
-
-from .backend import lora_backend
-from .torch_plan import TorchPlan, plan_segments
-
-if TYPE_CHECKING:
-    from .cpu_lora import CpuPlan
 
 
 class Segment(NamedTuple):
@@ -35,70 +30,93 @@ class Segment(NamedTuple):
     first_row: int  # when the run's tokens are the rows first_row .. first_row+length-1 of x: first_row; else -1
 
 
-@dataclass(frozen=True, eq=False)
-class LoraBatchMeta:
-    """Token -> slot grouping of one step; device tensors padded to static maxima, plus host copies."""
+class LoraMeta:
+    """Token -> slot grouping of the current step: device buffers of static size, rewritten by `update`."""
 
-    token_slots: torch.Tensor  # [T] int32: slot per token, -1 = base model only
-    sorted_tokens: torch.Tensor  # [T] int32: token indices grouped by slot (ascending), base tokens last
-    segment_slots: torch.Tensor  # [max_slots] int32: slot of each segment, -1 padding
-    segment_starts: torch.Tensor  # [max_slots] int32: offset of each segment in sorted_tokens, 0 padding
-    segment_lengths: torch.Tensor  # [max_slots] int32: tokens per segment, 0 padding
-    num_segments: torch.Tensor  # [1] int32: real segments (the rest of the segment arrays is padding)
-    max_segment_length: torch.Tensor  # [1] int32: longest real segment
-    max_slots: int  # S: the static number of segments the device arrays hold
-    segments: tuple[Segment, ...]  # host copy of the real segments, in slot order
-    backend: str  # the LoRA backend of this step's device ('triton', 'cpp' or 'torch'), chosen once per step
+    def __init__(self, max_tokens: int, max_slots: int, device: torch.device | str,
+                 storage: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """storage: (host, device) int32 tensors of `size(max_tokens, max_slots)` elements inside a caller's packed
+        buffers, whose one copy a step the caller makes (`write`); None: this object owns them and copies them
+        itself (`update`)."""
+        self.max_tokens, self.max_slots = max_tokens, max_slots
+        self.device = torch.device(device)
+        if storage is None:
+            on_cuda = self.device.type == "cuda"
+            host = torch.empty(self.size(max_tokens, max_slots), dtype=torch.int32, pin_memory=on_cuda)
+            storage = (host, host.to(self.device) if on_cuda else host)  # the CPU reads the host buffer itself
+            self._copy = on_cuda
+        else:
+            self._copy = False
+        self._staging, packed = storage
+        self._host = self._staging.numpy()  # the staging buffer as numpy: fast bulk writes from lists
+        fields = packed.split([max_tokens, max_tokens, max_slots, max_slots, max_slots])
+        self._packed = packed
+        self.token_slots = fields[0]  # [max_tokens] int32: slot per token, -1 = base model; past T: stale
+        self.sorted_tokens = fields[1]  # [max_tokens] int32: token indices grouped by slot, base last; past T: stale
+        self.segment_slots = fields[2]  # [max_slots] int32: slot of each segment, -1 padding
+        self.segment_starts = fields[3]  # [max_slots] int32: offset of each segment in sorted_tokens, 0 padding
+        self.segment_lengths = fields[4]  # [max_slots] int32: tokens per segment, 0 padding
+        self.num_tokens = 0  # T: tokens of the current step
+        self.segments: tuple[Segment, ...] = ()  # host copy of the real segments, in slot order
+        self.order: list[int] = []  # host copy of sorted_tokens[:T]
+        self.step = 0  # bumped by every write: per-step plans of the backends are cached against it
+        self._write([], [])
+
+    @staticmethod
+    def size(max_tokens: int, max_slots: int) -> int:
+        """int32 elements of the packed buffer."""
+        return 2 * max_tokens + 3 * max_slots
 
     @property
-    def num_tokens(self) -> int:
-        """T: tokens in the step, adapter and base ones."""
-        return self.token_slots.shape[0]
+    def active(self) -> bool:
+        """Whether any token of the current step uses an adapter."""
+        return bool(self.segments)
 
     @property
     def num_lora_tokens(self) -> int:
-        """Tokens that use an adapter."""
         return sum(segment.length for segment in self.segments)
 
-    @cached_property
-    def cpu_plan(self) -> CpuPlan:
-        """How the CPU path splits this step's segments between BLAS and the kernel (`cpu_lora.plan_cpu`)."""
-        from .cpu_lora import plan_cpu
+    def update(self, token_slots: Sequence[int]) -> bool:
+        """Write a step's grouping and bring it to the device; returns `active`. token_slots: [T] slot per token,
+        -1 = base model. One copy (non-blocking from pinned memory on CUDA: the previous step's copy has completed,
+        since every step ends with the sampled tokens' transfer to the host)."""
+        active = self.write(token_slots)
+        if self._copy:
+            self._packed.copy_(self._staging, non_blocking=True)
+        return active
 
-        return plan_cpu(self.segments)
-
-    @cached_property
-    def torch_plan(self) -> TorchPlan:
-        """How the torch path runs this step's segments (`torch_plan.plan_segments`)."""
-        return plan_segments(self.segments, self.sorted_tokens, self.token_slots.device)
-
-
-def build_lora_meta(
-    token_slots: torch.Tensor | list[int], max_slots: int, device: torch.device | str | None = None
-) -> LoraBatchMeta | None:
-    """Group a step's tokens by adapter slot; None when no token uses an adapter (callers skip the op).
-
-    token_slots: [T] integer slot per token, -1 for the base model, else in [0, max_slots): a host list or a
-    tensor (a CUDA one costs a device->host sync). The grouping runs on the host in plain Python (a decode
-    step's 32 tokens: about 25 us, where a dozen tiny tensor ops took 110); the result reaches `device`
-    (default: token_slots' device, the CPU for a list) in one transfer.
-    """
-    if isinstance(token_slots, torch.Tensor):
-        if token_slots.dim() != 1 or token_slots.dtype.is_floating_point or token_slots.dtype == torch.bool:
-            raise ValueError(
-                f"token_slots must be a 1-D integer tensor, got {token_slots.dtype} {list(token_slots.shape)}"
-            )
-        device = torch.device(device) if device is not None else token_slots.device
-        slots = token_slots.tolist()
-    else:
-        device = torch.device(device) if device is not None else torch.device("cpu")
+    def write(self, token_slots: Sequence[int]) -> bool:
+        """Write a step's grouping into the host buffer only (the owner of shared storage copies it); returns
+        `active`. The grouping runs on the host in plain Python: cheaper than a dozen tiny tensor ops at decode
+        sizes."""
         slots = list(token_slots)
+        if len(slots) > self.max_tokens:
+            raise ValueError(f"a step of {len(slots)} tokens exceeds the metadata's {self.max_tokens}")
         if any(not isinstance(slot, int) or isinstance(slot, bool) for slot in slots):
             raise ValueError("token slots must be integers")
-    if slots and (min(slots) < -1 or max(slots) >= max_slots):
-        raise ValueError(f"token slots must lie in [-1, {max_slots}), got {min(slots)}..{max(slots)}")
-    # base tokens sort last; the stable sort keeps each slot's tokens in their batch order
-    order = sorted(range(len(slots)), key=lambda token: slots[token] if slots[token] >= 0 else max_slots)
+        if slots and (min(slots) < -1 or max(slots) >= self.max_slots):
+            raise ValueError(f"token slots must lie in [-1, {self.max_slots}), got {min(slots)}..{max(slots)}")
+        # base tokens sort last; the stable sort keeps each slot's tokens in their batch order
+        order = sorted(range(len(slots)), key=lambda token: slots[token] if slots[token] >= 0 else self.max_slots)
+        self.num_tokens, self.order, self.segments = len(slots), order, _segments(slots, order)
+        self.step += 1
+        self._write(slots, order)
+        return self.active
+
+    def _write(self, slots: list[int], order: list[int]) -> None:
+        """Fill the staging buffer; tokens past T keep stale values: no segment points at them."""
+        num_tokens, max_tokens, max_slots = len(slots), self.max_tokens, self.max_slots
+        host = self._host
+        host[:num_tokens] = slots
+        host[max_tokens : max_tokens + num_tokens] = order
+        segment_fields = host[2 * max_tokens :].reshape(3, max_slots)  # slots, starts, lengths
+        segment_fields[0], segment_fields[1:] = -1, 0
+        for index, segment in enumerate(self.segments):
+            segment_fields[:, index] = segment.slot, segment.start, segment.length
+
+
+def _segments(slots: list[int], order: list[int]) -> tuple[Segment, ...]:
+    """The runs of `order` (token indices sorted by slot) that share a slot, base tokens (-1) excluded."""
     segments: list[Segment] = []
     start = 0
     while start < len(order) and slots[order[start]] >= 0:
@@ -108,23 +126,4 @@ def build_lora_meta(
         first, last = order[start], order[end - 1]
         segments.append(Segment(slot, start, end - start, first if last - first == end - start - 1 else -1))
         start = end
-    if not segments:
-        return None
-
-    # one host buffer, one copy to the device; the fields are views into it
-    num_tokens, num_segments = len(slots), len(segments)
-    padding = max_slots - num_segments
-    packed = torch.tensor(
-        slots
-        + order
-        + [segment.slot for segment in segments] + [-1] * padding
-        + [segment.start for segment in segments] + [0] * padding
-        + [segment.length for segment in segments] + [0] * padding
-        + [num_segments, max(segment.length for segment in segments)],
-        dtype=torch.int32,
-    )
-    if device.type == "cuda":
-        packed = packed.pin_memory()
-    field_sizes = [num_tokens, num_tokens, max_slots, max_slots, max_slots, 1, 1]
-    on_device = packed.to(device, non_blocking=True).split(field_sizes)
-    return LoraBatchMeta(*on_device, max_slots=max_slots, segments=tuple(segments), backend=lora_backend(device))
+    return tuple(segments)

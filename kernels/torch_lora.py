@@ -1,4 +1,4 @@
-"""The gathered-LoRA op in torch: the fast path the engine uses on the CPU.
+"""The gathered-LoRA op in torch: the backend for devices without a kernel, and the CPU kernel's fallback.
 
 Tokens come grouped by slot (the step's metadata), so each slot's weights are read once and, for the common
 case, never copied. The step's plan (`torch_plan`) sends long segments through a loop of two matmuls each (on
@@ -8,48 +8,41 @@ buffers read as views.
 Weights beyond a slot's rank are never used: the batched path reads each group's weights up to the largest
 rank among the slots it serves; when those ranks differ (or some are 0: the adapter does not target this
 module), the shrunk activations and a copy of B are masked by rank, so stale or non-finite values beyond a
-rank never reach y. Padding rows are computed, then dropped before the add.
+rank never reach y. Padding rows are computed, then dropped before the add. Ranks and scales are read on the
+host: meant for the CPU (on CUDA it works, with a sync per layer).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .metadata import LoraBatchMeta, Segment
+from .backend import LoraBackend
+from .metadata import LoraMeta, Segment
 from .operands import LoraOperands
-from .torch_plan import PaddedSegments, plan_segments
+from .torch_plan import PaddedSegments, TorchPlan, plan_segments
 
 
-def lora_torch(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    ops: LoraOperands,
-    meta: LoraBatchMeta,
-    strategy: str | None = None,
-    segments: tuple[Segment, ...] | None = None,
-) -> None:
-    """y += scale * x A^T B^T per token's slot. y: [T, out_total] (may be strided); x: [T, in]; ops: checked
-    weights (`lora_operands`) matching x and y; meta: the step's metadata.
+class TorchBackend(LoraBackend):
+    """The torch path: the step's plan, made once per step and shared by every layer."""
 
-    strategy: None follows the step's plan (`meta.torch_plan`); 'loop' or 'batched' forces one for every
-    segment (benchmarks, tests). segments: only these of the step's segments (None: all of them).
-    Reads ranks and scales on the host: meant for the CPU (on CUDA it works but syncs).
-    """
-    if segments is None and strategy is None:
-        plan = meta.torch_plan
-    else:
-        chosen = meta.segments if segments is None else segments
-        plan = plan_segments(chosen, meta.sorted_tokens, x.device, strategy)
-    host_ranks, host_scales = ops.ranks.tolist(), ops.scales.tolist()  # [n][S]
-    for i, (offset, size) in enumerate(zip(ops.offsets, ops.sizes)):
-        if len(ops.sizes) > 1:
-            y_i, B_i = y[:, offset : offset + size], ops.B[:, offset : offset + size]  # [T, size], [S, size, R]
-        else:
-            y_i, B_i = y, ops.B
-        if plan.loop:
-            _segment_loop(y_i, x, ops.A[i], B_i, host_scales[i], host_ranks[i], plan.loop, meta.sorted_tokens)
-        if plan.batched is not None:
-            _padded_bmm(y_i, x, ops.A[i], B_i, ops.scales[i], ops.ranks[i], host_scales[i], host_ranks[i], plan.batched)
+    name = "torch"
+
+    def __init__(self):
+        self._plan: tuple[LoraMeta, int, TorchPlan] | None = None  # (meta, its step, the plan)
+
+    def _add(self, y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraMeta) -> None:
+        if self._plan is None or self._plan[0] is not meta or self._plan[1] != meta.step:
+            self._plan = (meta, meta.step, plan_segments(meta.segments, meta.order, x.device))
+        run_plan(y, x, ops, self._plan[2], meta)
+
+
+def run_plan(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, plan: TorchPlan, meta: LoraMeta) -> None:
+    """y += LoRA(x) for the plan's segments. y: [T, out] (may be strided); x: [T, in]; ops match x and y."""
+    host_ranks, host_scales = ops.ranks.tolist(), ops.scales.tolist()  # [S]
+    if plan.loop:
+        _segment_loop(y, x, ops.A, ops.B, host_scales, host_ranks, plan.loop, meta.sorted_tokens)
+    if plan.batched is not None:
+        _padded_bmm(y, x, ops.A, ops.B, ops.scales, ops.ranks, host_scales, host_ranks, plan.batched)
 
 
 def _segment_loop(

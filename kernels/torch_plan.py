@@ -24,14 +24,13 @@ import torch
 if TYPE_CHECKING:
     from .metadata import Segment
 
-# `lora_torch` with each strategy forced, demo-model layer shapes (fp32, 1 thread, 2-core AMD EPYC, torch 2.13):
-# the loop pays ~9 us per contiguous segment (~15 per gathered one), the batched path ~37 us fixed (index_select
-# of x, two bmm, index_add_) plus ~0.6 us per padded row of a prefill-sized batch. The loop wins up to 4
-# one-token segments or 2 gathered ones; the batched path from 6 and 4; the loop on 32 prefill runs of ~40 tokens.
+# The cost model's constants, fitted to the timings of each strategy forced (loadtest/RESULTS.md, "The CPU kernels'
+# design figures"): a looped segment costs as much as SEGMENT_COST padded rows, the batched path BATCHED_COST plus
+# its padded rows.
 SEGMENT_COST = 16  # padded rows
 BATCHED_COST = 72  # padded rows
-# Views while the slot range holds at most VIEW_MAX_SPAN slots per used one: demo model, decode forward (1 thread),
-# used slots spread over 32: 16 used, views 15.4 ms vs gather 17.6; 8 used, 15.6 vs 14.8; 4 used, 15.9 vs 13.4.
+# Views while the slot range holds at most VIEW_MAX_SPAN slots per used one: reading an unused slot costs less than
+# gathering (copying) the used ones, up to about one unused slot per used one.
 VIEW_MAX_SPAN = 2
 
 
@@ -53,11 +52,11 @@ class TorchPlan(NamedTuple):
 
 
 def plan_segments(
-    segments: tuple[Segment, ...], sorted_tokens: torch.Tensor, device: torch.device, strategy: str | None = None
+    segments: tuple[Segment, ...], order: list[int], device: torch.device, strategy: str | None = None
 ) -> TorchPlan:
     """Split `segments` between the loop and the batched path; strategy 'loop' or 'batched' forces one for all.
 
-    sorted_tokens: [T] int32, the metadata's token order (read on the host); device: where the index tensors go.
+    order: [T] the metadata's token order on the host (`LoraMeta.order`); device: where the index tensors go.
     """
     if strategy not in (None, "loop", "batched"):
         raise ValueError(f"strategy must be 'loop', 'batched' or None, got {strategy!r}")
@@ -66,7 +65,7 @@ def plan_segments(
     looped, batched = by_length[:num_looped], by_length[num_looped:]
     if not batched:
         return TorchPlan(tuple(sorted(looped, key=lambda segment: segment.slot)), None)
-    padded = _pad(sorted(batched, key=lambda segment: segment.slot), sorted_tokens, device)
+    padded = _pad(sorted(batched, key=lambda segment: segment.slot), order, device)
     return TorchPlan(tuple(sorted(looped, key=lambda segment: segment.slot)), padded)
 
 
@@ -97,7 +96,7 @@ def _num_groups(used: int, span: int) -> int:
     return span if span <= VIEW_MAX_SPAN * used else used
 
 
-def _pad(segments: list[Segment], sorted_tokens: torch.Tensor, device: torch.device) -> PaddedSegments:
+def _pad(segments: list[Segment], order: list[int], device: torch.device) -> PaddedSegments:
     """The padded layout of `segments` (ascending slots): views over their slot range when dense enough.
 
     Built with host lists: at decode sizes that is several times faster than a dozen tiny tensor ops.
@@ -107,7 +106,6 @@ def _pad(segments: list[Segment], sorted_tokens: torch.Tensor, device: torch.dev
     num_groups = _num_groups(len(used), hi - lo)
     as_views = num_groups == hi - lo  # every slot of the range is a group
     width = max(segment.length for segment in segments)  # L
-    order = sorted_tokens.tolist()  # [T]
     rows = [0] * (num_groups * width)  # [G * L]: padding points at row 0
     picks: list[int] = []  # [N]
     for index, segment in enumerate(segments):

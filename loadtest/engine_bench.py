@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers.utils import logging as hf_logging
 
-from ..serve.cli import serving_threads
+from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig, RequestError, SamplingParams
 from ..serve.model_loader import (
     ModelLoadError,
@@ -30,8 +30,8 @@ from ..serve.model_loader import (
     default_quantize,
     load_model,
     resolve_device,
-    resolve_model_path,
 )
+from ..serve.model_source import resolve_model_path
 from .hardware import describe_hardware, format_hardware
 
 WARMUP_TOKENS = 4
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
 def bench(args: argparse.Namespace) -> None:
     """Run both sides at every concurrency, print the table, write the JSON."""
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads or serving_threads())  # the engine as it serves
+    use_serving_threads(args.threads)  # the engine as it serves
     device = resolve_device(args.device)
     quantize = args.quantize or default_quantize(device)
     dtype = default_dtype(device)

@@ -26,15 +26,11 @@ from functools import partial
 
 import torch
 
-from ..kernels.lora import (
-    build_lora_meta,
-    cpu_ops,
-    lora_cpu,
-    lora_operands,
-    lora_reference,
-    lora_torch,
-    slot_buffers,
-)
+from ..kernels.cpu_build import cpu_ops
+from ..kernels.cpu_lora import CpuBackend
+from ..kernels.lora import LoraMeta, lora_operands, lora_reference, select_lora_backend
+from ..kernels.torch_lora import TorchBackend, run_plan
+from ..kernels.torch_plan import plan_segments
 from .hardware import describe_hardware, format_hardware
 
 REFERENCE_MAX_GATHER_BYTES = 512 * 2**20  # skip the oracle where its per-token weight copies exceed this
@@ -127,13 +123,15 @@ def variants(shape: Shape, device: torch.device, dtype: torch.dtype) -> list[tup
     size = dtype.itemsize
     x = torch.randn(T, fin, device=device, dtype=dtype)  # [T, in]
     y = torch.zeros(T, fout, device=device, dtype=dtype)  # [T, out]
-    A, B = slot_buffers(S, R, fin, fout, dtype, device)  # [S, R, in], [S, out, R]: the LoRA layers' layout
+    backend = select_lora_backend(device)
+    A, B = backend.slot_buffers(S, R, fin, fout, dtype, device)  # [S, R, in], [S, out, R]: the LoRA layers' layout
     A.copy_(torch.randn(A.shape, device=device) * 0.01)
     B.copy_(torch.randn(B.shape, device=device) * 0.01)
     scales = torch.ones(S, device=device)  # [S]
     ranks = torch.full((S,), shape.rank, dtype=torch.int32, device=device)  # [S]
     slots = token_slots(shape)  # [T] host
-    meta = build_lora_meta(slots, S, device=device)
+    meta = LoraMeta(T, S, device)
+    meta.update(slots.tolist())
     slots = slots.to(device)
     op_bytes = lora_bytes(shape, size, shape.adapters)
     a1, b1 = A[0, : shape.rank], B[0, :, : shape.rank]  # [r, in], [out, r]: one adapter
@@ -143,17 +141,16 @@ def variants(shape: Shape, device: torch.device, dtype: torch.dtype) -> list[tup
     ops = lora_operands(A, B, scales, ranks)
     found: list[tuple[str, Callable[[], object], int]] = []
     if device.type == "cuda":
-        from ..kernels.triton_lora import lora_triton
-
-        found.append(("triton", partial(lora_triton, y, x, ops, meta), op_bytes))
+        found.append(("triton", partial(backend.add_lora, y, x, ops, meta), op_bytes))
     else:
         if cpu_ops() is not None:
-            found.append(("cpp (compiled kernel)", partial(lora_cpu, y, x, ops, meta), op_bytes))
-        plan = meta.torch_plan
+            found.append(("cpp (compiled kernel)", partial(CpuBackend().add_lora, y, x, ops, meta), op_bytes))
+        plan = plan_segments(meta.segments, meta.order, device)
         chosen = "loop" if plan.batched is None else f"{len(plan.loop)} loop+batched" if plan.loop else "batched"
-        found.append((f"torch (auto: {chosen})", partial(lora_torch, y, x, ops, meta), op_bytes))
+        found.append((f"torch (auto: {chosen})", partial(TorchBackend().add_lora, y, x, ops, meta), op_bytes))
         for strategy in ("loop", "batched"):
-            found.append((f"torch {strategy}", partial(lora_torch, y, x, ops, meta, strategy=strategy), op_bytes))
+            forced = plan_segments(meta.segments, meta.order, device, strategy)
+            found.append((f"torch {strategy}", partial(run_plan, y, x, ops, forced, meta), op_bytes))
     if T * R * (fin + fout) * size <= REFERENCE_MAX_GATHER_BYTES:
         found.append(("reference", partial(lora_reference, y, x, A, B, scales, ranks, slots), op_bytes))
     found.append(("mm, 1 adapter", lambda: y.addmm_(x @ a1.T, b1.T), lora_bytes(shape, size, 1)))

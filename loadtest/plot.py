@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .loadtest import RunResult
+from .stats import percentile
 
 
-def plot_run(result: RunResult, report: dict, path: str | Path, title: str | None = None) -> None:
+def plot_run(records: Sequence, report: dict, path: str | Path, title: str | None = None) -> None:
+    """records: the run's RequestRecords; report: its summary (`loadtest.summarize`)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    ok = [r for r in result.records if r.ok]
+    ok = [r for r in records if r.ok]
     series = report["timeseries"]
     fig = plt.figure(figsize=(11, 7.5), dpi=90, layout="constrained")
     grid = fig.add_gridspec(2, 2, height_ratios=(1, 1))
@@ -64,8 +64,6 @@ def plot_run(result: RunResult, report: dict, path: str | Path, title: str | Non
 
 def _latency_cdf(ax, samples: dict[str, list[float]], colors, title: str) -> None:
     """Empirical CDFs in ms on a log axis (readable whatever the spread), with each p50 and p99 marked."""
-    from .loadtest import percentile
-
     drawn = False
     for (label, values), color in zip(samples.items(), colors):
         values = [v for v in values if v > 0]

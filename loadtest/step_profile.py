@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ..serve.cli import serving_threads
+from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig
-from ..serve.model_loader import resolve_model_path
+from ..serve.model_source import resolve_model_path
 from .engine_bench import _engine_pass, make_prompts, run_engine
 from .hardware import describe_hardware, format_hardware
 from .lora_bench import adapter_names
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-tokens", type=int, default=16, help="tokens per request of the profiled pass")
     parser.add_argument("--rows", type=int, default=20, help="rows of each table")
     args = parser.parse_args(argv)
-    torch.set_num_threads(serving_threads())
+    use_serving_threads()
     path = resolve_model_path(args.model)
     with tempfile.TemporaryDirectory(prefix="loradock-profile-adapters-") as adapter_dir:
         started = time.perf_counter()

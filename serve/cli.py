@@ -8,21 +8,21 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
+import typing
+from collections.abc import Callable
 
-import torch
 import transformers
 import yaml
 
 from ..adapters.manager import UnknownAdapter
 from .engine import Engine, EngineConfig, RequestError, SamplingParams
-from .model_loader import DTYPES, ModelLoadError
+from .engine.threads import use_serving_threads
+from .model_loader import ModelLoadError
+from .model_source import BUILTIN_MODELS, served_model_name
 
-DEMO_NOTE = (
-    "No --model given: using the built-in demo model, a tiny randomly initialised Llama built on this machine "
-    "so loradock runs offline. Its text is gibberish; it exists to try the system. For real output pass "
-    "--model DIR, a local Hugging Face model directory (config.json, safetensors, tokenizer)."
-)
+MODELS_NOTE = "--model takes a local Hugging Face model directory or a built-in model: " + "; ".join(
+    f"{name}: {about}" for name, about in BUILTIN_MODELS.items()
+) + ". Nothing is ever downloaded."
 
 DEMO_PROMPTS = (
     "The quick brown fox",
@@ -35,52 +35,38 @@ DEMO_PROMPTS = (
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field (name, type, choices, default and help from the field), plus --threads."""
     group = parser.add_argument_group("model and engine")
-    group.add_argument("--model", help="local HF model directory (default: the built-in demo model)")
-    group.add_argument("--quantize", choices=["nf4", "int8", "none"], help="default: nf4 on CUDA, none on CPU")
-    group.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    group.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    group.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per engine step (default 2048)")
-    group.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once (default 256)")
-    group.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
-    group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (default: a share of free memory)")
-    group.add_argument("--kv-cache-fraction", type=float, default=0.9, help="that share (default 0.9)")
-    group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
-    group.add_argument(
-        "--threads", type=int, help="torch compute threads on the CPU (default: all cores but one, which the HTTP "
-        "loop and the clients need: two threads fighting a busy core stall every matrix multiply)"
-    )
-    lora = parser.add_argument_group("adapters")
-    lora.add_argument("--adapters", metavar="DIR", help="folder of PEFT LoRA adapters, one per subfolder (its name)")
-    lora.add_argument("--max-gpu-adapters", type=int, default=8, help="adapter slots on the device (default 8)")
-    lora.add_argument("--max-cpu-adapters", type=int, default=32, help="adapters in the host cache (default 32)")
-    lora.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default 64)")
+    for name, field in EngineConfig.model_fields.items():
+        extra = field.json_schema_extra or {}
+        flag = extra.get("flag", "--" + name.replace("_", "-"))
+        default = "" if field.default is None else f" (default {field.default})"
+        if field.annotation is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=field.default,
+                               help=field.description + default)
+            continue
+        parse, choices = _flag_type(field.annotation)
+        group.add_argument(flag, dest=name, type=parse, choices=choices, default=field.default,
+                           metavar=extra.get("metavar") or {int: "N", float: "F"}.get(parse),
+                           help=field.description + default)
+    group.add_argument("--threads", type=int, help="torch compute threads on the CPU (default: all cores but one, "
+                       "left to the HTTP loop and the clients)")
 
 
-def serving_threads() -> int:
-    """torch compute threads when serving on the CPU: all usable cores but one, left to the HTTP loop and clients."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+def _flag_type(annotation) -> tuple[Callable[[str], object], list | None]:
+    """How a flag's text becomes the field's value: (parser, choices) from the field's type."""
+    kinds = [kind for kind in typing.get_args(annotation) or (annotation,) if kind is not type(None)]
+    kind = kinds[0]
+    if typing.get_origin(kind) is typing.Literal:
+        return str, list(typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return lambda text: [item.strip() for item in text.split(",") if item.strip()], None
+    return kind, None
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The engine's settings from the flags; also sets torch's CPU threads (process-wide)."""
-    torch.set_num_threads(args.threads or serving_threads())
-    return EngineConfig(
-        model=args.model,
-        quantize=args.quantize,
-        dtype=args.dtype,
-        device=args.device,
-        max_batch_tokens=args.max_batch_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        kv_cache_memory=args.kv_cache_memory,
-        kv_cache_fraction=args.kv_cache_fraction,
-        block_size=args.block_size,
-        adapters_dir=args.adapters,
-        max_gpu_adapters=args.max_gpu_adapters,
-        max_cpu_adapters=args.max_cpu_adapters,
-        max_lora_rank=args.max_lora_rank,
-    )
+    """The engine's settings from the parsed flags."""
+    return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.model_fields})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         help="run prompts through the engine, all at once in one continuous batch, and print the completions",
-        description="Run prompts through the engine concurrently and print each completion. " + DEMO_NOTE,
+        description="Run prompts through the engine concurrently and print each completion. " + MODELS_NOTE,
     )
     add_engine_arguments(generate)
     generate.add_argument("--prompt", action="append", help="a prompt (repeatable; default: a few demo prompts)")
@@ -114,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve the OpenAI-compatible API, the adapter admin API and metrics over HTTP",
         description="Serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models), the "
-        "adapter admin API (/v1/adapters), /health and /metrics. " + DEMO_NOTE,
+        "adapter admin API (/v1/adapters), /health and /metrics. " + MODELS_NOTE,
     )
     add_engine_arguments(serve)
     server = serve.add_argument_group("server")
@@ -133,10 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=run_serve)
     # Subcommands that live with their packages (imported here: those modules use this one's helpers).
     from ..loadtest.loadtest import add_loadtest_parser
-    from ..train.cli import add_demo_parser, add_train_parser
+    from ..train.cli import add_demo_parser, add_eval_parser, add_train_parser
 
     add_train_parser(commands)
     add_demo_parser(commands)
+    add_eval_parser(commands)
     add_loadtest_parser(commands)
     return parser
 
@@ -147,7 +134,8 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -
     if getattr(args, "config", None) is None:
         return args
     subparser = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001 - argparse has no API
-    known = {a.dest for a in subparser._actions}  # noqa: SLF001
+    known = {option.lstrip("-").replace("-", "_"): action.dest for action in subparser._actions  # noqa: SLF001
+             for option in action.option_strings if option.startswith("--")}
     try:
         with open(args.config, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
@@ -157,17 +145,15 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -
         parser.error(f"--config {args.config}: expected a mapping of option names to values")
     defaults = {}
     for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("config", "handler"):
+        option = str(key).replace("-", "_")
+        if option not in known or option in ("config", "help"):
             parser.error(f"--config {args.config}: unknown option {key!r}")
-        defaults[dest] = value
+        defaults[known[option]] = value
     subparser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    if args.model is None:
-        print(DEMO_NOTE, file=sys.stderr)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -179,6 +165,7 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     adapters = [None if a == "base" else a for a in args.adapter or ["base"]]
     jobs = [(prompt, adapter) for prompt in args.prompt or DEMO_PROMPTS for adapter in adapters]
+    use_serving_threads(args.threads)
     with Engine.from_config(engine_config(args)) as engine:
 
         async def complete(prompt: str, adapter: str | None) -> tuple[str, str, int]:
@@ -203,26 +190,19 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .api.app import serve
-    from .api.state import ServerSettings, ServerState
-    from .metrics import ServerMetrics
+    from .api.server import build_state, serve_until_signal
+    from .api.state import ServerSettings
 
-    if args.model is None:
-        print(DEMO_NOTE, file=sys.stderr)
-    metrics = ServerMetrics()
-    engine = Engine.from_config(engine_config(args), metrics)
-    metrics.watch(engine)
+    use_serving_threads(args.threads)
     settings = ServerSettings(
-        served_model_name=args.served_model_name or (Path(args.model).name if args.model else "loradock-demo"),
-        adapters_dir=Path(args.adapters) if args.adapters else None,
+        served_model_name=args.served_model_name or served_model_name(args.model),
         allow_adapter_paths=args.allow_adapter_paths,
         max_queue=args.max_queue,
         api_key=args.api_key,
         admin_token=args.admin_token,
         drain_timeout=args.drain_timeout,
     )
-    with engine:
-        asyncio.run(serve(ServerState(engine, settings, metrics), args.host, args.port))
+    asyncio.run(serve_until_signal(build_state(engine_config(args), settings), args.host, args.port))
     return 0
 
 

@@ -1,26 +1,26 @@
-"""Prometheus metrics: what the API observes per request, and what the engine reports per step.
+"""Prometheus metrics: what the API observes per request, and what the engine and the adapter manager count.
 
-Counters and histograms are updated where things happen (prometheus_client is thread-safe); gauges that mirror
-engine state (queue depth, running requests, KV usage, device slots) are read at scrape time by a collector,
-so the engine thread pays nothing for them.
+Counters and histograms of requests are updated where they happen (prometheus_client is thread-safe). The engine's
+and the adapter manager's own counts (steps, adapter reads, lookups, evictions) and the gauges that mirror their
+state (queue depth, running requests, KV usage, device slots) are read at scrape time by a collector, so the engine
+thread pays nothing for them and the layers below the server never name its metric objects.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-if TYPE_CHECKING:
-    from .engine import Engine
+from ..adapters.stats import BucketCounts
+from .engine import Engine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class ServerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, engine: Engine, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -39,27 +39,12 @@ class ServerMetrics:
             "loradock_e2e_request_latency_seconds", "End-to-end request latency", ["model"], buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.batch_tokens = Histogram(
-            "loradock_batch_tokens", "Tokens per engine step", buckets=_TOKEN_BUCKETS, registry=r
-        )
-        self.adapter_loads = Counter("loradock_adapter_loads", "Adapters read from disk and validated", registry=r)
-        self.adapter_load_seconds = Histogram(
-            "loradock_adapter_load_seconds", "Time to read and validate an adapter", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.adapter_evictions = Counter(
-            "loradock_adapter_evictions", "Adapters evicted, by tier", ["tier"], registry=r
-        )
-        self.adapter_cache = Counter(
-            "loradock_adapter_cache_lookups", "Adapter lookups by tier and result (hit/miss)", ["tier", "result"],
-            registry=r,
-        )
-
-    def watch(self, engine: Engine) -> None:
-        """Expose the engine's live state as gauges, read at scrape time."""
-        self.registry.register(_EngineStateCollector(engine))
+        r.register(_EngineCollector(engine))
 
 
-class _EngineStateCollector:
+class _EngineCollector:
+    """The engine's and the adapter manager's counts and state, read at scrape time."""
+
     def __init__(self, engine: Engine):
         self.engine = engine
 
@@ -69,6 +54,7 @@ class _EngineStateCollector:
     def collect(self):
         engine = self.engine
         scheduler, cache = engine.scheduler, engine.cache
+        yield _histogram("loradock_batch_tokens", "Tokens per engine step", engine.batch_tokens)
         yield _gauge("loradock_queue_depth", "Requests waiting to run", len(scheduler.waiting))
         yield _gauge("loradock_running_requests", "Requests in the running batch", len(scheduler.running))
         yield _gauge("loradock_kv_cache_usage_ratio", "Share of KV cache blocks in use", cache.usage)
@@ -76,13 +62,35 @@ class _EngineStateCollector:
         yield _gauge("loradock_preemptions", "Requests preempted for KV space since start", scheduler.num_preemptions)
         adapters = engine.adapters
         total = engine.config.max_gpu_adapters
-        used = total - len(adapters.free_slots) if adapters else 0
-        yield _gauge("loradock_adapter_slots_used", "Device adapter slots holding an adapter", used)
+        yield _gauge("loradock_adapter_slots_used", "Device adapter slots holding an adapter",
+                     total - len(adapters.free_slots) if adapters else 0)
         yield _gauge("loradock_adapter_slots_total", "Device adapter slots", total)
         yield _gauge("loradock_adapters_host_cached", "Adapters in the host cache", len(adapters.host) if adapters else 0)
+        if adapters is None:
+            return
+        stats = adapters.stats
+        loads = CounterMetricFamily("loradock_adapter_loads", "Adapters read from disk and validated")
+        loads.add_metric([], stats.loads)
+        yield loads
+        yield _histogram("loradock_adapter_load_seconds", "Time to read and validate an adapter", stats.load_seconds)
+        evictions = CounterMetricFamily("loradock_adapter_evictions", "Adapters evicted, by tier", labels=["tier"])
+        for tier, count in dict(stats.evictions).items():
+            evictions.add_metric([tier], count)
+        yield evictions
+        lookups = CounterMetricFamily("loradock_adapter_cache_lookups", "Adapter lookups by tier and result (hit/miss)",
+                                      labels=["tier", "result"])
+        for (tier, result), count in dict(stats.lookups).items():
+            lookups.add_metric([tier, result], count)
+        yield lookups
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     gauge = GaugeMetricFamily(name, documentation)
     gauge.add_metric([], value)
     return gauge
+
+
+def _histogram(name: str, documentation: str, data: BucketCounts) -> HistogramMetricFamily:
+    counts, total = data.snapshot()
+    bounds = [str(float(bound)) for bound in data.bounds] + ["+Inf"]
+    return HistogramMetricFamily(name, documentation, buckets=list(zip(bounds, accumulate(counts))), sum_value=total)

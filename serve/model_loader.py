@@ -39,23 +39,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def resolve_model_path(model: str | Path | None) -> Path:
-    """A local HF model directory; the built-in demo model when none is given."""
-    if model is None:
-        from .demo_model import demo_model_path
-
-        return demo_model_path()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(
-            f"model {str(model)!r} is not a local directory. loradock never downloads weights: fetch the model "
-            f"first (for example `hf download {model} --local-dir ./models/NAME`) and pass --model ./models/NAME"
-        )
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json: it is not a Hugging Face model directory")
-    return path
-
-
 def quantization_config(quantize: Quantize, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if quantize == "nf4":
         return BitsAndBytesConfig(
@@ -96,3 +79,16 @@ def load_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
+
+
+def eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
+    """The token ids generation stops on: the generation config's EOS ids and the tokenizer's. The server stops on
+    them and the trainer trains them, so train and serve agree."""
+    ids = set()
+    generation = getattr(model, "generation_config", None)
+    for value in (getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return frozenset(ids)

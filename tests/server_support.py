@@ -4,19 +4,16 @@ thread, the engine thread beside it, so tests talk real HTTP and can still look 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from aiohttp import web
-
-from loradock.serve.api.app import create_app
+from loradock.serve.api.server import RunningServer as _Running
+from loradock.serve.api.server import build_state, running_server
 from loradock.serve.api.state import ServerSettings, ServerState
 from loradock.serve.engine import Engine, EngineConfig
-from loradock.serve.metrics import ServerMetrics
-from loradock.serve.model_loader import load_model
 
 ADMIN_TOKEN = "test-admin-token"
 MODEL_NAME = "tiny-base"
@@ -37,39 +34,35 @@ class RunningServer:
 
 
 class ServerThread:
-    """Start with `with ServerThread(...) as server:`; everything stops and frees on exit."""
+    """`loradock serve`'s server (`build_state` + `running_server`) on its own event loop in a thread. Start with
+    `with ServerThread(...) as server:`; everything stops and frees on exit."""
 
     def __init__(self, model_path: Path, adapters_dir: Path | None = None, quantize: str = "none",
                  max_queue: int = 1024, api_key: str | None = None, allow_adapter_paths: bool = False, **engine):
-        self.model_path, self.adapters_dir, self.quantize = model_path, adapters_dir, quantize
-        self.settings = dict(max_queue=max_queue, api_key=api_key, allow_adapter_paths=allow_adapter_paths)
-        self.engine_config = engine
+        self.config = EngineConfig(model=str(model_path), quantize=quantize, dtype="float32", device="cpu",
+                                   adapters_dir=str(adapters_dir) if adapters_dir else None, **engine)
+        self.settings = ServerSettings(served_model_name=MODEL_NAME, admin_token=ADMIN_TOKEN, max_queue=max_queue,
+                                       api_key=api_key, allow_adapter_paths=allow_adapter_paths)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._stop: asyncio.Event | None = None
 
     def __enter__(self) -> RunningServer:
-        metrics = ServerMetrics()
-        model, tokenizer = load_model(self.model_path, self.quantize, torch.float32, torch.device("cpu"))
-        config = EngineConfig(adapters_dir=str(self.adapters_dir) if self.adapters_dir else None, **self.engine_config)
-        self.engine = Engine(model, tokenizer, config, torch.device("cpu"), metrics).start()
-        metrics.watch(self.engine)
-        settings = ServerSettings(served_model_name=MODEL_NAME, adapters_dir=self.adapters_dir,
-                                  admin_token=ADMIN_TOKEN, **self.settings)
-        self.state = ServerState(self.engine, settings, metrics)
-        port = free_port()
+        self.state = build_state(self.config, self.settings)
         self._thread.start()
-        self.runner = asyncio.run_coroutine_threadsafe(self._start(port), self._loop).result(30)
-        return RunningServer(f"http://127.0.0.1:{port}", self.engine, self.state,
-                             {"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        started: concurrent.futures.Future[_Running] = concurrent.futures.Future()
+        self._serving = asyncio.run_coroutine_threadsafe(self._serve(started), self._loop)
+        server = started.result(60)
+        return RunningServer(server.url, self.state.engine, self.state, {"Authorization": f"Bearer {ADMIN_TOKEN}"})
 
-    async def _start(self, port: int) -> web.AppRunner:
-        runner = web.AppRunner(create_app(self.state), handler_cancellation=True, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
+    async def _serve(self, started: concurrent.futures.Future) -> None:
+        self._stop = asyncio.Event()
+        async with running_server(self.state) as server:
+            started.set_result(server)
+            await self._stop.wait()
 
     def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._serving.result(60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
-        self.engine.shutdown()

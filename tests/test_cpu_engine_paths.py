@@ -11,7 +11,7 @@ import pytest
 import torch
 from support import CPU, collect, hf_greedy, start_engine, varied_prompts
 
-from loradock.kernels.lora import cpu_ops
+from loradock.kernels.cpu_build import cpu_ops
 from loradock.serve.engine.attention import paged_attention
 from loradock.serve.engine.batch import build_step
 from loradock.serve.engine.host_memory import HUGE_PAGE, huge_page_buffer, pack_into_huge_pages

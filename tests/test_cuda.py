@@ -32,4 +32,4 @@ def test_cuda_engine_with_mixed_adapters_equals_peft(model_dir, adapter_dir, wor
         assert run_mixed(engine, workload) == reference  # again, with adapters evicted and reloaded into 2 slots
     finally:
         engine.shutdown()
-    assert engine.adapters.evictions > 0
+    assert engine.adapters.stats.evictions["device"] > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import multiprocessing
@@ -11,22 +10,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from triton_support import triton_modules
 
-from loradock.kernels.lora import (
-    apply_lora,
-    apply_lora_operands,
-    build_lora_meta,
-    cpu_ops,
-    linear_with_lora,
-    lora_backend,
-    lora_cpu,
-    lora_linear_cpu,
-    lora_operands,
-    lora_reference,
-    lora_torch,
-    slot_buffers,
-)
 from loradock.kernels import cpu_build
+from loradock.kernels.cpu_build import cpu_ops
+from loradock.kernels.cpu_lora import CpuBackend
+from loradock.kernels.lora import LoraMeta, lora_operands, lora_reference, select_lora_backend
+from loradock.kernels.torch_lora import TorchBackend, run_plan
 from loradock.kernels.torch_plan import plan_segments
 from loradock.serve.engine.model_runner import cpu_decode_attention
 
@@ -35,16 +25,16 @@ IN_FEATURES = 40  # not a multiple of any block size: exercises the K masks
 
 @dataclass(frozen=True)
 class Case:
-    """One op configuration: the step's token slots, the slot buffers' shape, the slices' widths."""
+    """One op configuration: the step's token slots, the slot buffers' shape, the output width."""
 
     name: str
     token_slots: tuple[int, ...]
     num_slots: int = 6
     max_rank: int = 8
-    slice_sizes: tuple[int, ...] = (48,)
-    rank: int | None = None  # every slot's real rank; None: random per slot and slice, slot 0 at max_rank
+    out: int = 48
+    rank: int | None = None  # every slot's real rank; None: random per slot, slot 0 at max_rank
     zero_rank_slots: tuple[int, ...] = ()  # slots whose adapter leaves this module alone (rank 0)
-    scale: float | None = None  # every slot's scale; None: random per slot and slice
+    scale: float | None = None  # every slot's scale; None: random per slot
 
 
 CASES = [
@@ -55,11 +45,11 @@ CASES = [
     Case("all_same_slot", (3,) * 24, max_rank=16),
     Case("one_token", (4,)),
     Case("decode_shared_slots", (1, 0, 1, 2, 0, 1, -1, 2, 0, 1) * 3),
-    # q/k/v with grouped-query attention: k and v narrower than q
-    Case("fused_qkv", (-1, 0, 0, 0, 3, 1, 1, 5, 5, 5, 5, -1, 2), slice_sizes=(64, 16, 16), max_rank=12),
-    Case("fused_qkv_decode", tuple(range(6)) * 2, slice_sizes=(32, 16, 16), max_rank=16),
-    # over 256 tokens: the kernels' 64-row blocks
-    Case("long_prefill", (-1,) * 20 + (1,) * 200 + (4,) * 3 + (0,) * 130, slice_sizes=(24, 8)),
+    # short runs and base tokens interleaved; a wide output (the expand's column blocks)
+    Case("mixed_runs_wide", (-1, 0, 0, 0, 3, 1, 1, 5, 5, 5, 5, -1, 2), out=96, max_rank=12),
+    Case("decode_repeated_slots", tuple(range(6)) * 2, out=64, max_rank=16),
+    # over 256 tokens: the kernels' 64-row blocks; a 200-token run: the CPU backend's BLAS path
+    Case("long_prefill", (-1,) * 20 + (1,) * 200 + (4,) * 3 + (0,) * 130, out=32),
     # one rank for every slot, below max_rank (the torch path's batched bmm reads the slot buffers in place)
     Case("decode_uniform_rank", tuple(range(8)) * 2, num_slots=10, max_rank=16, rank=6, scale=1.75),
     Case("uniform_rank_slot_gaps", (0, 2, 5, 2, 0, 5, -1, 5), rank=5),  # slots 1, 3, 4 unused
@@ -77,38 +67,35 @@ def make_operands(
     in_features: int = IN_FEATURES,
 ):
     """Random operands of a case, garbage (NaN, huge values) beyond each slot's rank and in every slot no token
-    uses (scales too), y a strided column view. layout: 'contiguous'; 'rank_outermost': A stored [n, R, S, in]
-    and B [R, S, out] (the LoRA layers' `slot_buffers`); 'rank_innermost': A stored [n, S, in, R], B [S, out, R];
-    'out_innermost': B stored [S, R, out].
+    uses (scales too), y a strided column view. layout: 'contiguous'; 'rank_outermost': A stored [R, S, in]
+    and B [R, S, out] (the torch and Triton backends' `slot_buffers`); 'rank_innermost': A stored [S, in, R];
+    'out_innermost': B stored [S, R, out] (the CPU backend's).
 
     Returns (y_storage [T, out+16], y [T, out] view of columns 8.., x, A, B, scales, ranks, clean A, clean B):
     clean A/B are zero beyond rank, for the oracle.
     """
     generator = torch.Generator().manual_seed(seed)
-    n, S, R = len(case.slice_sizes), case.num_slots, case.max_rank
-    T, out = len(case.token_slots), sum(case.slice_sizes)
+    S, R, T, out = case.num_slots, case.max_rank, len(case.token_slots), case.out
     if case.rank is None:
-        ranks = torch.randint(1, R + 1, (n, S), generator=generator, dtype=torch.int32)  # [n, S]
-        ranks[:, 0] = R  # one slot at full rank: no padding at all
+        ranks = torch.randint(1, R + 1, (S,), generator=generator, dtype=torch.int32)  # [S]
+        ranks[0] = R  # one slot at full rank: no padding at all
     else:
-        ranks = torch.full((n, S), case.rank, dtype=torch.int32)  # [n, S]
-    ranks[:, list(case.zero_rank_slots)] = 0
-    scales = torch.rand(n, S, generator=generator) + 0.5 if case.scale is None else torch.full((n, S), case.scale)
-    A = torch.randn(n, S, R, in_features, generator=generator)  # [n, S, R, in]
+        ranks = torch.full((S,), case.rank, dtype=torch.int32)  # [S]
+    ranks[list(case.zero_rank_slots)] = 0
+    scales = torch.rand(S, generator=generator) + 0.5 if case.scale is None else torch.full((S,), case.scale)
+    A = torch.randn(S, R, in_features, generator=generator)  # [S, R, in]
     B = torch.randn(S, out, R, generator=generator)  # [S, out, R]
-    within_A = torch.arange(R)[None, None, :, None] < ranks[:, :, None, None]  # [n, S, R, 1]
-    slice_of_column = torch.repeat_interleave(torch.arange(n), torch.tensor(case.slice_sizes))  # [out]
-    within_B = torch.arange(R)[None, None, :] < ranks.T[:, slice_of_column, None]  # [S, out, R]
-    clean_A, clean_B = torch.where(within_A, A, 0), torch.where(within_B, B, 0)
-    A = torch.where(within_A, A, torch.where(torch.rand(A.shape, generator=generator) < 0.5, math.nan, 1e6))
-    B = torch.where(within_B, B, torch.where(torch.rand(B.shape, generator=generator) < 0.5, math.nan, -1e6))
+    within = torch.arange(R)[None, :] < ranks[:, None]  # [S, R]
+    clean_A, clean_B = torch.where(within[:, :, None], A, 0), torch.where(within[:, None, :], B, 0)
+    A = torch.where(within[:, :, None], A, torch.where(torch.rand(A.shape, generator=generator) < 0.5, math.nan, 1e6))
+    B = torch.where(within[:, None, :], B, torch.where(torch.rand(B.shape, generator=generator) < 0.5, math.nan, -1e6))
     unused = [slot for slot in range(S) if slot not in case.token_slots]
-    A[:, unused], B[unused], scales[:, unused] = math.nan, math.nan, math.nan
+    A[unused], B[unused], scales[unused] = math.nan, math.nan, math.nan
     if layout == "rank_outermost":
-        A = A.transpose(1, 2).contiguous().transpose(1, 2)  # [n, S, R, in], stored [n, R, S, in]
+        A = A.transpose(0, 1).contiguous().transpose(0, 1)  # [S, R, in], stored [R, S, in]
         B = B.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # [S, out, R], stored [R, S, out]
     elif layout == "rank_innermost":
-        A = A.transpose(2, 3).contiguous().transpose(2, 3)  # [n, S, R, in], stored [n, S, in, R]
+        A = A.transpose(1, 2).contiguous().transpose(1, 2)  # [S, R, in], stored [S, in, R]
     elif layout == "out_innermost":
         B = B.transpose(1, 2).contiguous().transpose(1, 2)  # [S, out, R], strides (R * out, 1, out)
     x = torch.randn(T, in_features, generator=generator)  # [T, in]
@@ -123,77 +110,92 @@ def make_operands(
 def expected_output(case: Case, y_storage, x, clean_A, clean_B, scales, ranks) -> torch.Tensor:
     """The oracle on zero-padded weights, in fp32 on the CPU: what y_storage must become."""
     expected = y_storage.to("cpu", torch.float32, copy=True)
-    out = sum(case.slice_sizes)
-    slots = torch.tensor(case.token_slots)
     lora_reference(
-        expected[:, 8 : 8 + out], x.cpu().float(), clean_A.cpu().float(), clean_B.cpu().float(), scales.cpu(),
-        ranks.cpu(), slots, case.slice_sizes,
+        expected[:, 8 : 8 + case.out], x.cpu().float(), clean_A.cpu().float(), clean_B.cpu().float(), scales.cpu(),
+        ranks.cpu(), torch.tensor(case.token_slots),
     )
     return expected
 
 
-def squeeze_single_slice(case: Case, A, scales, ranks):
-    """The single-slice calling convention (A [S,R,in], scales/ranks [S]) for one-slice cases."""
-    return (A[0], scales[0], ranks[0]) if len(case.slice_sizes) == 1 else (A, scales, ranks)
+def meta_for(token_slots, num_slots: int, device: str = "cpu", max_tokens: int | None = None) -> LoraMeta:
+    """A LoraMeta holding one step with these token slots."""
+    meta = LoraMeta(max_tokens or max(len(token_slots), 1), num_slots, device)
+    meta.update(list(token_slots))
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------- metadata
 
 
 def test_meta_groups_tokens_by_slot():
-    slots = torch.tensor([2, -1, 0, 2, 2, 1, -1, 0])
-    meta = build_lora_meta(slots, max_slots=5)
+    meta = meta_for([2, -1, 0, 2, 2, 1, -1, 0], num_slots=5)
     assert meta.sorted_tokens.tolist() == [2, 7, 5, 0, 3, 4, 1, 6]  # slot 0, slot 1, slot 2, then base tokens
     assert meta.segment_slots.tolist() == [0, 1, 2, -1, -1]
     assert meta.segment_starts.tolist() == [0, 2, 3, 0, 0]
     assert meta.segment_lengths.tolist() == [2, 1, 3, 0, 0]
-    assert meta.num_segments.item() == 3 and meta.max_segment_length.item() == 3
     assert meta.token_slots.dtype == torch.int32 and meta.num_tokens == 8 and meta.num_lora_tokens == 6
     # slot 1's only token is row 5; rows 3, 4 of slot 2 follow row 0, so slot 2 is not contiguous
     assert [(s.slot, s.first_row) for s in meta.segments] == [(0, -1), (1, 5), (2, -1)]
+    assert meta.active and meta.order == [2, 7, 5, 0, 3, 4, 1, 6]
+
+
+def test_meta_rewrites_the_same_tensors_each_step():
+    meta = LoraMeta(max_tokens=16, max_slots=4, device="cpu")
+    tensors = [meta.token_slots, meta.sorted_tokens, meta.segment_slots, meta.segment_starts, meta.segment_lengths]
+    pointers = [t.data_ptr() for t in tensors]
+    meta.update([3, 0, 3, 1, 2, 2])
+    meta.update([1, -1, 1])  # fewer tokens and segments: the rest of the segment arrays is padding again
+    assert [t.data_ptr() for t in tensors] == pointers and meta.step == 2
+    assert meta.sorted_tokens[:3].tolist() == [0, 2, 1] and meta.token_slots[:3].tolist() == [1, -1, 1]
+    assert meta.segment_slots.tolist() == [1, -1, -1, -1] and meta.segment_lengths.tolist() == [2, 0, 0, 0]
 
 
 def test_plan_pads_segments_over_views_of_the_slot_range():
-    meta = build_lora_meta(torch.tensor([2, -1, 0, 2, 2, 1, -1, 0]), max_slots=5)
-    plan = plan_segments(meta.segments, meta.sorted_tokens, torch.device("cpu"), "batched")
+    meta = meta_for([2, -1, 0, 2, 2, 1, -1, 0], num_slots=5)
+    plan = plan_segments(meta.segments, meta.order, torch.device("cpu"), "batched")
     assert plan.loop == () and plan.batched.slots == slice(0, 3) and plan.batched.used_slots == (0, 1, 2)
     assert plan.batched.rows.tolist() == [[2, 7, 0], [5, 0, 0], [0, 3, 4]]  # padding points at row 0
     assert plan.batched.picks.tolist() == [0, 1, 3, 6, 7, 8] and plan.batched.tokens.tolist() == [2, 7, 5, 0, 3, 4]
 
 
+def auto_plan(token_slots, num_slots: int):
+    meta = meta_for(token_slots, num_slots)
+    return plan_segments(meta.segments, meta.order, torch.device("cpu"))
+
+
 def test_plan_gathers_far_apart_slots_and_includes_gaps_of_close_ones():
-    meta = build_lora_meta(torch.tensor([7, 0, 7, 0]), max_slots=8)
-    sparse = plan_segments(meta.segments, meta.sorted_tokens, torch.device("cpu"), "batched")
+    meta = meta_for([7, 0, 7, 0], num_slots=8)
+    sparse = plan_segments(meta.segments, meta.order, torch.device("cpu"), "batched")
     assert sparse.batched.slots.tolist() == [0, 7] and sparse.batched.rows.tolist() == [[1, 3], [0, 2]]
     assert sparse.batched.picks is None
-    gaps = build_lora_meta(torch.tensor([4, 2, 0, 1] * 4), max_slots=8).torch_plan  # slot 3 unused
+    gaps = auto_plan([4, 2, 0, 1] * 4, num_slots=8)  # slot 3 unused
     assert gaps.batched.slots == slice(0, 5) and gaps.batched.rows[3].tolist() == [0, 0, 0, 0]
 
 
 def test_plan_loops_over_long_segments_and_batches_short_ones():
-    decode = build_lora_meta(torch.arange(32), max_slots=32).torch_plan
+    decode = auto_plan(list(range(32)), num_slots=32)
     assert decode.loop == () and decode.batched.rows.shape == (32, 1) and decode.batched.picks is None
-    one_adapter = build_lora_meta(torch.zeros(32, dtype=torch.int64), max_slots=4).torch_plan
+    one_adapter = auto_plan([0] * 32, num_slots=4)
     assert one_adapter.batched is None and len(one_adapter.loop) == 1
     # 31 decode tokens on their own adapters, then a 300-token prefill chunk on slot 5
-    mixed = build_lora_meta(torch.cat([torch.arange(31), torch.full((300,), 5)]), max_slots=32).torch_plan
+    mixed = auto_plan(list(range(31)) + [5] * 300, num_slots=32)
     assert [s.slot for s in mixed.loop] == [5] and mixed.batched.rows.shape == (31, 1)
 
 
 def test_meta_contiguous_prefill_runs():
-    meta = build_lora_meta(torch.tensor([-1, 3, 3, 3, 1, 1]), max_slots=4)
+    meta = meta_for([-1, 3, 3, 3, 1, 1], num_slots=4)
     assert [tuple(s) for s in meta.segments] == [(1, 0, 2, 4), (3, 2, 3, 1)]
 
 
-def test_meta_is_none_without_adapter_tokens():
-    assert build_lora_meta(torch.full((5,), -1), max_slots=4) is None
-    assert build_lora_meta(torch.zeros(0, dtype=torch.int64), max_slots=4) is None
+def test_meta_is_inactive_without_adapter_tokens():
+    assert not meta_for([-1] * 5, num_slots=4).active
+    assert not meta_for([], num_slots=4).active
 
 
-@pytest.mark.parametrize("slots", [[0, 4], [-2, 0], [0.0]])
+@pytest.mark.parametrize("slots", [[0, 4], [-2, 0], [0.0], [0] * 9])
 def test_meta_rejects_bad_slots(slots):
     with pytest.raises(ValueError):
-        build_lora_meta(torch.tensor(slots), max_slots=4)
+        LoraMeta(max_tokens=8, max_slots=4, device="cpu").update(slots)
 
 
 # ---------------------------------------------------------------------------------------------- torch path
@@ -203,7 +205,7 @@ def test_reference_ignores_garbage_beyond_rank():
     case = CASES[6]
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    lora_reference(y, x, A, B, scales, ranks, torch.tensor(case.token_slots), case.slice_sizes)
+    lora_reference(y, x, A, B, scales, ranks, torch.tensor(case.token_slots))
     torch.testing.assert_close(y_storage, expected)
 
 
@@ -213,9 +215,11 @@ def test_reference_ignores_garbage_beyond_rank():
 def test_torch_path_matches_reference(case, strategy, layout):
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout=layout)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
-    lora_torch(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta, strategy=strategy)
+    meta, ops = meta_for(case.token_slots, case.num_slots), lora_operands(A, B, scales, ranks)
+    if strategy is None:  # the backend's own plan
+        TorchBackend().add_lora(y, x, ops, meta)
+    else:
+        run_plan(y, x, ops, plan_segments(meta.segments, meta.order, x.device, strategy), meta)
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -223,38 +227,53 @@ def test_torch_path_bf16():
     case = CASES[0]
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, torch.bfloat16)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    apply_lora(y, x, A[0], B, scales[0], ranks[0], build_lora_meta(torch.tensor(case.token_slots), case.num_slots))
+    TorchBackend().add_lora(y, x, lora_operands(A, B, scales, ranks), meta_for(case.token_slots, case.num_slots))
     torch.testing.assert_close(y_storage.float(), expected, rtol=2e-2, atol=0.5)
 
 
-def test_apply_lora_dispatch(monkeypatch):
+def test_the_torch_plan_is_made_once_per_step(monkeypatch):
+    import loradock.kernels.torch_lora as torch_lora
+
+    made = []
+    monkeypatch.setattr(torch_lora, "plan_segments", lambda *args: made.append(args) or plan_segments(*args))
+    case = CASES[5]
+    _, y, x, A, B, scales, ranks, _, _ = make_operands(case)
+    backend, meta, ops = TorchBackend(), meta_for(case.token_slots, case.num_slots), lora_operands(A, B, scales, ranks)
+    for _ in range(3):  # three layers of one step
+        backend.add_lora(y, x, ops, meta)
+    meta.update(list(case.token_slots))  # the next step
+    backend.add_lora(y, x, ops, meta)
+    assert len(made) == 2
+
+
+def test_select_lora_backend(monkeypatch):
     monkeypatch.delenv("LORADOCK_LORA_BACKEND", raising=False)
-    assert lora_backend(torch.device("cpu")) == "cpp"
-    assert lora_backend(torch.device("cuda")) == "triton"
-    assert lora_backend(torch.device("meta")) == "torch"
-    assert build_lora_meta(torch.tensor([0, -1]), 2).backend == "cpp"  # chosen once per step, with the metadata
+    assert select_lora_backend(torch.device("cpu")).name == "cpp"
+    assert select_lora_backend(torch.device("meta")).name == "torch"
     monkeypatch.setenv("LORADOCK_LORA_BACKEND", "torch")
-    assert lora_backend(torch.device("cuda")) == "torch"
-    assert build_lora_meta(torch.tensor([0, -1]), 2).backend == "torch"
+    assert select_lora_backend(torch.device("cuda")).name == "torch"
     monkeypatch.setenv("LORADOCK_LORA_BACKEND", "cpp")
     with pytest.raises(ValueError, match="CPU only"):
-        lora_backend(torch.device("cuda"))
+        select_lora_backend(torch.device("cuda"))
     monkeypatch.setenv("LORADOCK_LORA_BACKEND", "cuda")
     with pytest.raises(ValueError):
-        lora_backend(torch.device("cpu"))
+        select_lora_backend(torch.device("cpu"))
+
+
+def test_no_adapter_token_runs_nothing():
     y = torch.ones(3, 4)
     A, B, scales, ranks = torch.ones(2, 1, 2), torch.ones(2, 4, 1), torch.ones(2), torch.ones(2, dtype=torch.int32)
-    apply_lora(y, torch.ones(3, 2), A, B, scales, ranks, None)
-    assert (y == 1).all()  # no adapter token: nothing to do, not even the backend lookup
+    TorchBackend().add_lora(y, torch.ones(3, 2), lora_operands(A, B, scales, ranks), meta_for([-1, -1, -1], 2))
+    assert (y == 1).all()
 
 
-def test_slot_buffers_layout_follows_the_device():
-    A, B = slot_buffers(3, 4, 5, 6, torch.float32, torch.device("cpu"))
+def test_slot_buffers_layout_follows_the_backend():
+    A, B = CpuBackend().slot_buffers(3, 4, 5, 6, torch.float32, torch.device("cpu"))
     assert A.shape == (3, 4, 5) and A.stride() == (20, 5, 1)  # [S, R, in] in memory: slot-major
     assert B.shape == (3, 6, 4) and B.stride() == (24, 1, 6)  # [S, R, out] in memory
     assert not (A.any() or B.any())
     assert lora_operands(A, B, torch.zeros(3), torch.zeros(3, dtype=torch.int32)).cpu_kernel_layout
-    A, B = slot_buffers(3, 4, 5, 6, torch.float32, torch.device("meta"))  # any other device: rank-outermost
+    A, B = TorchBackend().slot_buffers(3, 4, 5, 6, torch.float32, torch.device("meta"))  # rank-outermost
     assert A.shape == (3, 4, 5) and A.stride() == (5, 15, 1)  # [R, S, in] in memory
     assert B.shape == (3, 6, 4) and B.stride() == (6, 1, 18)  # [R, S, out] in memory
 
@@ -262,18 +281,19 @@ def test_slot_buffers_layout_follows_the_device():
 def test_operands_are_checked():
     case = CASES[6]
     _, y, x, A, B, scales, ranks, _, _ = make_operands(case)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    meta = meta_for(case.token_slots, case.num_slots)
     with pytest.raises(ValueError):
-        apply_lora(y, x, A, B, scales, ranks, meta, slice_sizes=(64, 32))
+        lora_operands(A, B[:, :, :4], scales, ranks)
     with pytest.raises(TypeError):
-        apply_lora(y, x, A, B, scales, ranks.long(), meta, slice_sizes=case.slice_sizes)
-    ops = lora_operands(A, B, scales, ranks, case.slice_sizes)  # checked once: then each call checks x and y
+        lora_operands(A, B, scales, ranks.long())
+    ops = lora_operands(A, B, scales, ranks)  # checked once: then each call checks x and y
+    backend = TorchBackend()
     with pytest.raises(ValueError):
-        apply_lora_operands(y[:, :64], x, ops, meta)
+        backend.add_lora(y[:, :64], x, ops, meta)
     with pytest.raises(ValueError):
-        apply_lora_operands(y, x[:, :8], ops, meta)
+        backend.add_lora(y, x[:, :8], ops, meta)
     with pytest.raises(TypeError):
-        apply_lora_operands(y, x.double(), ops, meta)
+        backend.add_lora(y, x.double(), ops, meta)
 
 
 # ---------------------------------------------------------------------------------------------- compiled CPU kernel
@@ -289,67 +309,99 @@ def cpu_ops_built():
     return kernel
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("layout", CPU_KERNEL_LAYOUTS)
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_cpu_kernel_matches_reference(cpu_ops_built, case, layout, threads):
-    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout=layout)
-    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
-    ops = lora_operands(A, B, scales, ranks, case.slice_sizes)
-    assert ops.cpu_kernel_layout  # the kernel runs, not the torch fallback
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+@pytest.fixture
+def calls(cpu_ops_built, monkeypatch):
+    """Counts of the paths the CPU backend takes: the kernel's two entry points and the torch fallback."""
+    counted = {"lora_apply": 0, "lora_linear": 0, "torch": 0}
+
+    def counting(name, function):
+        def wrapper(*args):
+            counted[name] += 1
+            return function(*args)
+
+        return wrapper
+
+    for name in ("lora_apply", "lora_linear"):
+        monkeypatch.setattr(cpu_ops_built, name, counting(name, getattr(cpu_ops_built, name)))
+    monkeypatch.setattr(TorchBackend, "_add", counting("torch", TorchBackend._add))
+    return counted
+
+
+def with_threads(threads: int, function, *args):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        lora_cpu(y, x, ops, meta)
+        with torch.inference_mode():
+            return function(*args)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", CPU_KERNEL_LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_cpu_kernel_matches_reference(calls, case, layout, threads):
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout=layout)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    with_threads(threads, CpuBackend().add_lora, y, x, lora_operands(A, B, scales, ranks),
+                 meta_for(case.token_slots, case.num_slots))
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+    assert calls == {"lora_apply": 1, "lora_linear": 0, "torch": 0}
+
+
+def kernel_call(compiled, y, x, ops, meta, max_length):
+    compiled.lora_apply(y, x, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots,
+                        meta.segment_starts, meta.segment_lengths, len(meta.segments), max_length)
 
 
 def test_cpu_kernel_alone_takes_segments_of_any_length(cpu_ops_built):
-    case = CASES[8]  # long_prefill: a run of 200 tokens, which lora_cpu hands to torch's BLAS instead
+    case = CASES[8]  # long_prefill: a run of 200 tokens, which the backend hands to torch's BLAS instead
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    ops = lora_operands(A, B, scales, ranks, case.slice_sizes)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
-    assert len(meta.cpu_plan.long) == 1 and meta.cpu_plan.num_short == 2
-    cpu_ops_built.lora_apply(
-        y, x, ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots, meta.segment_starts,
-        meta.segment_lengths, len(meta.segments), ops.offsets, ops.sizes,
-    )
+    kernel_call(cpu_ops_built, y, x, lora_operands(A, B, scales, ranks), meta_for(case.token_slots, case.num_slots),
+                max_length=10_000)
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
+def test_cpu_kernel_leaves_segments_from_max_length_to_blas(cpu_ops_built):
+    case = CASES[8]
+    y_storage, y, x, A, B, scales, ranks, _, _ = make_operands(case, layout="rank_outermost")
+    before = y_storage.clone()
+    kernel_call(cpu_ops_built, y, x, lora_operands(A, B, scales, ranks), meta_for(case.token_slots, case.num_slots),
+                max_length=100)
+    long_rows = [t for t, slot in enumerate(case.token_slots) if slot == 1]  # the 200-token run
+    short_rows = [t for t, slot in enumerate(case.token_slots) if slot in (0, 4)]
+    assert torch.equal(y_storage[long_rows], before[long_rows])
+    assert not torch.equal(y_storage[short_rows], before[short_rows])
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "rank_innermost", "bfloat16"])
-def test_cpu_path_falls_back_to_torch_where_the_kernel_does_not_apply(cpu_ops_built, layout):
+def test_cpu_path_falls_back_to_torch_where_the_kernel_does_not_apply(calls, layout):
     case = CASES[6]
     dtype = torch.bfloat16 if layout == "bfloat16" else torch.float32
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(
         case, dtype, layout="rank_outermost" if layout == "bfloat16" else layout
     )
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    ops = lora_operands(A, B, scales, ranks, case.slice_sizes)
+    ops = lora_operands(A, B, scales, ranks)
     assert not ops.cpu_kernel_layout
-    lora_cpu(y, x, ops, build_lora_meta(torch.tensor(case.token_slots), case.num_slots))
+    CpuBackend().add_lora(y, x, ops, meta_for(case.token_slots, case.num_slots))
     tolerance = {"rtol": 2e-2, "atol": 0.5} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-4}
     torch.testing.assert_close(y_storage.float(), expected, **tolerance)
+    assert calls == {"lora_apply": 0, "lora_linear": 0, "torch": 1}
 
 
-def test_cpu_kernel_reads_unit_stride_columns_only(cpu_ops_built):
+def test_cpu_kernel_reads_unit_stride_columns_only(calls, cpu_ops_built):
     case = CASES[5]
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
-    ops = lora_operands(A[0], B, scales[0], ranks[0])
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots)
+    ops, meta = lora_operands(A, B, scales, ranks), meta_for(case.token_slots, case.num_slots)
+    strided_x = x.t().contiguous().t()
     with pytest.raises(RuntimeError, match="unit strides"):  # the kernel itself refuses what it cannot read
-        cpu_ops_built.lora_apply(
-            y, x.t().contiguous().t(), ops.A, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots,
-            meta.segment_starts, meta.segment_lengths, len(meta.segments), ops.offsets, ops.sizes,
-        )
+        kernel_call(cpu_ops_built, y, strided_x, ops, meta, max_length=10_000)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    lora_cpu(y, x.t().contiguous().t(), ops, meta)  # lora_cpu sends such x to the torch path instead
+    CpuBackend().add_lora(y, strided_x, ops, meta)  # the backend sends such x to the torch path instead
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+    assert calls["torch"] == 1
 
 
 def layer_operands(case: Case, layout: str, bias: bool, seed: int = 0, in_features: int = IN_FEATURES):
@@ -358,52 +410,38 @@ def layer_operands(case: Case, layout: str, bias: bool, seed: int = 0, in_featur
     y_storage, _, x, A, B, scales, ranks, clean_A, clean_B = make_operands(
         case, layout=layout, seed=seed, in_features=in_features
     )
-    out = sum(case.slice_sizes)
     torch.manual_seed(seed)
-    base = torch.nn.Linear(in_features, out, bias=bias)
+    base = torch.nn.Linear(in_features, case.out, bias=bias)
     with torch.no_grad():
-        y_storage[:, 8 : 8 + out] = base(x)
-    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)[:, 8 : 8 + out]  # [T, out]
-    A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
-    ops = lora_operands(A, B, scales, ranks, case.slice_sizes)
-    return base, x, ops, build_lora_meta(torch.tensor(case.token_slots), case.num_slots), expected
+        y_storage[:, 8 : 8 + case.out] = base(x)
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)[:, 8 : 8 + case.out]  # [T, out]
+    return base, x, lora_operands(A, B, scales, ranks), meta_for(case.token_slots, case.num_slots), expected
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout", CPU_KERNEL_LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_cpu_lora_layer_overlapped_matches_reference(cpu_ops_built, case, layout, threads, bias):
+def test_cpu_lora_layer_overlapped_matches_reference(calls, case, layout, threads, bias):
     base, x, ops, meta, expected = layer_operands(case, layout, bias)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            y = lora_linear_cpu(base, x, ops, meta)  # the deltas on the helper thread during the GEMM
-            plain = base(x)
-    finally:
-        torch.set_num_threads(previous)
-    assert y is not None, "the overlapped path did not take a float32 nn.Linear"
+    y = with_threads(threads, CpuBackend().linear, base, x, ops, meta)  # deltas on the helper during the GEMM
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
     base_rows = [t for t, slot in enumerate(case.token_slots) if slot < 0]
-    assert torch.equal(y[base_rows], plain[base_rows])  # base tokens: the GEMM's rows, untouched
+    with torch.inference_mode():
+        assert torch.equal(y[base_rows], base(x)[base_rows])  # base tokens: the GEMM's rows, untouched
+    assert calls == {"lora_apply": 0, "lora_linear": 1, "torch": 0}
 
 
 def test_cpu_lora_layer_waits_for_the_helper(cpu_ops_built):
     # one torch thread, as the server runs, and LoRA work longer than the GEMM (rank 128 on 512 -> 256): the helper
     # thread is still running tiles when the caller's GEMM ends, and the caller must wait for each of them before
     # adding the deltas
-    case = Case("heavy_decode", tuple(range(8)) * 8 + (-1,) * 4, num_slots=8, max_rank=128, rank=128,
-                slice_sizes=(256,))
+    case = Case("heavy_decode", tuple(range(8)) * 8 + (-1,) * 4, num_slots=8, max_rank=128, rank=128, out=256)
     base, x, ops, meta, expected = layer_operands(case, "out_innermost", bias=False, in_features=512)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            for _ in range(50):
-                torch.testing.assert_close(lora_linear_cpu(base, x, ops, meta), expected, rtol=1e-5, atol=1e-3)
-    finally:
-        torch.set_num_threads(previous)
+    backend = CpuBackend()
+    for _ in range(50):
+        torch.testing.assert_close(with_threads(1, backend.linear, base, x, ops, meta), expected, rtol=1e-5,
+                                   atol=1e-3)
 
 
 def test_cpu_lora_layer_leaves_base_rows_alone_after_a_wider_call(cpu_ops_built):
@@ -412,10 +450,11 @@ def test_cpu_lora_layer_leaves_base_rows_alone_after_a_wider_call(cpu_ops_built)
     wide_base, wide_x, wide_ops, wide_meta, _ = layer_operands(CASES[8], "out_innermost", bias=False, seed=1)
     case = CASES[2]  # decode_distinct_with_base
     base, x, ops, meta, expected = layer_operands(case, "out_innermost", bias=True)
+    backend = CpuBackend()
     with torch.inference_mode():
         for _ in range(3):
-            lora_linear_cpu(wide_base, wide_x, wide_ops, wide_meta)
-            y = lora_linear_cpu(base, x, ops, meta)
+            backend.linear(wide_base, wide_x, wide_ops, wide_meta)
+            y = backend.linear(base, x, ops, meta)
             torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
             base_rows = [t for t, slot in enumerate(case.token_slots) if slot < 0]
             assert torch.equal(y[base_rows], base(x)[base_rows])
@@ -428,10 +467,11 @@ def test_cpu_lora_layer_from_concurrent_callers(cpu_ops_built):
 
     def call_repeatedly(index: int) -> None:
         base, x, ops, meta, expected = parts[index]
+        backend = CpuBackend()
         try:
             with torch.inference_mode():
                 for _ in range(200):
-                    torch.testing.assert_close(lora_linear_cpu(base, x, ops, meta), expected, rtol=1e-5, atol=1e-4)
+                    torch.testing.assert_close(backend.linear(base, x, ops, meta), expected, rtol=1e-5, atol=1e-4)
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             errors.append(error)
 
@@ -446,16 +486,14 @@ def test_cpu_lora_layer_from_concurrent_callers(cpu_ops_built):
 
 def _layer_in_child(connection, part) -> None:
     base, x, ops, meta, _ = part
-    torch.set_num_threads(1)
-    with torch.inference_mode():
-        connection.send(lora_linear_cpu(base, x, ops, meta).tolist())  # plain data: no tensor sharing
+    connection.send(with_threads(1, CpuBackend().linear, base, x, ops, meta).tolist())  # plain data: no sharing
 
 
 def test_cpu_lora_layer_in_a_forked_child(cpu_ops_built):
     # the helper thread does not survive fork(): the child computes the deltas itself
     part = layer_operands(CASES[5], "out_innermost", bias=False)
     with torch.inference_mode():
-        lora_linear_cpu(*part[:4])  # the parent's helper thread is running
+        CpuBackend().linear(*part[:4])  # the parent's helper thread is running
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_layer_in_child, args=(sender, part))
@@ -466,23 +504,22 @@ def test_cpu_lora_layer_in_a_forked_child(cpu_ops_built):
     assert child.exitcode == 0
 
 
-def test_linear_with_lora_dispatch(cpu_ops_built):
-    case = CASES[6]  # fused_qkv
+def test_a_layer_the_kernel_cannot_take_runs_the_base_then_the_op(calls):
+    case = CASES[6]
     base, x, ops, meta, expected = layer_operands(case, "out_innermost", bias=True)
+
+    class HookedLinear(torch.nn.Linear):  # not a plain nn.Linear: the base runs as a module, then the op
+        def forward(self, inputs):
+            return super().forward(inputs) + 1.0
+
+    hooked = HookedLinear(IN_FEATURES, case.out)
+    hooked.load_state_dict(base.state_dict())
+    backend = CpuBackend()
     with torch.inference_mode():
-        torch.testing.assert_close(linear_with_lora(base, x[None], ops, meta), expected[None], rtol=1e-5, atol=1e-4)
-        assert torch.equal(linear_with_lora(base, x, ops, None), base(x))  # no adapter token in the step
-
-        class HookedLinear(torch.nn.Linear):  # not a plain nn.Linear: the base runs as a module, then the op
-            def forward(self, inputs):
-                return super().forward(inputs) + 1.0
-
-        hooked = HookedLinear(IN_FEATURES, sum(case.slice_sizes))
-        hooked.load_state_dict(base.state_dict())
-        assert lora_linear_cpu(hooked, x, ops, meta) is None
-        torch.testing.assert_close(linear_with_lora(hooked, x, ops, meta), expected + 1.0, rtol=1e-5, atol=1e-4)
-        assert lora_linear_cpu(base, x.t().contiguous().t(), ops, meta) is None  # x columns not unit stride
-        torch.testing.assert_close(linear_with_lora(base, x.t().contiguous().t(), ops, meta), expected)
+        torch.testing.assert_close(backend.linear(hooked, x[None], ops, meta), expected[None] + 1.0, rtol=1e-5,
+                                   atol=1e-4)
+        torch.testing.assert_close(backend.linear(base, x.t().contiguous().t(), ops, meta), expected)  # strided x
+    assert calls == {"lora_apply": 1, "lora_linear": 0, "torch": 1}
 
 
 def test_cpu_ops_build_failure_leaves_the_torch_paths(monkeypatch, tmp_path, caplog):
@@ -496,7 +533,7 @@ def test_cpu_ops_build_failure_leaves_the_torch_paths(monkeypatch, tmp_path, cap
     case = CASES[0]
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    lora_cpu(y, x, lora_operands(A[0], B, scales[0], ranks[0]), build_lora_meta(list(case.token_slots), case.num_slots))
+    CpuBackend().add_lora(y, x, lora_operands(A, B, scales, ranks), meta_for(case.token_slots, case.num_slots))
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -515,29 +552,13 @@ class TritonTarget:
     device: str  # where the operands live
 
 
-def _triton_module(interpret: bool):
-    """loradock.kernels.triton_lora with its kernels interpreted or compiled. @triton.jit reads TRITON_INTERPRET
-    when the decorator runs, so the module is reloaded whenever the wanted mode is not the one it was built in."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    with pytest.MonkeyPatch.context() as patch:
-        if interpret:
-            patch.setenv("TRITON_INTERPRET", "1")
-        else:
-            patch.delenv("TRITON_INTERPRET", raising=False)
-        module = importlib.import_module("loradock.kernels.triton_lora")
-        if isinstance(module._shrink_kernel, InterpretedFunction) != interpret:
-            module = importlib.reload(module)
-    return module
-
-
 @pytest.fixture(scope="module", params=TRITON_TARGETS)
 def triton_lora(request):
     pytest.importorskip("triton")
     interpret = request.param == "interpreted"
-    yield TritonTarget(_triton_module(interpret), "cpu" if interpret else "cuda")
+    yield TritonTarget(triton_modules(interpret)["triton_lora"], "cpu" if interpret else "cuda")
     if interpret and torch.cuda.is_available():
-        _triton_module(False)  # the engine's CUDA tests want compiled kernels
+        triton_modules(False)  # the engine's CUDA tests want compiled kernels
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -545,9 +566,8 @@ def triton_lora(request):
 def test_triton_matches_reference(triton_lora, case, layout):
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout=layout, device=triton_lora.device)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    A, scales, ranks = squeeze_single_slice(case, A, scales, ranks)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots, device=triton_lora.device)
-    triton_lora.module.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta, split_k=1)
+    meta = meta_for(case.token_slots, case.num_slots, triton_lora.device)
+    triton_lora.module.TritonBackend(split_k=1).add_lora(y, x, lora_operands(A, B, scales, ranks), meta)
     torch.testing.assert_close(y_storage.cpu(), expected, rtol=1e-5, atol=1e-4)
 
 
@@ -558,8 +578,8 @@ def test_triton_split_k(triton_lora, case):
         case, device=triton_lora.device, in_features=2000
     )
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots, device=triton_lora.device)
-    triton_lora.module.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta, split_k=3)
+    meta = meta_for(case.token_slots, case.num_slots, triton_lora.device)
+    triton_lora.module.TritonBackend(split_k=3).add_lora(y, x, lora_operands(A, B, scales, ranks), meta)
     # sums of 2000 fp32 products in another order: |y| reaches a few hundred, rounding a few 1e-4
     torch.testing.assert_close(y_storage.cpu(), expected, rtol=1e-4, atol=2e-3)
 
@@ -571,27 +591,34 @@ def test_triton_half_precision(triton_lora):
     for dtype, atol in dtypes.items():  # bf16 keeps 8 bits of mantissa; |y| reaches about 60 here
         y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, dtype, device=triton_lora.device)
         expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-        meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots, device=triton_lora.device)
-        triton_lora.module.lora_triton(y, x, lora_operands(A, B, scales, ranks, case.slice_sizes), meta)
+        meta = meta_for(case.token_slots, case.num_slots, triton_lora.device)
+        triton_lora.module.TritonBackend().add_lora(y, x, lora_operands(A, B, scales, ranks), meta)
         torch.testing.assert_close(y_storage.cpu().float(), expected, rtol=1e-2, atol=atol)
 
 
 def test_triton_shrink_writes_only_adapter_rows(triton_lora):
     case = CASES[2]
     _, _, x, A, _, _, ranks, clean_A, _ = make_operands(case, device=triton_lora.device)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots, device=triton_lora.device)
-    buf = triton_lora.module.lora_shrink(x, A, ranks, meta, split_k=2)  # [1, T, R], zero-filled for split-K
+    meta = meta_for(case.token_slots, case.num_slots, triton_lora.device)
+    buf = triton_lora.module.lora_shrink(x, A, ranks, meta, split_k=2)  # [T, R], zero-filled for split-K
     slots = torch.tensor(case.token_slots)
     x, clean_A = x.cpu(), clean_A.cpu()
-    expected = torch.where(slots[:, None] >= 0, torch.einsum("ti,tri->tr", x, clean_A[0, slots.clamp(min=0)]), 0)
-    torch.testing.assert_close(buf[0].cpu(), expected, rtol=1e-5, atol=1e-4)
+    expected = torch.where(slots[:, None] >= 0, torch.einsum("ti,tri->tr", x, clean_A[slots.clamp(min=0)]), 0)
+    torch.testing.assert_close(buf.cpu(), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_apply_lora_forced_triton(triton_lora, monkeypatch):
-    monkeypatch.setenv("LORADOCK_LORA_BACKEND", "triton")
-    case = CASES[6]
-    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, seed=1, device=triton_lora.device)
+def test_triton_reads_metadata_sized_for_more_tokens_than_the_step(triton_lora):
+    # the engine's metadata is sized for max-batch-tokens; a step uses a prefix of it
+    case = CASES[5]
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, device=triton_lora.device)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
-    meta = build_lora_meta(torch.tensor(case.token_slots), case.num_slots, device=triton_lora.device)
-    apply_lora(y, x, A, B, scales, ranks, meta, case.slice_sizes)
+    meta = LoraMeta(max_tokens=256, max_slots=case.num_slots, device=triton_lora.device)
+    meta.update(list(range(case.num_slots)) * 40)  # an earlier, longer step leaves stale values past T
+    meta.update(list(case.token_slots))
+    triton_lora.module.TritonBackend().add_lora(y, x, lora_operands(A, B, scales, ranks), meta)
     torch.testing.assert_close(y_storage.cpu(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_is_selected_when_forced(triton_lora, monkeypatch):
+    monkeypatch.setenv("LORADOCK_LORA_BACKEND", "triton")
+    assert isinstance(select_lora_backend(torch.device(triton_lora.device)), triton_lora.module.TritonBackend)

@@ -82,7 +82,7 @@ def test_report_counts_percentiles_and_files(server, ordinary_ids, tmp_path):
     lt.write_json(report, result, out)
     from loradock.loadtest.plot import plot_run
 
-    plot_run(result, report, png)
+    plot_run(result.records, report, png)
     saved = json.loads(out.read_text())
     assert saved["ok"] == 12 and len(saved["records"]) == 12 and saved["latency_ms"]["ttft"]["p50"] > 0
     assert_valid_png(png)

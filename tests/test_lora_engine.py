@@ -28,7 +28,7 @@ def test_mixed_adapters_in_one_batch_equal_peft(model_dir, adapter_dir, workload
         assert run_mixed(engine, workload) == peft_reference
     finally:
         engine.shutdown()
-    assert engine.adapters.loads == 3 and engine.adapters.evictions == 0
+    assert engine.adapters.stats.loads == 3 and engine.adapters.stats.evictions["device"] == 0
 
 
 def test_fewer_slots_than_adapters_evicts_and_reloads(model_dir, adapter_dir, workload, peft_reference):
@@ -40,8 +40,8 @@ def test_fewer_slots_than_adapters_evicts_and_reloads(model_dir, adapter_dir, wo
         assert run_mixed(engine, workload) == peft_reference  # again, from whatever the tiers hold now
     finally:
         engine.shutdown()
-    assert engine.adapters.evictions > 0
-    assert engine.adapters.loads > 3  # the host cache holds one: the others were read from disk again
+    assert engine.adapters.stats.evictions["device"] > 0
+    assert engine.adapters.stats.loads > 3  # the host cache holds one: the others were read from disk again
     assert all(v.pins == 0 for v in engine.adapters.registered())
 
 

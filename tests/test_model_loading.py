@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from loradock.serve.model_loader import ModelLoadError, load_model, resolve_model_path
+from loradock.serve.model_loader import ModelLoadError, load_model
+from loradock.serve.model_source import resolve_model_path
 
 
 def test_a_hub_id_is_refused_with_a_clear_message(tmp_path, monkeypatch):
@@ -20,12 +21,6 @@ def test_a_hub_id_is_refused_with_a_clear_message(tmp_path, monkeypatch):
 def test_a_directory_without_a_config_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
         resolve_model_path(tmp_path)
-
-
-def test_no_model_means_the_demo_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORADOCK_CACHE_DIR", str(tmp_path))
-    path = resolve_model_path(None)
-    assert path.parent == tmp_path and (path / "config.json").is_file()
 
 
 @pytest.mark.parametrize("quantize, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt"), ("none", "Linear")])

@@ -147,7 +147,7 @@ COMPLETION_CASES = {
     "logprobs_21": (dict(logprobs=21), "logprobs", ["logprobs", "less than or equal to 20"]),
     "n_2": (dict(n=2), "n", ["n", "less than or equal to 1"]),
     "seed_beyond_64_bits": (dict(seed=2**70, temperature=0.5), "seed", ["seed"]),
-    "echo": (dict(echo=True), "echo", ["echo"]),
+    "echo_not_a_bool": (dict(echo="yes"), "echo", ["echo"]),
     "stream_options_string": (dict(stream=True, stream_options="usage"), "stream_options", ["stream_options"]),
     "token_id_out_of_vocabulary": (dict(prompt=[1, 5, 99_999]), "prompt", ["token ids", "[0, 2048)"]),
     "token_id_negative": (dict(prompt=[1, -1]), "prompt", ["prompt", "greater than or equal to 0"]),

@@ -16,6 +16,7 @@ import urllib.request
 import aiohttp
 import openai
 import pytest
+import torch
 from server_support import MODEL_NAME, ServerThread, free_port
 from support import peft_greedy, varied_prompts
 
@@ -113,6 +114,33 @@ def test_logprobs_and_stop_strings(server, prompts):
     cut = api.completions.create(model=MODEL_NAME, prompt=prompts[4], max_tokens=12, temperature=0, stop=[stop],
                                  extra_body=NO_EOS).choices[0]
     assert cut.finish_reason == "stop" and cut.text == text[: text.index(stop)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_scores_the_prompt_as_the_model_does(server, adapters, model_dir, prompts, stream):
+    from peft import PeftModel
+
+    from loradock.serve.model_loader import load_model
+
+    prompt = prompts[3]  # token ids: echoed exactly
+    model, tokenizer = load_model(model_dir("llama"), "none", torch.float32, torch.device("cpu"))
+    model = PeftModel.from_pretrained(model, adapters[0] / "b")
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1].float(), -1)  # [P-1, vocab]
+    expected = expected.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
+    api = client(server)
+    options = dict(model="b", prompt=prompt, max_tokens=2, temperature=0, logprobs=2, echo=True, extra_body=NO_EOS)
+    if stream:
+        chunks = list(api.completions.create(stream=True, **options))
+        text = "".join(c.choices[0].text for c in chunks)
+        logprobs = chunks[0].choices[0].logprobs
+    else:
+        done = api.completions.create(**options).choices[0]
+        text, logprobs = done.text, done.logprobs
+    assert text.startswith(tokenizer.decode(prompt))
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1 : len(prompt)] == pytest.approx(expected, abs=1e-4)
+    assert len(logprobs.tokens) == len(prompt) + (1 if stream else 2)  # streamed: the first token rides along
 
 
 def test_model_list_has_the_base_and_every_adapter(server):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+METHODS = ("sft", "dpo")
 
 
 @dataclass
@@ -39,12 +40,22 @@ class TrainConfig:
     register: str | None = None  # a running server's URL: hot-load the adapter there when done
     admin_token: str | None = None
     name: str | None = None  # the adapter's name on the server; default: the output folder's name
+    method: str = "sft"  # sft: prompt/completion or messages rows; dpo: {"prompt" | "messages", "chosen", "rejected"}
+    beta: float = 0.1  # DPO's beta: how strongly the policy is held to the reference
+    init_adapter: Path | None = None  # start from this adapter (its rank, alpha, dropout and targets), not a fresh one
+    eval_data: Path | None = None  # rows scored through the server after training (loradock eval's formats)
+    metric: str = "exact"  # loradock eval's metric for eval_data
+    pattern: str | None = None  # the regex metric's default pattern
+    gate: str | None = None  # "score>=0.9,kl<=0.2": register only if every condition holds
+    eval_max_tokens: int = 64  # answer length for eval_data
     quiet: bool = False  # no progress bar (the demo trains several adapters and prints its own lines)
 
     def __post_init__(self):
         self.data = Path(self.data)
         self.output = Path(self.output)
         self.eval = Path(self.eval) if self.eval is not None else None
+        self.init_adapter = Path(self.init_adapter) if self.init_adapter is not None else None
+        self.eval_data = Path(self.eval_data) if self.eval_data is not None else None
         if self.checkpoint_dir is None:
             self.checkpoint_dir = self.output.with_name(self.output.name + ".checkpoints")
         self.checkpoint_dir = Path(self.checkpoint_dir)
@@ -63,9 +74,31 @@ class TrainConfig:
             (self.early_stopping is not None and self.early_stopping < 1, "--early-stopping must be at least 1"),
             (self.eval_steps is not None and self.eval_steps < 1, "--eval-steps must be at least 1"),
         ]
+        problems += self._method_problems() + self._gate_problems()
         for failed, message in problems:
             if failed:
                 raise ValueError(message)
+
+    def _method_problems(self) -> list[tuple[bool, str]]:
+        return [
+            (self.method not in METHODS, f"--method must be one of {', '.join(METHODS)}"),
+            (self.beta <= 0, "--beta must be positive"),
+            (self.method == "dpo" and self.packing, "--packing is for SFT rows: DPO batches chosen and rejected pairs"),
+            (self.init_adapter is not None and not (self.init_adapter / "adapter_config.json").is_file(),
+             f"--init-adapter {self.init_adapter}: no adapter_config.json there"),
+        ]
+
+    def _gate_problems(self) -> list[tuple[bool, str]]:
+        from .gate import TASK_MEASURES, parse_gate
+        from .metrics import METRICS
+
+        conditions = parse_gate(self.gate) if self.gate else []  # raises on a malformed gate
+        return [
+            (self.metric not in METRICS, f"--metric must be one of {', '.join(METRICS)}"),
+            (self.eval_max_tokens < 1, "--eval-max-tokens must be at least 1"),
+            (self.eval_data is None and any(c.name in TASK_MEASURES for c in conditions),
+             "--gate names the task score: give the rows to score with --eval-data"),
+        ]
 
     @property
     def adapter_name(self) -> str:

@@ -27,14 +27,16 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger("loradock.train")
 
 IGNORE = -100  # the label of a token that carries no loss (transformers' convention)
 _SHOWN_ERRORS = 20  # bad rows listed in one DataError
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -176,16 +178,20 @@ def check_row(row: object) -> str | None:
     return None
 
 
-def load_examples(path: Path, encoder: RowEncoder, max_seq_len: int) -> tuple[list[Example], int]:
-    """Every row of a JSONL file encoded, and how many rows were left out for being longer than ``max_seq_len``
-    tokens (with a warning: cutting them would cut off the end token). Raises DataError listing every bad row
-    (file:line: why)."""
+class BadRow(ValueError):
+    """What is wrong with one row; ``read_rows`` puts the file and line in front."""
+
+
+def read_rows(path: Path, convert: Callable[[object, str], T]) -> list[T]:
+    """``convert(row, "file:line")`` for every non-empty line of a JSONL file, in order. Raises DataError listing
+    every line that is not JSON or that ``convert`` refuses with BadRow (file:line: why), or saying the file holds
+    no rows."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
-    errors, examples, too_long = [], [], []
+    errors, converted = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -195,36 +201,64 @@ def load_examples(path: Path, encoder: RowEncoder, max_seq_len: int) -> tuple[li
         except ValueError as exc:
             errors.append(f"{source}: not valid JSON: {exc}")
             continue
-        problem = check_row(row)
-        if problem is None:
-            try:
-                example = encoder.encode(row, source)
-            except DataError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the chat template's own refusal (jinja raise_exception), or ours
-                problem = f"cannot render the conversation with the model's chat template: {exc}"
-        if problem is not None:
-            errors.append(f"{source}: {problem}")
-            continue
-        if len(example.input_ids) > max_seq_len:
-            too_long.append(f"{source} ({len(example.input_ids)} tokens)")
-        else:
-            examples.append(example)
+        try:
+            converted.append(convert(row, source))
+        except BadRow as exc:
+            errors.append(f"{source}: {exc}")
     if errors:
         shown = "\n  ".join(errors[:_SHOWN_ERRORS])
         more = f"\n  ... and {len(errors) - _SHOWN_ERRORS} more" if len(errors) > _SHOWN_ERRORS else ""
         raise DataError(f"{len(errors)} bad row(s) in {path}:\n  {shown}{more}")
+    if not converted:
+        raise DataError(f"{path} holds no rows")
+    return converted
+
+
+def check_rows(path: Path, check: Callable[[object], str | None]) -> None:
+    """Raise DataError listing every row of a JSONL file whose shape ``check`` finds wrong (file:line: why): a first
+    look that needs no tokenizer, before the model loads."""
+
+    def checked(row: object, source: str) -> None:
+        problem = check(row)
+        if problem is not None:
+            raise BadRow(problem)
+
+    read_rows(path, checked)
+
+
+def encode_row(encoder: RowEncoder, row: object, source: str) -> Example:
+    """A training row checked and encoded; raises BadRow saying what is wrong with it."""
+    problem = check_row(row)
+    if problem is not None:
+        raise BadRow(problem)
+    try:
+        return encoder.encode(row, source)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the chat template's own refusal (jinja raise_exception), or ours
+        raise BadRow(f"cannot render the conversation with the model's chat template: {exc}") from None
+
+
+def drop_too_long(items: list[T], length: Callable[[T], int], path: Path, max_seq_len: int) -> tuple[list[T], int]:
+    """The items of at most ``max_seq_len`` tokens, and how many were left out (with a warning: cutting them would
+    cut off the end token). Each item has a ``source`` ("file:line")."""
+    too_long = [f"{item.source} ({length(item)} tokens)" for item in items if length(item) > max_seq_len]
     if too_long:
         log.warning(
             "%d row(s) of %s are longer than --max-seq-len %d and are left out: %s%s",
             len(too_long), path, max_seq_len, ", ".join(too_long[:5]), " ..." if len(too_long) > 5 else "",
         )
-    if not examples and not too_long:
-        raise DataError(f"{path} holds no rows")
-    return examples, len(too_long)
+    return [item for item in items if length(item) <= max_seq_len], len(too_long)
 
 
-def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def load_examples(path: Path, encoder: RowEncoder, max_seq_len: int) -> tuple[list[Example], int]:
+    """Every row of a JSONL file encoded, and how many rows were left out for being longer than ``max_seq_len``
+    tokens. Raises DataError listing every bad row (file:line: why)."""
+    examples = read_rows(path, lambda row, source: encode_row(encoder, row, source))
+    return drop_too_long(examples, lambda example: len(example.input_ids), path, max_seq_len)
+
+
+def split_examples(examples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """A deterministic train/validation split: the same rows, fraction and seed always give the same split.
     At least one row goes to each side when there are two or more and the fraction is above 0."""
     if not 0 <= fraction < 1:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..serve.demo_model import demo_model_path
+from ..serve.engine.threads import use_serving_threads
 from .config import TrainConfig
 from .demo_server import BASE_NAME, Query, ask_all, running_server
 from .tasks import TASKS, Task, make_prompts, write_rows
@@ -47,6 +48,7 @@ def _run(work_dir: Path) -> int:
         raise ValueError(f"{work_dir} holds a previous demo's adapters: give an empty or new --work-dir")
     for task in TASKS:
         _train(task, prompts, model, work_dir, adapters)
+    use_serving_threads()  # training took every core; serving leaves one to the event loop
     scores = asyncio.run(_serve_and_score(model, adapters, prompts.test))
     _print_scores(scores)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")

@@ -1,4 +1,4 @@
-"""The demo's server: `loradock serve`'s app and engine in this process, queried over real HTTP on 127.0.0.1."""
+"""The demo's server: `loradock serve`'s server in this process, queried over real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import torch
-from aiohttp import web
 
-from ..serve.api.app import create_app
-from ..serve.api.state import ServerSettings, ServerState
-from ..serve.engine import Engine
-from ..serve.metrics import ServerMetrics
+from ..serve.api.server import build_state
+from ..serve.api.server import running_server as running_api_server
+from ..serve.api.state import ServerSettings
+from ..serve.engine import EngineConfig
 
 BASE_NAME = "demo-base"
 
@@ -30,30 +28,13 @@ class Query:
 
 
 @contextlib.asynccontextmanager
-async def running_server(model: Path, adapters_dir: Path) -> AsyncIterator[str]:
-    """Serve `model` with every adapter folder in `adapters_dir`, with the settings of `loradock serve --model MODEL
-    --adapters DIR --max-model-len 128` (the demo's requests are short); yield the base URL."""
-    from ..serve.cli import build_parser, engine_config
-
-    threads = torch.get_num_threads()  # engine_config sets the serving share of the cores, process-wide
-    args = build_parser().parse_args(["serve", "--model", str(model), "--adapters", str(adapters_dir),
-                                      "--max-model-len", "128"])
-    metrics = ServerMetrics()
-    engine = await asyncio.to_thread(Engine.from_config, engine_config(args), metrics)
-    engine.start()
-    metrics.watch(engine)
-    state = ServerState(engine, ServerSettings(served_model_name=BASE_NAME, adapters_dir=adapters_dir), metrics)
-    runner = web.AppRunner(create_app(state), access_log=None)
-    try:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-        engine.shutdown()
-        torch.set_num_threads(threads)
+async def running_server(model: Path, adapters_dir: Path, max_model_len: int = 128) -> AsyncIterator[str]:
+    """Serve `model` with every adapter folder in `adapters_dir`, as `loradock serve --model MODEL --adapters DIR
+    --max-model-len N` would (the demo's requests are short), on a free port of 127.0.0.1; yield the base URL."""
+    config = EngineConfig(model=str(model), adapters_dir=str(adapters_dir), max_model_len=max_model_len)
+    state = await asyncio.to_thread(build_state, config, ServerSettings(served_model_name=BASE_NAME))
+    async with running_api_server(state) as server:
+        yield server.url
 
 
 async def ask_all(url: str, queries: list[Query], max_tokens: int) -> list[str]:

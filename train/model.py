@@ -15,13 +15,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.peft_format import BaseModelInfo
-from ..serve.engine import engine as serving_engine
-from ..serve.model_loader import (
-    default_dtype,
-    default_quantize,
-    load_model,
-    resolve_device,
-)
+from ..serve.model_loader import default_dtype, default_quantize, eos_ids, load_model, resolve_device
 
 log = logging.getLogger("loradock.train")
 
@@ -83,7 +77,7 @@ def load_trainable(
     model, tokenizer = load_model(model_path, quantize, dtype, device)
     base_info = BaseModelInfo.from_model(model)
     resolved = resolve_targets(targets, base_info)
-    stop_ids = serving_engine.eos_ids(model, tokenizer)  # the very ids the server stops on
+    stop_ids = eos_ids(model, tokenizer)  # the very ids the server stops on
     model.config.use_cache = False
     if quantize != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 REPORT_FILE = "training_report.json"
 CURVE_FILE = "loss_curve.png"
+FORGETTING_FILE = "forgetting.png"
 # The files that decide what the base model computes and how text becomes tokens (the chat template included).
 _FINGERPRINTED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja", "special_tokens_map.json")
@@ -37,6 +39,7 @@ def build_report(
 ) -> dict:
     """The report as a JSON-ready dict: options, base model, data, losses, evaluations, timings."""
     model_config = trainable.model.get_base_model().config
+    lora = trainable.model.peft_config["default"]  # the adapter's own, also when it came from --init-adapter
     return {
         "adapter": config.adapter_name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -48,7 +51,7 @@ def build_report(
             "quantize": trainable.quantize,
             "dtype": str(trainable.dtype).removeprefix("torch."),
         },
-        "lora": {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
+        "lora": {"rank": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
                  "target_modules": trainable.targets,
                  "trainable_parameters": trainable.model.get_nb_trainable_parameters()[0]},
         "data": data,
@@ -85,6 +88,21 @@ def write_report(report: dict, folder: Path) -> None:
     plot_losses(report, folder / CURVE_FILE)
 
 
+def add_to_report(folder: Path, sections: dict) -> None:
+    """Add `sections` to the training_report.json in `folder` (replaced whole, never half-written), and the forgetting
+    plot when they hold a forgetting evaluation."""
+    from .forgetting import plot_forgetting
+
+    path = folder / REPORT_FILE
+    report = {**json.loads(path.read_text(encoding="utf-8")), **sections}
+    staging = path.with_name(f".{REPORT_FILE}.writing")
+    staging.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(staging, path)
+    evaluation = sections.get("evaluation") or {}
+    if evaluation.get("forgetting"):
+        plot_forgetting(evaluation["forgetting"], evaluation["model"], evaluation["baseline"], folder / FORGETTING_FILE)
+
+
 def plot_losses(report: dict, path: Path) -> None:
     """Training loss per logged step, and validation loss at each evaluation, on one chart."""
     import matplotlib
@@ -99,7 +117,8 @@ def plot_losses(report: dict, path: Path) -> None:
         axes.plot([p["step"] for p in evals], [p["loss"] for p in evals], "o-", label="validation loss",
                   color="tab:orange")
     axes.set_xlabel("step")
-    axes.set_ylabel("loss (completion tokens)")
+    dpo = report["config"]["method"] == "dpo"
+    axes.set_ylabel("DPO loss (preference pairs)" if dpo else "loss (completion tokens)")
     axes.set_title(f"{report['adapter']}: LoRA r={report['lora']['rank']} on {Path(report['base_model']['path']).name}")
     axes.grid(alpha=0.3)
     axes.legend()

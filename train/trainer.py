@@ -4,10 +4,15 @@ The Trainer brings the progress bar, gradient accumulation, checkpoints and resu
 precision, and distribution: launched with ``torchrun --nproc_per_node N`` or ``accelerate launch``, every process
 runs this same code on its own device (gloo on CPUs, NCCL on GPUs); only the first writes the adapter.
 
-The package, in order: config (the options) -> data (JSONL rows to masked token ids, as the server tokenizes them)
--> model (the base as the server loads it, LoRA on top) -> trainer (this module) -> export (PEFT files validated by
-the server's own checks, renamed into place) + report (JSON and loss curve) -> register (hot-load into a running
-server). cli holds the subcommands; demo, demo_server and tasks are the demo.
+--method dpo swaps two parts: preference pairs (dpo: encoded as the SFT rows are) and TRL's DPOTrainer, with its
+own held-out evaluation; the rest of the run is the same.
+
+The package, in order: config (the options) -> data (JSONL rows to masked token ids, as the server tokenizes them;
+dpo for preference pairs) -> model (the base as the server loads it, LoRA on top; init_adapter to start from an
+adapter) -> trainer (this module) -> export (PEFT files validated by the server's own checks, renamed into place) +
+report (JSON and loss curve) -> gate (evaluate through an in-process server: evaluate, metrics, intervals,
+openai_client, forgetting) -> register (hot-load into a running server). cli holds the subcommands (train, eval,
+demo); demo, demo_server and tasks are the demo.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..serve.model_loader import resolve_model_path
+from ..serve.model_source import resolve_model_path
 from .batching import ExampleDataset, make_collator
 from .config import TrainConfig
 from .data import (
@@ -27,11 +32,23 @@ from .data import (
     DataStats,
     Example,
     RowEncoder,
+    check_row,
+    check_rows,
     load_examples,
     require_labels,
     split_examples,
 )
+from .dpo import (
+    check_pair,
+    dpo_trainer,
+    drop_reference_adapter,
+    load_pairs,
+    pair_stats,
+    preference_metrics,
+    require_pairs,
+)
 from .export import write_adapter
+from .init_adapter import load_from_adapter
 from .model import TrainableModel, load_trainable
 from .report import build_report
 
@@ -51,47 +68,52 @@ class TrainResult:
 
 @dataclass
 class _Data:
-    train: list[Example]
-    validation: list[Example]
+    train: list  # Examples (SFT) or Pairs (DPO)
+    validation: list
     stats: dict
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Train a LoRA adapter as `config` says and write it (with its report and loss curve) to config.output."""
-    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
+    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
     started = time.perf_counter()
     if config.output.exists():
         raise ValueError(f"{config.output} already exists: choose another --output or remove it")
+    _check_rows(config)
     checkpoint = _resume_checkpoint(config)
     model_path = resolve_model_path(config.model).resolve()  # the adapter config records it: absolute
     set_seed(config.seed)  # the LoRA initialisation, then (the Trainer seeds again) dropout and data order
-    trainable = load_trainable(model_path, config.quantize, config.targets, config.rank, config.alpha,
-                               config.dropout, config.gradient_checkpointing)
+    trainable = _load_model(config, model_path)
     data = _load_data(config, RowEncoder(trainable.tokenizer, trainable.stop_ids))
     if config.early_stopping and not data.validation:
         raise DataError("--early-stopping needs validation rows: give --eval or a --val-split above 0")
     steps = _planned_steps(config, len(data.train))
     callbacks = [EarlyStoppingCallback(early_stopping_patience=config.early_stopping)] if config.early_stopping else []
-    trainer = Trainer(
-        model=trainable.model,
-        args=_training_arguments(config, trainable, steps, bool(data.validation)),
-        data_collator=make_collator(trainable.tokenizer, config.packing),
-        train_dataset=ExampleDataset(data.train),
-        eval_dataset=ExampleDataset(data.validation) if data.validation else None,
-        callbacks=callbacks,
-    )
+    arguments = _training_arguments(config, trainable, steps, bool(data.validation))
+    if config.method == "dpo":
+        trainer = dpo_trainer(config, trainable, data.train, data.validation, arguments, callbacks)
+        pad_id = trainable.tokenizer.pad_token_id  # TRL sets it (to EOS when the tokenizer has none)
+
+        def evaluate() -> dict:
+            return preference_metrics(trainable.model, data.validation, config.beta, pad_id, config.batch_size)
+    else:
+        trainer = _sft_trainer(config, trainable, data, arguments, callbacks)
+
+        def evaluate() -> dict:
+            return _evaluate(trainer)
     if config.quiet:
         trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log line
-    before = _evaluate(trainer) if data.validation else None
+    before = evaluate() if data.validation else None
     trained = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - trained
-    after = _evaluate(trainer) if data.validation else None
+    after = evaluate() if data.validation else None
     first, world_size = trainer.is_world_process_zero(), trainer.args.world_size
     _leave_process_group()
     if not first:
         return TrainResult(None, None)
+    drop_reference_adapter(trainable.model)
     report = build_report(
         config=config, model_path=model_path, trainable=trainable, data=data.stats, history=trainer.state.log_history,
         before=before, after=after, steps=outcome.global_step, train_seconds=train_seconds,
@@ -99,6 +121,34 @@ def train(config: TrainConfig) -> TrainResult:
     )
     output = write_adapter(trainable.model, config.output, trainable.base_info, report)
     return TrainResult(output, report)
+
+
+def _check_rows(config: TrainConfig) -> None:
+    """Every row's shape, before the model loads (what the chat template refuses is found when encoding)."""
+    check = check_pair if config.method == "dpo" else check_row
+    for path in (config.data, config.eval):
+        if path is not None:
+            check_rows(path, check)
+
+
+def _load_model(config: TrainConfig, model_path: Path) -> TrainableModel:
+    if config.init_adapter is not None:
+        return load_from_adapter(model_path, config.init_adapter, config.quantize, config.gradient_checkpointing)
+    return load_trainable(model_path, config.quantize, config.targets, config.rank, config.alpha, config.dropout,
+                          config.gradient_checkpointing)
+
+
+def _sft_trainer(config: TrainConfig, trainable: TrainableModel, data: _Data, arguments: dict, callbacks: list):
+    from transformers import Trainer, TrainingArguments
+
+    return Trainer(
+        model=trainable.model,
+        args=TrainingArguments(**arguments),
+        data_collator=make_collator(trainable.tokenizer, config.packing),
+        train_dataset=ExampleDataset(data.train),
+        eval_dataset=ExampleDataset(data.validation) if data.validation else None,
+        callbacks=callbacks,
+    )
 
 
 def _planned_steps(config: TrainConfig, train_rows: int) -> int:
@@ -127,29 +177,42 @@ def _resume_checkpoint(config: TrainConfig) -> str | None:
 
 
 def _load_data(config: TrainConfig, encoder: RowEncoder) -> _Data:
-    train, skipped = load_examples(config.data, encoder, config.max_seq_len)
+    """The training and validation rows encoded: Examples for SFT, Pairs for DPO."""
+    if config.method == "dpo":
+        read, stats_of, require = load_pairs, pair_stats, require_pairs
+    else:
+        read, stats_of, require = load_examples, _example_stats, require_labels
+
+    def load(path: Path) -> tuple[list, int]:
+        return read(path, encoder, config.max_seq_len)
+
+    train, skipped = load(config.data)
     stats = {"train_file": str(config.data), "skipped_too_long": skipped}
     if config.eval is not None:
-        validation, eval_skipped = load_examples(config.eval, encoder, config.max_seq_len)
+        validation, eval_skipped = load(config.eval)
         stats.update(eval_file=str(config.eval), eval_skipped_too_long=eval_skipped)
     else:
         train, validation = split_examples(train, config.val_split, config.seed)
         stats.update(val_split=config.val_split)
-    require_labels(train, str(config.data))
-    stats.update(train=vars(DataStats.of(train)), validation=vars(DataStats.of(validation)))
+    require(train, str(config.data))
+    stats.update(train=stats_of(train), validation=stats_of(validation))
     log.info("data: %d training rows, %d validation rows", len(train), len(validation))
     return _Data(train, validation, stats)
 
 
-def _training_arguments(config: TrainConfig, trainable: TrainableModel, steps: int, has_eval: bool):
+def _example_stats(examples: list[Example]) -> dict:
+    return vars(DataStats.of(examples))
+
+
+def _training_arguments(config: TrainConfig, trainable: TrainableModel, steps: int, has_eval: bool) -> dict:
+    """transformers' TrainingArguments for the run, as keyword arguments (DPO adds its own to them)."""
     import torch
-    from transformers import TrainingArguments
 
     every = config.eval_steps or max(1, steps // EVALUATIONS_PER_RUN)
     # Passed only when asked for: transformers 5.x warns that the option is being renamed.
     checkpointing = ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
                      if config.gradient_checkpointing else {})
-    return TrainingArguments(
+    return dict(
         output_dir=str(config.checkpoint_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ...adapters.manager import AdapterVersion, UnknownAdapter, check_name
+from ...adapters.directory import check_name
+from ...adapters.manager import AdapterVersion, UnknownAdapter
 from ...adapters.peft_format import AdapterError
 from .errors import APIError, bad_request, not_found, parse_body
-from .generation import adapter_path, adapter_refused
+from .generation import adapter_refused
 from .schemas import AdapterInfo, LoadAdapterRequest, VllmLoadLoraRequest, VllmUnloadLoraRequest
 from .state import STATE, ServerState
 
@@ -51,37 +52,41 @@ async def list_adapters(request: web.Request) -> web.Response:
 
 
 async def _load(state: ServerState, name: str, path: str | None, replace: bool) -> AdapterVersion:
-    directory = state.settings.adapters_dir
+    manager = _manager(state)
     try:
         check_name(name)
     except AdapterError as exc:
         raise bad_request(str(exc), code="invalid_adapter_name", param="name") from None
-    if path is None:
-        if directory is None:
-            raise bad_request("no path given and the server has no adapter directory (--adapters)", param="path")
-        resolved = adapter_path(directory, name)
-    else:
-        try:
-            resolved = Path(path).expanduser().resolve()
-        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, an unencodable name, a symlink loop
-            raise bad_request(f"the path {path!r} cannot be used: {exc}", code="invalid_adapter_path",
-                              param="path") from None
-        inside = directory is not None and resolved.parent == directory.resolve()
-        if not inside and not state.settings.allow_adapter_paths:
-            raise APIError(403, f"{path} is outside the adapter directory; start the server with "
-                           "--allow-adapter-paths to load adapters from anywhere", type="permission_error",
-                           code="path_not_allowed", param="path")
-    _manager(state)
+    resolved = _adapter_path(state, name, path)
     try:
-        version = await state.engine.load_adapter(name, resolved, replace=replace)
+        return await state.engine.load_adapter(name, resolved, replace=replace)
     except AdapterError as exc:
         if exc.code == "name_conflict":
             raise APIError(409, str(exc), code="adapter_exists", param="name") from None
-        if exc.code == "bad_name":
-            raise bad_request(str(exc), code="invalid_adapter_name", param="name") from None
         raise adapter_refused(exc) from None
-    state.unloaded.discard(name)
-    return version
+
+
+def _adapter_path(state: ServerState, name: str, path: str | None) -> Path:
+    """Where to load `name` from: the adapter directory's folder of that name, or `path` (resolved), which must lie
+    in the directory unless the server runs with --allow-adapter-paths."""
+    directory = _manager(state).directory
+    if path is None:
+        if directory is None:
+            raise bad_request("no path given and the server has no adapter directory (--adapters)", param="path")
+        try:
+            return directory.path(name)
+        except AdapterError as exc:
+            raise bad_request(str(exc), code="invalid_adapter_path", param="name") from None
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, an unencodable name, a symlink loop
+        raise bad_request(f"the path {path!r} cannot be used: {exc}", code="invalid_adapter_path",
+                          param="path") from None
+    if not (directory is not None and directory.contains(resolved)) and not state.settings.allow_adapter_paths:
+        raise APIError(403, f"{path} is outside the adapter directory; start the server with "
+                       "--allow-adapter-paths to load adapters from anywhere", type="permission_error",
+                       code="path_not_allowed", param="path")
+    return resolved
 
 
 def _unload(state: ServerState, name: str) -> None:
@@ -90,7 +95,6 @@ def _unload(state: ServerState, name: str) -> None:
         state.engine.unregister_adapter(name)
     except UnknownAdapter:
         raise not_found(f"no adapter named {name!r} is loaded", code="adapter_not_found") from None
-    state.unloaded.add(name)
 
 
 @routes.post("/v1/adapters")

@@ -1,11 +1,10 @@
-"""The aiohttp application: routes, authentication, errors in OpenAI's shape, and a draining shutdown."""
+"""The aiohttp application: routes, authentication, and errors in OpenAI's shape."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
-import signal
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -103,27 +102,3 @@ def create_app(state: ServerState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     return app
-
-
-async def serve(state: ServerState, host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM or SIGINT; then refuse new requests, let in-flight ones finish (bounded), stop."""
-    runner = web.AppRunner(create_app(state), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("loradock serving %s on http://%s:%d", state.settings.served_model_name, host, port)
-    print(f"loradock: serving {state.settings.served_model_name!r} on http://{host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
-    await stop.wait()
-    state.shutting_down = True
-    log.info("shutting down: draining %d requests (at most %.0f s)", state.in_flight, state.settings.drain_timeout)
-    await site.stop()  # no new connections
-    deadline = loop.time() + state.settings.drain_timeout
-    while state.in_flight and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    await runner.cleanup()

@@ -37,7 +37,8 @@ class Job:
     first_token_at: float | None = None
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # (token id, Logprobs) per generated token, when asked
+    prompt_logprobs: tuple = ()  # Logprobs of prompt tokens 1.., when asked (echo)
     finish_reason: str | None = None
 
     @property
@@ -47,15 +48,13 @@ class Job:
 
 
 def resolve_model(state: ServerState, name: str) -> str | None:
-    """None for the base model, else the adapter's name. Adapters on disk but not registered are registered."""
+    """None for the base model, else the adapter's name (an adapter folder dropped into the directory included)."""
     if name == state.settings.served_model_name:
         return None
     try:
         state.engine.resolve_adapter(name)
         return name
     except UnknownAdapter:
-        if _register_from_directory(state, name):
-            return name
         raise not_found(
             f"the model {name!r} does not exist: GET /v1/models lists the base model and the adapters"
         ) from None
@@ -63,48 +62,12 @@ def resolve_model(state: ServerState, name: str) -> str | None:
         raise adapter_refused(exc) from None
 
 
-def _register_from_directory(state: ServerState, name: str) -> bool:
-    """An adapter dropped into the adapter directory is served on first use."""
-    directory = state.settings.adapters_dir
-    if directory is None or name in state.unloaded:
-        return False
-    try:
-        path = adapter_path(directory, name)
-    except APIError:
-        return False
-    if not (path / "adapter_config.json").is_file():
-        return False
-    try:
-        state.engine.register_adapter(name, path)
-    except AdapterError:  # registered meanwhile by a concurrent request: fine
-        pass
-    return True
-
-
-def adapter_path(directory, name: str):
-    """DIRECTORY/name, refusing names with separators or '..' and symlinks that lead out of the directory."""
-    from ...adapters.manager import check_name
-
-    try:
-        check_name(name)
-    except AdapterError as exc:
-        raise bad_request(str(exc), code="invalid_adapter_name") from None
-    try:
-        root = directory.resolve()
-        path = (directory / name).resolve()
-    except (OSError, RuntimeError) as exc:  # a symlink loop
-        raise bad_request(f"adapter {name!r} cannot be read: {exc}", code="invalid_adapter_path") from None
-    if path.parent != root:
-        raise bad_request(f"adapter {name!r} leads outside the adapter directory", code="invalid_adapter_path")
-    return path
-
-
 def adapter_refused(exc: AdapterError) -> APIError:
     return APIError(400, str(exc), type="invalid_request_error", code=f"adapter_{exc.code}")
 
 
 def sampling_params(state: ServerState, body: _SamplingFields, prompt_len: int, max_tokens: int | None,
-                    logprobs: int | None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     room = state.engine.max_model_len - prompt_len
     try:
         return SamplingParams(
@@ -117,6 +80,7 @@ def sampling_params(state: ServerState, body: _SamplingFields, prompt_len: int, 
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None
@@ -149,23 +113,50 @@ def tokenize(state: ServerState, prompt: str | list[int]) -> list[int]:
 
 
 class ResponseShape:
-    """How one endpoint shapes results. Subclasses: completions and chat."""
+    """How one endpoint shapes results: a whole response, or streamed chunks. Subclasses: completions and chat."""
 
     id_prefix: str
+    object_name: str
     chunk_object_name: str
 
     def __init__(self, job: Job, return_token_ids: bool):
         self.job = job
         self.return_token_ids = return_token_ids
 
-    def full(self) -> dict:
+    def content(self, text: str) -> dict:
+        """A whole response's text, as the endpoint's choice carries it."""
         raise NotImplementedError
 
-    def delta(self, output: GenerationOutput) -> dict:
+    def delta_content(self, text: str) -> dict:
+        """A streamed chunk's text, as the endpoint's choice carries it."""
+        raise NotImplementedError
+
+    def logprobs(self, entries: list) -> dict:
+        """(token id, Logprobs) entries in the endpoint's logprobs format."""
         raise NotImplementedError
 
     def opening_chunks(self) -> list[dict]:
         return []
+
+    def full(self) -> dict:
+        job = self.job
+        logprobs = job.logprobs if job.params.logprobs is not None else None
+        choice = self._choice(self.content("".join(job.text)), job.finish_reason, logprobs, job.token_ids)
+        return {**self.envelope([choice], self.object_name), "usage": job.usage}
+
+    def delta(self, output: GenerationOutput) -> dict:
+        finish_reason = output.finish_reason and output.finish_reason.value
+        logprobs = [(output.token_id, output.logprobs)] if output.logprobs else None
+        token_ids = [output.token_id] if output.token_id is not None else []
+        choice = self._choice(self.delta_content(output.text), finish_reason, logprobs, token_ids)
+        return self.envelope([choice], self.chunk_object_name)
+
+    def _choice(self, body: dict, finish_reason: str | None, logprobs: list | None, token_ids: list[int]) -> dict:
+        choice = {"index": 0, **body, "finish_reason": finish_reason,
+                  "logprobs": self.logprobs(logprobs) if logprobs is not None else None}
+        if self.return_token_ids:
+            choice["token_ids"] = token_ids
+        return choice
 
     def envelope(self, choices: list[dict], object_name: str) -> dict:
         job = self.job
@@ -224,6 +215,8 @@ async def _outputs(job: Job) -> AsyncIterator[GenerationOutput]:
             job.text.append(output.text)
             if output.logprobs is not None:
                 job.logprobs.append((output.token_id, output.logprobs))
+            if output.prompt_logprobs is not None:
+                job.prompt_logprobs = output.prompt_logprobs
             if output.finish_reason is not None:
                 job.finish_reason = output.finish_reason.value
             yield output

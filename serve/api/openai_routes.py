@@ -6,10 +6,9 @@ import time
 
 from aiohttp import web
 
-from ...adapters.manager import is_valid_name
+from .errors import bad_request, parse_body
 from ..engine import GenerationOutput
-from .errors import APIError, bad_request, parse_body
-from .generation import ResponseShape, adapter_path, admit, resolve_model, run, sampling_params, tokenize
+from .generation import Job, ResponseShape, admit, resolve_model, run, sampling_params, tokenize
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import STATE
 
@@ -17,25 +16,47 @@ routes = web.RouteTableDef()
 
 
 class CompletionShape(ResponseShape):
+    """Legacy completions; with `echo`, the prompt leads the text and the log-probabilities (its first token's are
+    null: nothing precedes it), in the whole response or in the first chunk."""
+
     id_prefix = "cmpl"
-    chunk_object_name = "text_completion"
+    object_name = chunk_object_name = "text_completion"
+
+    def __init__(self, job: Job, return_token_ids: bool, echo: bool):
+        super().__init__(job, return_token_ids)
+        self.echo = echo
+        self._echoed = False  # the stream's first chunk carries the prompt
+
+    def content(self, text: str) -> dict:
+        if self.echo:
+            text = self._prompt_text() + text
+        return {"text": text}
+
+    def delta_content(self, text: str) -> dict:
+        return {"text": self._prompt_text() + text if self.echo and not self._echoed else text}
 
     def full(self) -> dict:
-        job = self.job
-        choice = {"index": 0, "text": "".join(job.text), "finish_reason": job.finish_reason,
-                  "logprobs": self._logprobs(job.logprobs) if job.params.logprobs is not None else None}
-        if self.return_token_ids:
-            choice["token_ids"] = job.token_ids
-        return {**self.envelope([choice], "text_completion"), "usage": job.usage}
+        if self.echo and self.job.params.logprobs is not None:
+            self.job.logprobs[:0] = self._prompt_entries()
+        return super().full()
 
     def delta(self, output: GenerationOutput) -> dict:
-        choice = {"index": 0, "text": output.text, "finish_reason": output.finish_reason and output.finish_reason.value,
-                  "logprobs": self._logprobs([(output.token_id, output.logprobs)]) if output.logprobs else None}
-        if self.return_token_ids:
-            choice["token_ids"] = [output.token_id] if output.token_id is not None else []
-        return self.envelope([choice], "text_completion")
+        chunk = super().delta(output)
+        if self.echo and not self._echoed:
+            self._echoed = True
+            if self.job.params.logprobs is not None:
+                entries = self._prompt_entries() + ([(output.token_id, output.logprobs)] if output.logprobs else [])
+                chunk["choices"][0]["logprobs"] = self.logprobs(entries)
+        return chunk
 
-    def _logprobs(self, entries) -> dict:
+    def _prompt_text(self) -> str:
+        return self.job.state.engine.tokenizer.decode(self.job.prompt_ids)
+
+    def _prompt_entries(self) -> list:
+        job = self.job
+        return list(zip(job.prompt_ids, (None, *job.prompt_logprobs)))
+
+    def logprobs(self, entries: list) -> dict:
         decode = self.job.state.engine.tokenizer.decode
         tokens = [decode([t]) for t, _ in entries]
         offsets, offset = [], 0
@@ -44,37 +65,28 @@ class CompletionShape(ResponseShape):
             offset += len(token)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp.logprob for _, lp in entries],
-            "top_logprobs": [{decode([t]): v for t, v in lp.top} for _, lp in entries],
+            "token_logprobs": [lp.logprob if lp is not None else None for _, lp in entries],
+            "top_logprobs": [{decode([t]): v for t, v in lp.top} if lp is not None else None for _, lp in entries],
             "text_offset": offsets,
         }
 
 
 class ChatShape(ResponseShape):
     id_prefix = "chatcmpl"
+    object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def full(self) -> dict:
-        job = self.job
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(job.text)},
-                  "finish_reason": job.finish_reason, "logprobs": self._logprobs(job.logprobs) if job.params.logprobs is not None else None}
-        if self.return_token_ids:
-            choice["token_ids"] = job.token_ids
-        return {**self.envelope([choice], "chat.completion"), "usage": job.usage}
+    def content(self, text: str) -> dict:
+        return {"message": {"role": "assistant", "content": text}}
+
+    def delta_content(self, text: str) -> dict:
+        return {"delta": {"content": text}}
 
     def opening_chunks(self) -> list[dict]:
         return [self.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
                               self.chunk_object_name)]
 
-    def delta(self, output: GenerationOutput) -> dict:
-        choice = {"index": 0, "delta": {"content": output.text},
-                  "finish_reason": output.finish_reason and output.finish_reason.value,
-                  "logprobs": self._logprobs([(output.token_id, output.logprobs)]) if output.logprobs else None}
-        if self.return_token_ids:
-            choice["token_ids"] = [output.token_id] if output.token_id is not None else []
-        return self.envelope([choice], self.chunk_object_name)
-
-    def _logprobs(self, entries) -> dict:
+    def logprobs(self, entries: list) -> dict:
         decode = self.job.state.engine.tokenizer.decode
 
         def item(token_id, logprob):
@@ -90,10 +102,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
     adapter = resolve_model(state, body.model)
     prompt_ids = tokenize(state, body.prompt)
-    params = sampling_params(state, body, len(prompt_ids), body.max_tokens, body.logprobs)
+    params = sampling_params(state, body, len(prompt_ids), body.max_tokens, body.logprobs,
+                             body.logprobs if body.echo else None)
     job = admit(state, body.model, adapter, prompt_ids, params)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await run(request, job, CompletionShape(job, body.return_token_ids), body.stream, include_usage)
+    return await run(request, job, CompletionShape(job, body.return_token_ids, body.echo), body.stream, include_usage)
 
 
 @routes.post("/v1/chat/completions")
@@ -131,23 +144,7 @@ async def models(request: web.Request) -> web.Response:
     now = int(time.time())
     base = state.settings.served_model_name
     data = [{"id": base, "object": "model", "created": now, "owned_by": "loradock", "root": base, "parent": None}]
-    for name in sorted(known_adapter_names(state)):
+    adapters = state.engine.adapters
+    for name in sorted(adapters.names() if adapters is not None else ()):
         data.append({"id": name, "object": "model", "created": now, "owned_by": "loradock", "root": name, "parent": base})
     return web.json_response({"object": "list", "data": data})
-
-
-def known_adapter_names(state) -> set[str]:
-    """Registered adapters plus folders in the adapter directory not yet loaded (and not unloaded)."""
-    names = {v.name for v in state.engine.adapters.registered()} if state.engine.adapters else set()
-    directory = state.settings.adapters_dir
-    if directory is not None and directory.is_dir():
-        for path in directory.iterdir():
-            if not is_valid_name(path.name) or path.name in state.unloaded or path.name in names:
-                continue
-            try:
-                folder = adapter_path(directory, path.name)
-            except APIError:  # a symlink leading out of the directory, or a loop
-                continue
-            if (folder / "adapter_config.json").is_file():
-                names.add(path.name)
-    return names

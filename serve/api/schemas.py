@@ -53,7 +53,8 @@ class CompletionRequest(_SamplingFields):
         description="the prompt as a string, or as a list of token ids"
     )
     logprobs: StrictInt | None = Field(default=None, ge=0, le=20, description="top alternatives per token")
-    echo: Literal[False] = False
+    echo: StrictBool = Field(default=False, description="the prompt before the completion, in the text and (with "
+                             "logprobs) the token log-probabilities: the first prompt token's is null")
 
 
 class ChatMessage(BaseModel):
@@ -95,12 +96,6 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class AdapterInfo(BaseModel):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -14,7 +13,6 @@ from ..metrics import ServerMetrics
 @dataclass
 class ServerSettings:
     served_model_name: str
-    adapters_dir: Path | None = None
     allow_adapter_paths: bool = False
     max_queue: int = 1024
     api_key: str | None = None
@@ -29,8 +27,6 @@ class ServerState:
     metrics: ServerMetrics
     in_flight: int = 0  # requests accepted and not yet finished
     shutting_down: bool = False
-    # Names unloaded through the admin API: not brought back by "load on first use" until loaded again.
-    unloaded: set[str] = field(default_factory=set)
 
 
 STATE = web.AppKey("loradock_state", ServerState)

@@ -6,8 +6,10 @@ queries to its gathered context. The model runs with `attn_implementation=ATTENT
 metadata travels down the model's forward kwargs as `loradock_step`.
 
 Decode tokens on the CPU in float32 go through the compiled decode attention (`kernels/cpu_attention.cpp`), which
-reads the cache in place; everything else (prefill chunks, CUDA, other dtypes) through torch's SDPA over
-contexts gathered from the cache.
+reads the cache in place; a decode step run from the persistent decode inputs (`DecodeStep`, the CUDA graphs'
+path) through the paged decode attention (`kernels/paged_decode.py`), which reads it in place through the block
+tables; everything else (prefill chunks, mixed steps, other dtypes) through torch's SDPA over contexts gathered from
+the cache.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .batch import AttentionGroup, StepBatch
+from .decode_inputs import DecodeStep
 
 ATTENTION_NAME = "loradock_paged"
 
@@ -30,7 +33,7 @@ def paged_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
-    loradock_step: StepBatch | None = None,
+    loradock_step: StepBatch | DecodeStep | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     if loradock_step is None:
@@ -44,6 +47,12 @@ def paged_attention(
     v_cache.index_copy_(0, step.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
 
     q = query[0].transpose(0, 1)  # [T, H, D]
+    if isinstance(step, DecodeStep):  # one query per sequence, against the cache in place through block tables
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, H, D]
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        step.attend(out, q.to(k_cache.dtype), k_cache, v_cache, step.block_tables, step.context_lens,
+                    step.kv_cache.block_size, scale, sliding_window or 0)
+        return out.to(q.dtype)[None], None
     out = q.new_empty(q.shape) if len(step.groups) > 1 else None
     for group in step.groups:
         if group.decode and step.decode_kernel is not None and q.dtype == k_cache.dtype == torch.float32:

@@ -3,7 +3,7 @@
 A step is the concatenation of single-token entries (decodes, first) and multi-token prefill chunks of many
 requests, run as one sequence of T tokens through the HF model. Built once per step, read by every layer:
 where each token's K/V goes in the paged cache, which cached tokens each query attends to, which rows need
-logits, and (once adapters land) the adapter slot of each token.
+logits, and the adapter slot of each token.
 """
 
 from __future__ import annotations
@@ -53,14 +53,16 @@ class StepBatch:
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
     slot_mapping: torch.Tensor  # [T] cache slot each token's K/V is written to
-    logits_rows: torch.Tensor  # [N] rows of the flat batch whose next token is sampled
-    adapter_slots: torch.Tensor  # [T] adapter slot per token, -1 = base model (host tensor)
+    logits_rows: torch.Tensor  # [N + P] rows of the flat batch: N whose next token is sampled, then P prompt rows
+    adapter_slots: list[int]  # [T] adapter slot per token, -1 = base model
     groups: list[AttentionGroup]
     kv_cache: PagedKVCache
     # the compiled CPU decode attention (`decode_attention` of the CPU ops) for the decode group, or None: SDPA
     decode_kernel: Callable | None
     # the requests due a token, in the order of logits_rows
     sampled: list[Request]
+    # the P prompt rows' (request, prompt position) whose next prompt token's log-probability is asked for
+    prompt_rows: list[tuple[Request, int]]
 
 
 def _slots(blocks: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -83,6 +85,8 @@ def build_step(
     slot_parts: list[torch.Tensor] = []
     logits_rows: list[int] = []
     sampled: list[Request] = []
+    prompt_rows: list[tuple[Request, int]] = []
+    prompt_logits_rows: list[int] = []
     adapter_slots: list[int] = []
     groups: list[AttentionGroup] = []
 
@@ -111,6 +115,10 @@ def build_step(
         if start + n == request.num_tokens:
             logits_rows.append(row0 + n - 1)
             sampled.append(request)
+        if request.params.prompt_logprobs is not None:  # positions whose next prompt token is not scored yet
+            for position in range(max(start, len(request.prompt_logprobs)), min(start + n, len(request.prompt_ids) - 1)):
+                prompt_rows.append((request, position))
+                prompt_logits_rows.append(row0 + position - start)
         if n == 1:
             continue
         blocks = torch.tensor(request.blocks)
@@ -130,12 +138,13 @@ def build_step(
         input_ids=on_device(torch.tensor(token_ids)[None]),
         position_ids=on_device(torch.cat(positions)[None]),
         slot_mapping=on_device(torch.cat(slot_parts)),
-        logits_rows=on_device(torch.tensor(logits_rows, dtype=torch.long)),
-        adapter_slots=torch.tensor(adapter_slots, dtype=torch.int32),
+        logits_rows=on_device(torch.tensor(logits_rows + prompt_logits_rows, dtype=torch.long)),
+        adapter_slots=adapter_slots,
         groups=groups,
         kv_cache=cache,
         decode_kernel=decode_kernel,
         sampled=sampled,
+        prompt_rows=prompt_rows,
     )
 
 

@@ -1,6 +1,12 @@
-"""Engine settings: what the CLI flags and the Python API configure."""
+"""Engine settings: what the Python API configures and what the CLI's engine flags are generated from.
+
+Each field's name gives its flag (`max_batch_tokens` -> `--max-batch-tokens`; `flag` in the field's extra data
+overrides it), its type and Literal choices the flag's parsing, its description the flag's help.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -8,20 +14,39 @@ from pydantic import BaseModel, ConfigDict, Field
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(default=None, description="local HF model directory; None = built-in demo model")
-    quantize: str | None = Field(default=None, description="nf4 | int8 | none; default nf4 on CUDA, none on CPU")
-    dtype: str | None = Field(default=None, description="float32 | bfloat16 | float16; default bf16 CUDA, fp32 CPU")
-    device: str | None = Field(default=None, description="cpu | cuda; default cuda when available")
-    max_batch_tokens: int = Field(default=2048, ge=1, description="tokens per step (decodes + prefill chunks)")
-    max_num_seqs: int = Field(default=256, ge=1, description="requests running at once")
-    max_model_len: int | None = Field(default=None, ge=2, description="context limit; default the model's")
-    kv_cache_memory: str | int | None = Field(default=None, description="KV cache budget, e.g. 2GiB")
-    kv_cache_fraction: float = Field(default=0.9, gt=0, le=1, description="share of free memory for KV if no budget")
+    model: str | None = Field(
+        default=None, description="local HF model directory, or a built-in model: smollm2-135m-instruct (the "
+        "default) or tiny-random", json_schema_extra={"metavar": "DIR|NAME"},
+    )
+    quantize: Literal["nf4", "int8", "none"] | None = Field(
+        default=None, description="bitsandbytes quantization of the linear layers (default: nf4 on CUDA, none on CPU)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None, description="compute dtype (default: bfloat16 on CUDA, float32 on CPU)"
+    )
+    device: Literal["cpu", "cuda"] | None = Field(default=None, description="default: cuda when available")
+    max_batch_tokens: int = Field(default=2048, ge=1, description="tokens per engine step: decodes + prefill chunks")
+    max_num_seqs: int = Field(default=256, ge=1, description="requests running at once; more wait in the queue")
+    max_model_len: int | None = Field(default=None, ge=2, description="context limit (default: the model's)")
+    kv_cache_memory: str | int | None = Field(
+        default=None, description="KV cache budget, e.g. 2GiB (default: a share of free memory)",
+        json_schema_extra={"metavar": "SIZE"},
+    )
+    kv_cache_fraction: float = Field(
+        default=0.9, gt=0, le=1, description="without a budget: this share of free device memory (host RAM on CPU)"
+    )
     block_size: int = Field(default=16, ge=1, description="tokens per KV cache block")
-    adapters_dir: str | None = Field(default=None, description="folder of PEFT adapters, one per subfolder")
-    max_gpu_adapters: int = Field(default=8, ge=0, description="adapter slots on the device; 0 disables LoRA")
+    adapters_dir: str | None = Field(
+        default=None, description="folder of PEFT LoRA adapters, one per subfolder (its name)",
+        json_schema_extra={"flag": "--adapters", "metavar": "DIR"},
+    )
+    max_gpu_adapters: int = Field(default=8, ge=0, description="adapter slots on the device (0 disables LoRA)")
     max_cpu_adapters: int = Field(default=32, ge=1, description="adapters kept in the host cache")
-    max_lora_rank: int = Field(default=64, ge=1, description="largest adapter rank accepted")
+    max_lora_rank: int = Field(default=64, ge=1, description="largest adapter rank accepted; sizes the slot buffers")
+    cuda_graphs: bool = Field(
+        default=True, description="on CUDA, replay decode steps from CUDA graphs captured per batch-size bucket"
+    )
     lora_target_modules: list[str] | None = Field(
-        default=None, description="short names of the linears adapters may target; default every linear"
+        default=None, description="comma-separated short names of the linears adapters may target, e.g. "
+        "q_proj,v_proj (default: every linear but the output head)", json_schema_extra={"metavar": "NAMES"},
     )

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,27 +22,24 @@ from pathlib import Path
 
 import torch
 
-from ...adapters.lora_layer import attach_lora_layers
-from ...adapters.manager import AdapterManager, AdapterVersion, UnknownAdapter, check_name
+from ...adapters.directory import AdapterDirectory, check_name
+from ...adapters.lora_layer import LoraContext, attach_lora_layers
+from ...adapters.manager import AdapterManager, AdapterVersion, UnknownAdapter
 from ...adapters.peft_format import AdapterError, BaseModelInfo
-from ...kernels.lora import prepare_lora_backend
-from ..metrics import ServerMetrics
-from ..model_loader import (
-    DTYPES,
-    ModelLoadError,
-    default_dtype,
-    default_quantize,
-    load_model,
-    resolve_device,
-    resolve_model_path,
-)
+from ...adapters.stats import BucketCounts
+from ...kernels.lora import LoraMeta, select_lora_backend
+from ...kernels.paged_decode import select_paged_decode
+from ..model_loader import DTYPES, default_dtype, default_quantize, eos_ids, load_model, resolve_device
+from ..model_source import resolve_model_path
 from .config import EngineConfig
+from .decode_inputs import DecodeInputs
+from .graph_runner import CudaGraph, DecodeGraphs, EagerGraph, GraphFactory
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .host_memory import pack_into_huge_pages
 from .kv_cache import CacheShape, PagedKVCache, free_device_memory, parse_size
 from .model_runner import ModelRunner
 from .request import FinishReason, Request, TokenEvent
-from .sampling import Logprobs, SamplingParams, make_generator, sample
+from .sampling import Logprobs, SamplingParams, make_generator, sample, score_tokens
 from .scheduler import Scheduler
 
 log = logging.getLogger("loradock.engine")
@@ -63,6 +61,7 @@ class GenerationOutput:
     text: str
     finish_reason: FinishReason | None = None
     logprobs: Logprobs | None = None  # when the request asked for them
+    prompt_logprobs: tuple[Logprobs, ...] | None = None  # prompt tokens 1.., with the first token, when asked
 
 
 @dataclass(frozen=True)
@@ -103,6 +102,7 @@ class EngineShutdown(RuntimeError):
 
 
 _STOP = object()
+BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class Engine:
@@ -112,10 +112,11 @@ class Engine:
         tokenizer,
         config: EngineConfig,
         device: torch.device,
-        metrics: ServerMetrics | None = None,
+        decode_graph: GraphFactory | None = None,
     ):
+        """decode_graph: how decode steps replay from persistent inputs (`graph_runner`); default: CUDA graphs on CUDA
+        (the same path eagerly with --no-cuda-graphs), none on the CPU."""
         self.config = config
-        self.metrics = metrics
         self.tokenizer = tokenizer
         self.device = device
         model_config = model.config
@@ -150,55 +151,66 @@ class Engine:
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_num_seqs)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self.adapters: AdapterManager | None = None
+        self.lora: LoraContext | None = None
         if config.max_gpu_adapters > 0:
             self.adapters = self._attach_adapters(model, config, shape.dtype)
         if device.type == "cpu":
             log.info("weights on huge pages: %.1f MiB", pack_into_huge_pages(model) / 2**20)
-        self.runner = ModelRunner(
-            model,
-            self.cache,
-            device,
-            lora=self.adapters.context if self.adapters else None,
-            num_slots=config.max_gpu_adapters,
-        )
+        decode_graph = decode_graph or default_decode_graph(device, config)
+        graphs = self._decode_graphs(model, decode_graph) if decode_graph is not None else None
+        self.runner = ModelRunner(model, self.cache, device, lora=self.lora, decode_graphs=graphs)
+        if graphs is not None:
+            started = time.perf_counter()
+            graphs.capture()
+            log.info("decode graphs for batch sizes %s captured in %.1f s", graphs.buckets, time.perf_counter() - started)
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._requests: dict[str, Request] = {}
         self._outbox: list = []  # (request, sink, event) waiting for the end of this iteration
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.batch_tokens = BucketCounts(BATCH_TOKEN_BUCKETS)  # tokens per step, read by the metrics collector
 
     @classmethod
-    def from_config(cls, config: EngineConfig, metrics: ServerMetrics | None = None) -> Engine:
+    def from_config(cls, config: EngineConfig) -> Engine:
         device = resolve_device(config.device)
         dtype = DTYPES[config.dtype] if config.dtype else default_dtype(device)
-        if config.dtype and config.dtype not in DTYPES:
-            raise ModelLoadError(f"--dtype must be one of {', '.join(DTYPES)}")
         model, tokenizer = load_model(
             resolve_model_path(config.model), config.quantize or default_quantize(device), dtype, device
         )
-        return cls(model, tokenizer, config, device, metrics)
+        return cls(model, tokenizer, config, device)
 
     def _attach_adapters(self, model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype) -> AdapterManager:
-        """Wrap the linears adapters may target in LoRA layers with preallocated slots; register the adapter dir."""
+        """Wrap the linears adapters may target in LoRA layers with preallocated slots, the backend chosen once;
+        register the adapter directory's adapters."""
         base = BaseModelInfo.from_model(model)
         targets = config.lora_target_modules
         names = [n for n in base.linear_modules if targets is None or n.rsplit(".", 1)[-1] in targets]
-        context, layers = attach_lora_layers(model, names, config.max_gpu_adapters, config.max_lora_rank, dtype)
-        log.info("LoRA backend: %s", prepare_lora_backend(self.device))
+        backend = select_lora_backend(self.device)
+        backend.prepare()
+        log.info("LoRA backend: %s", backend.name)
+        meta = LoraMeta(config.max_batch_tokens, config.max_gpu_adapters, self.device)
+        self.lora = LoraContext(backend, meta)
+        layers = attach_lora_layers(model, names, self.lora, config.max_gpu_adapters, config.max_lora_rank, dtype)
+        directory = AdapterDirectory(config.adapters_dir) if config.adapters_dir is not None else None
         manager = AdapterManager(
             layers,
-            context,
             base,
             num_slots=config.max_gpu_adapters,
             max_cpu_adapters=config.max_cpu_adapters,
             max_rank=config.max_lora_rank,
             on_loaded=lambda version: self._commands.put(_AdapterRead(version)),
-            metrics=self.metrics,
+            directory=directory,
         )
-        if config.adapters_dir is not None:
-            found = manager.scan(Path(config.adapters_dir))
-            log.info("adapters in %s: %s", config.adapters_dir, ", ".join(found) or "none")
+        found = manager.register_directory()
+        if directory is not None:
+            log.info("adapters in %s: %s", directory.root, ", ".join(found) or "none")
         return manager
+
+    def _decode_graphs(self, model: torch.nn.Module, graph: GraphFactory) -> DecodeGraphs:
+        inputs = DecodeInputs(self.config.max_num_seqs, self.cache, self.max_model_len, self.config.max_gpu_adapters,
+                              self.device, select_paged_decode(self.device))
+        pool = torch.cuda.graph_pool_handle() if graph is CudaGraph else None
+        return DecodeGraphs(model, inputs, self.lora, graph, pool)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -318,7 +330,7 @@ class Engine:
                     self._commands.put(_Abort(request.request_id))
                 finished = finish is not None
                 text = match.text + (stops.flush() if finished and not match.stopped else "")
-                yield GenerationOutput(event.token_id, text, finish, event.logprobs)
+                yield GenerationOutput(event.token_id, text, finish, event.logprobs, event.prompt_logprobs)
         finally:
             if not finished:
                 self._commands.put(_Abort(request.request_id))
@@ -384,17 +396,24 @@ class Engine:
                 self._finish(request, TokenEvent(None, error=error))
 
     def _step(self, entries: list[tuple[Request, int]]) -> None:
-        logits, step = self.runner.run(entries)
-        if self.metrics is not None:
-            self.metrics.batch_tokens.observe(step.input_ids.shape[1])
+        result = self.runner.run(entries)  # logits [N + P, vocab]: N sampled rows, then P prompt rows
+        self.batch_tokens.observe(result.num_tokens)
         for request, n in entries:
             request.num_computed += n
-        tokens, logprobs = sample(logits, [r.params for r in step.sampled], [r.generator for r in step.sampled])
+        sampled, logits = result.sampled, result.logits
+        if result.prompt_rows:
+            targets = [request.prompt_ids[position + 1] for request, position in result.prompt_rows]
+            tops = [request.params.prompt_logprobs for request, _ in result.prompt_rows]
+            for (request, _), logprobs in zip(result.prompt_rows, score_tokens(logits[len(sampled) :], targets, tops)):
+                request.prompt_logprobs.append(logprobs)
+        tokens, logprobs = sample(logits[: len(sampled)], [r.params for r in sampled], [r.generator for r in sampled])
         self.steps += 1
-        for request, token, token_logprobs in zip(step.sampled, tokens, logprobs):
+        for request, token, token_logprobs in zip(sampled, tokens, logprobs):
+            first = not request.output_ids
             request.output_ids.append(token)
             reason = self._finish_reason(request, token)
-            event = TokenEvent(token, reason, logprobs=token_logprobs)
+            prompt_logprobs = tuple(request.prompt_logprobs) if first and request.params.prompt_logprobs is not None else None
+            event = TokenEvent(token, reason, logprobs=token_logprobs, prompt_logprobs=prompt_logprobs)
             if reason is None:
                 self._emit(request, event)
             else:
@@ -445,14 +464,9 @@ def _deliver(batch: list) -> None:
         events.put_nowait(event)
 
 
-def eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
-    """The token ids generation stops on: the generation config's EOS ids and the tokenizer's. The trainer
-    trains exactly these, so train and serve agree."""
-    ids = set()
-    generation = getattr(model, "generation_config", None)
-    for value in (getattr(generation, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(value)
-    return frozenset(ids)
+def default_decode_graph(device: torch.device, config: EngineConfig) -> GraphFactory | None:
+    """CUDA graphs on CUDA (with --no-cuda-graphs, the same decode path run eagerly); none elsewhere: the CPU decodes
+    through its compiled attention."""
+    if device.type != "cuda":
+        return None
+    return CudaGraph if config.cuda_graphs else EagerGraph

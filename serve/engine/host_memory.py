@@ -3,8 +3,7 @@
 A decode step on the CPU reads all of the model's weights, the adapter slot buffers and the live part of the KV
 cache: tens of MB over thousands of 4 KiB pages, more than the TLB covers, and each tensor allocated on its own.
 Packed into one buffer that the kernel backs with 2 MiB pages (madvise MADV_HUGEPAGE), a step pays fewer page
-walks: demo model, 96 requests at concurrency 32, one process per run, alternating, on the 2-core AMD EPYC VM of
-loadtest/RESULTS.md: 2620 / 2777 / 2821 tok/s against 2540 / 2728 / 2597 on ordinary pages.
+walks (loadtest/RESULTS.md, "The CPU kernels' design figures").
 
 Where the OS has no transparent huge pages (not Linux, or THP set to `never`), the same buffers simply use
 ordinary pages.

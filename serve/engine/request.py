@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,7 +26,6 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
-    arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     # Tokens whose K/V sit in the cache. After preemption this drops to 0 and prompt+output is recomputed.
     num_computed: int = 0
@@ -35,6 +33,8 @@ class Request:
     adapter: AdapterVersion | None = None  # None: the base model
     # The device slot of every token of this request: -1 = base model, None = waiting for its adapter.
     adapter_slot: int | None = -1
+    # With params.prompt_logprobs: those of prompt tokens 1.. so far (token 0 has none), sent with the first token.
+    prompt_logprobs: list[Logprobs] = field(default_factory=list)
 
     @property
     def all_ids(self) -> list[int]:
@@ -58,3 +58,4 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     error: Exception | None = None  # raised to the caller
     logprobs: Logprobs | None = None
+    prompt_logprobs: tuple[Logprobs, ...] | None = None  # with the first token, when asked

@@ -1,8 +1,9 @@
 """Per-request sampling parameters and the batched sampler.
 
 Every request carries its own SamplingParams; the sampler turns one row of logits per request that is due a
-new token into that token. Greedy rows are decided together by one argmax; sampled rows each use the
-request's own torch.Generator, so a seeded request gives the same tokens whatever it is batched with.
+new token into that token. Greedy rows are decided together by one argmax, sampled rows together by one masked
+draw whose noise comes from each request's own torch.Generator, so a seeded request gives the same tokens whatever
+it is batched with; the step's tokens (and log-probabilities) reach the host in one transfer.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20, description="also return the sampled token's "
                                  "log-probability and this many most likely alternatives")
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20, description="also return each prompt token's "
+                                        "log-probability given the tokens before it, and this many alternatives")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -70,39 +73,76 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> tuple[list[int], list[Logprobs | None]]:
-    """Pick one token per row; with it, log-probabilities for the rows that asked. One host sync per step."""
-    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    if greedy_rows:
-        rows = torch.tensor(greedy_rows, device=logits.device)
-        tokens[rows] = logits[rows].argmax(dim=-1)
-    for i, p in enumerate(params):
-        if not p.greedy:
-            tokens[i] = _sample_row(logits[i].float(), p, generators[i])
-    chosen = tokens.tolist()
-    return chosen, [_logprobs(logits[i], chosen[i], p.logprobs) if p.logprobs is not None else None
-                    for i, p in enumerate(params)]
+    """Pick one token per row; with it, log-probabilities for the rows that asked. Greedy rows by one argmax,
+    sampled rows together (`_sample_rows`); everything the host needs comes back in one transfer."""
+    tokens = logits.argmax(dim=-1)  # [N]: greedy everywhere, sampled rows overwritten below
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)  # [n]
+        chosen = _sample_rows(logits.index_select(0, rows).float(), [params[i] for i in sampled],
+                              [generators[i] for i in sampled])
+        tokens.index_copy_(0, rows, chosen)
+    asking = [i for i, p in enumerate(params) if p.logprobs is not None]
+    tops = [params[i].logprobs for i in asking]
+    parts = [tokens.double()]
+    if asking:
+        rows = torch.tensor(asking, device=logits.device)  # [m]
+        parts.append(_scores(logits.index_select(0, rows), tokens.index_select(0, rows), max(tops)))
+    host = torch.cat(parts).tolist()  # the one transfer: ids are exact in float64
+    logprobs: list[Logprobs | None] = [None] * len(params)
+    for i, row_logprobs in zip(asking, _unpack(host[len(params) :], tops)):
+        logprobs[i] = row_logprobs
+    return [int(t) for t in host[: len(params)]], logprobs
 
 
-def _logprobs(logits: torch.Tensor, token: int, top: int) -> Logprobs:
-    """logits: [vocab]."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [vocab]
-    values, ids = torch.topk(logprobs, top) if top else (logprobs[:0], logprobs[:0].long())
-    return Logprobs(float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist())))
+def score_tokens(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[Logprobs]:
+    """Each row's log-probability of its token (under the model, no temperature) and its `tops[i]` most likely
+    alternatives. logits: [m, vocab]; one transfer."""
+    targets = torch.tensor(tokens, device=logits.device)  # [m]
+    return _unpack(_scores(logits, targets, max(tops)).tolist(), tops)
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """logits: [vocab] fp32. Temperature, then top-k, then top-p (nucleus), then a draw."""
-    logits = logits / p.temperature
-    if 0 < p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def _scores(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.Tensor:
+    """[m * (1 + 2 top)] float64: each row's logprob of its token [m], then the top ids [m, top] and logprobs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [m, vocab]
+    own = logprobs.gather(1, tokens[:, None])  # [m, 1]
+    best, best_ids = torch.topk(logprobs, top, dim=-1)  # [m, top]
+    return torch.cat([own.double().flatten(), best_ids.double().flatten(), best.double().flatten()])
+
+
+def _unpack(values: list[float], tops: list[int]) -> list[Logprobs]:
+    """`_scores`' values on the host as one Logprobs per row, row i keeping its tops[i] alternatives."""
+    m, top = len(tops), max(tops, default=0)
+    own, ids, best = values[:m], values[m : m + m * top], values[m + m * top :]
+    return [Logprobs(own[j], tuple((int(t), v) for t, v in zip(ids[j * top : j * top + k], best[j * top : j * top + k])))
+            for j, k in enumerate(tops)]
+
+
+def _sample_rows(
+    logits: torch.Tensor,  # [n, vocab] fp32
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """[n] tokens: temperature, then top-k, then top-p (nucleus) per row, then a draw by each row's own generator.
+
+    The draw is an exponential race, argmax_j p_j / E_j with E_j ~ Exp(1) from the row's generator: token j wins with
+    probability p_j, and a row's tokens depend only on its own logits and generator, never on its batch."""
+    device = logits.device
+    logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+    vocab = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if min(top_k) < vocab:
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, torch.tensor(top_k, device=device)[:, None] - 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # [n, vocab]
     probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+    if min(p.top_p for p in params) < 1.0:
+        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]  # [n, 1]
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-        outside[0] = False  # even where top_p rounds to 0 in fp32 (below about 1e-45)
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        outside[:, 0] = False  # even where top_p rounds to 0 in fp32 (below about 1e-45)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(outside, 0.0))
+    races = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        races[row].exponential_(generator=generator)
+    return (probs / races).argmax(dim=-1)

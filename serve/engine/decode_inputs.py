@@ -1,0 +1,91 @@
+"""The persistent inputs of a decode step: buffers allocated once and rewritten in place, one copy a step.
+
+A decode-only step (every running request due one token) runs from fixed tensors, so a CUDA graph captured over
+them replays for any batch up to its bucket: token ids, positions, the KV slot each new token is written to, the
+block tables and context lengths the paged decode attention reads, and the LoRA token -> slot metadata. All of them
+are int32 views of one device buffer, filled from one pinned host buffer by one copy. Rows past the batch, up to
+the bucket, are padding: token 0 at position 0, written to a reserved scratch block of the KV cache and attending
+to it alone, adapter slot -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...kernels.lora import LoraMeta
+from ...kernels.paged_decode import PagedDecode
+from .kv_cache import PagedKVCache
+from .request import Request
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """What the attention of a decode step reads (views of the persistent buffers, B rows of a bucket)."""
+
+    kv_cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [B] int64: cache slot each new token's K/V is written to
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32: tokens each query attends to, itself included
+    attend: PagedDecode  # the paged decode attention for the device
+
+
+class DecodeInputs:
+    def __init__(self, max_seqs: int, cache: PagedKVCache, max_model_len: int, num_slots: int,
+                 device: torch.device, attend: PagedDecode):
+        self.max_seqs, self.cache, self.device, self.attend = max_seqs, cache, device, attend
+        self.max_blocks = cache.blocks_needed(max_model_len)
+        self.scratch_block = cache.allocator.allocate(1)[0]  # padding rows write and read here, never a request
+        sizes = [max_seqs] * 4 + [max_seqs * self.max_blocks]
+        lora_size = LoraMeta.size(max_seqs, num_slots) if num_slots else 0
+        on_cuda = device.type == "cuda"
+        self._staging = torch.zeros(sum(sizes) + lora_size, dtype=torch.int32, pin_memory=on_cuda)
+        self._packed = self._staging.to(device) if on_cuda else self._staging.clone()  # copied like the device's
+        self._host = self._staging.numpy()
+        fields = self._packed[: sum(sizes)].split(sizes)
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = fields[:4]  # [max_seqs] int32 each
+        self.block_tables = fields[4].view(max_seqs, self.max_blocks)  # [max_seqs, max_blocks] int32
+        self.slot_mapping_long = torch.zeros(max_seqs, dtype=torch.int64, device=device)  # index_copy_ wants int64
+        self.lora_meta = None
+        if num_slots:
+            start = sum(sizes)
+            self.lora_meta = LoraMeta(max_seqs, num_slots, device,
+                                      storage=(self._staging[start:], self._packed[start:]))
+
+    def write(self, requests: list[Request], bucket: int) -> bool:
+        """Fill rows 0..B-1 with the requests' next token (their blocks must cover it) and rows B..bucket-1 with
+        padding, then copy everything to the device at once. Returns whether a token uses an adapter."""
+        count, size, width = len(requests), self.cache.block_size, self.max_blocks
+        seqs = self.max_seqs
+        host = self._host
+        ids, positions, slots, lengths = (host[i * seqs : i * seqs + bucket] for i in range(4))
+        tables = host[4 * seqs : 4 * seqs + seqs * width].reshape(seqs, width)
+        for row, request in enumerate(requests):
+            position = request.num_computed
+            blocks = request.blocks
+            ids[row], positions[row], lengths[row] = request.all_ids[position], position, position + 1
+            slots[row] = blocks[position // size] * size + position % size
+            tables[row, : len(blocks)] = blocks
+        ids[count:], positions[count:], lengths[count:] = 0, 0, 1
+        slots[count:] = self.scratch_block * size
+        tables[count:bucket, 0] = self.scratch_block
+        active = False
+        if self.lora_meta is not None:
+            active = self.lora_meta.write([r.adapter_slot for r in requests] + [-1] * (bucket - count))
+        self.copy()
+        return active
+
+    def copy(self) -> None:
+        """The host buffer to the device: the step's one copy (non-blocking from pinned memory on CUDA; the previous
+        step's copy has completed, since every step ends with the sampled tokens' transfer to the host)."""
+        if self._packed is not self._staging:
+            self._packed.copy_(self._staging, non_blocking=True)
+
+    def step(self, bucket: int) -> DecodeStep:
+        return DecodeStep(self.cache, self.slot_mapping_long[:bucket], self.block_tables[:bucket],
+                          self.context_lens[:bucket], self.attend)
+
+    def widen_slot_mapping(self, bucket: int) -> None:
+        """slot_mapping as int64, on the device (the first op of a decode forward, inside its graph)."""
+        self.slot_mapping_long[:bucket].copy_(self.slot_mapping[:bucket])
