@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m loradock.loadtest.engine_bench", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--model", help="local HF model directory (default: the built-in demo model)")
+    parser.add_argument("--model", help="local HF model directory or built-in name (default: SmolLM2-135M-Instruct; tiny-random: the toy)")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated requests in flight (default 1,8,32)")
     parser.add_argument("--requests", type=int, help="requests per concurrency level (default max(8*C, 32))")
     parser.add_argument("--prompt-len", default="16:64", help="prompt lengths MIN:MAX, uniform (default 16:64)")

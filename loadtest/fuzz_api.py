@@ -111,7 +111,7 @@ def run_and_echo(command: list[str], timeout: float | None, cwd: Path) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="local HF model directory (default: the built-in demo model)")
+    parser.add_argument("--model", help="local HF model directory or built-in name (default: SmolLM2-135M-Instruct; tiny-random: the toy)")
     parser.add_argument("--max-examples", type=int, default=50, help="test cases per operation and phase (default 50)")
     parser.add_argument("--max-time", type=int, help="seconds: keep fuzzing until they are spent (default: off)")
     parser.add_argument("--workers", default="1", help="schemathesis workers (default 1: with more, hypothesis "

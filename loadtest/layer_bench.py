@@ -55,7 +55,7 @@ def make_layers(shapes: list[tuple[int, int]], tokens: int, adapters: int, rank:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loradock.loadtest.layer_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="local HF model directory, for its config (default: the built-in demo model)")
+    parser.add_argument("--model", help="local HF model directory or built-in name, for its config (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens in the step (default 32)")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)

@@ -33,7 +33,7 @@ PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loradock.loadtest.lora_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="local HF model directory (default: the built-in demo model)")
+    parser.add_argument("--model", help="local HF model directory or built-in name (default: SmolLM2-135M-Instruct; tiny-random: the toy)")
     parser.add_argument("--adapter-counts", default="0,1,8,32", help="distinct adapters per run (default 0,1,8,32)")
     parser.add_argument("--rank", type=int, default=16, help="adapter rank, all linear modules (default 16)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT baselines")
     parser.add_argument("--quantize", choices=("nf4", "int8", "none"))
     parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA, decode steps replayed from CUDA graphs (default on)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: as `loradock serve`, cores - 1)")
     parser.add_argument("--json", metavar="PATH")
@@ -119,6 +121,7 @@ def run_loradock(args, path, quantize, device, adapter_dir) -> dict:
             model=str(path), quantize=quantize, device=str(device), adapters_dir=adapter_dir,
             max_gpu_adapters=max(max(args.adapter_counts), 1), max_lora_rank=args.rank,
             max_num_seqs=args.concurrency, max_model_len=args.prompt_len[1] + args.max_tokens,
+            cuda_graphs=args.cuda_graphs,
         )
     )
     prompts = make_prompts(engine.tokenizer, engine.vocab_size, args.requests, args.prompt_len, args.seed)

@@ -38,7 +38,7 @@ def ms_per_step(engine: Engine, prompts, names, concurrency: int, max_tokens: in
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loradock.loadtest.lora_cost", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="local HF model directory (default: the built-in demo model)")
+    parser.add_argument("--model", help="local HF model directory or built-in name (default: SmolLM2-135M-Instruct; tiny-random: the toy)")
     parser.add_argument("--adapters-dir", required=True, help="adapter-0 .. adapter-{N-1} (random_adapters writes them)")
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters, round robin (default 8)")
     parser.add_argument("--rank", type=int, default=16, help="largest adapter rank (default 16)")

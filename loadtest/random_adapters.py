@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m loradock.loadtest.random_adapters",
                                      description="Write the benchmarks' random adapters (adapter-0 .. adapter-N-1).")
-    parser.add_argument("--model", help="local HF model directory (default: the built-in demo model)")
+    parser.add_argument("--model", help="local HF model directory or built-in name (default: SmolLM2-135M-Instruct; tiny-random: the toy)")
     parser.add_argument("--out", required=True, help="folder that gets one subfolder per adapter")
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -53,11 +54,52 @@ def python_profile_of_steps(engine: Engine):
         engine._step = step
 
 
+@contextmanager
+def step_breakdown(engine: Engine):
+    """Per engine step while the block runs: wall time, and on CUDA the device's span from the step's first to its
+    last kernel (CUDA events); yields a list filled with (wall_s, device_span_s or None, decode_only) per step."""
+    run, rows = engine.runner.run, []
+
+    def timed_run(entries):
+        cuda = engine.device.type == "cuda"
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else None
+        started = time.perf_counter()
+        if cuda:
+            events[0].record()
+        result = run(entries)
+        if cuda:
+            events[1].record()
+        result.logits.sum().item()  # the step's end, as sampling would wait for it
+        rows.append((time.perf_counter() - started, events, all(n == 1 for _, n in entries)))
+        return result
+
+    engine.runner.run = timed_run
+    try:
+        yield rows
+    finally:
+        engine.runner.run = run
+
+
+def print_breakdown(rows) -> None:
+    """Median ms per decode step: wall, device span, host (wall minus device span)."""
+    decode = [(wall, events) for wall, events, decode_only in rows if decode_only]
+    if not decode:
+        return
+    wall = statistics.median(w for w, _ in decode) * 1e3
+    line = f"decode steps: {len(decode)}, median wall {wall:.2f} ms"
+    if decode[0][1] is not None:
+        span = statistics.median(e[0].elapsed_time(e[1]) for _, e in decode)
+        line += f", device span {span:.2f} ms ({span / wall:.0%} of wall), host {wall - span:.2f} ms"
+    print(line)
+
+
 def profile_run(engine: Engine, prompts, names, args) -> None:
-    """Time the workload, then profile a short pass of it; print both."""
-    run = run_engine(engine, prompts, args.concurrency, args.max_tokens, names)
+    """Time the workload (with a per-step breakdown), then profile a short pass of it; print both."""
+    with step_breakdown(engine) as rows:
+        run = run_engine(engine, prompts, args.concurrency, args.max_tokens, names)
     print(f"\n=== {len(set(names) - {None})} adapters: {run.tokens_per_s:.1f} tok/s, TPOT {run.mean_tpot_ms:.2f} ms, "
           f"TTFT {run.mean_ttft_ms:.1f} ms", flush=True)
+    print_breakdown(rows)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
     first_step = engine.steps
     with python_profile_of_steps(engine) as python_profile, profile(activities=activities) as device_profile:
@@ -79,9 +121,11 @@ def profile_run(engine: Engine, prompts, names, args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loradock.loadtest.step_profile", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="local HF model directory (default: the built-in demo model)")
+    parser.add_argument("--model", help="local HF model directory or built-in name (default: SmolLM2-135M-Instruct; tiny-random: the toy)")
     parser.add_argument("--quantize", choices=("nf4", "int8", "none"), help="default nf4 on CUDA, none on CPU")
     parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA, decode steps replayed from CUDA graphs (default on)")
     parser.add_argument("--adapters", type=int, default=8, help="distinct rank-16 adapters, round robin (default 8)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=64)
@@ -98,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             EngineConfig(
                 model=str(path), quantize=args.quantize, device=args.device, adapters_dir=adapter_dir,
                 max_gpu_adapters=max(args.adapters, 1), max_lora_rank=16, max_num_seqs=args.concurrency,
-                max_model_len=64 + args.max_tokens,
+                max_model_len=64 + args.max_tokens, cuda_graphs=args.cuda_graphs,
             )
         )
         print(format_hardware(describe_hardware(engine.device)))
