@@ -8,7 +8,8 @@ the order rotating from round to round, so a slow stretch of a shared machine hi
 `loradock loadtest`'s: `--requests` at `--concurrency`, prompts of `--prompt-len` random token ids, `--max-tokens`
 new tokens each (greedy, streamed), request i naming adapter i mod `--adapters` (`--adapters 0`: the base model).
 Per variant: output tokens/s, TTFT p50, and the server's CPU seconds per 1000 output tokens, per round; then the
-medians and each variant's ratio to the first. A variant is `NAME:` (no change), `NAME:VAR=VALUE,VAR=VALUE`, with
+medians, and each variant's tokens/s over the first's in the same round (the paired ratio: a machine whose speed
+drifts during the run moves both sides of it alike), their median and range. A variant is `NAME:` (no change), `NAME:VAR=VALUE,VAR=VALUE`, with
 `--variant-args NAME=--flag=value,...` adding `loradock serve` flags to one variant.
 """
 
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     for variant in args.variant:
         tok = variant.median("output_tokens_per_s")
         ratios = [r["output_tokens_per_s"] / f["output_tokens_per_s"] for r, f in zip(variant.rounds, first.rounds)]
-        print(f"  {variant.name:>12}: {tok:7.1f} tok/s ({tok / first.median('output_tokens_per_s'):.3f} of "
-              f"{first.name}; per round {min(ratios):.2f}-{max(ratios):.2f}), TTFT p50 "
+        print(f"  {variant.name:>12}: {tok:7.1f} tok/s; to {first.name}, round by round: median "
+              f"{statistics.median(ratios):.3f}, {min(ratios):.2f}-{max(ratios):.2f}; TTFT p50 "
               f"{variant.median('ttft_p50_ms'):.0f} ms, server CPU s per 1k tokens "
               f"{variant.median('server_cpu_s_per_1k_tokens'):.2f}")
     if args.json:
