@@ -1,6 +1,6 @@
 """Adapter tiers: disk -> host cache -> device slots, and who may use what.
 
-    registry (name -> AdapterVersion)    caller threads: resolve, register, unregister (under a lock)
+    registry (name -> AdapterVersion)    caller threads: resolve, register, unregister (`registry`)
     disk reads + validation              a small thread pool, never the engine thread
     host cache (LRU, --max-cpu-adapters) engine thread
     device slots (--max-gpu-adapters)    engine thread, between steps: a copy into preallocated buffers
@@ -8,32 +8,54 @@
 A request holds its AdapterVersion from submission to its end (a pin): a pinned version keeps its device slot
 and its host copy. Unregistering or replacing a name affects new requests at once; in-flight requests finish
 on the version they hold, which is freed when its last request ends.
+
+An adapter's source is a local folder or an object-store URL (`store`), fetched into a local cache by the reader
+pool before the same validation. With a registry file, what is registered or unregistered by name is saved at
+once and registered again at start (`restore`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..kernels.cpu_build import cache_root
 from .directory import AdapterDirectory, check_name
 from .lora_layer import LoraLinear
-from .peft_format import AdapterError, AdapterWeights, BaseModelInfo, read_adapter
+from .peft_format import AdapterError, AdapterWeights, BaseModelInfo, read_adapter, weights_size_limit
+from .registry import AdapterRegistry, UnknownAdapter  # noqa: F401 - raised by its methods; callers import it here
+from .registry_file import RegistryFile
 from .stats import AdapterStats
+from .store import AdapterStore, fetch_adapter, is_url
 
 log = logging.getLogger("loradock.adapters")
 
 
-class UnknownAdapter(LookupError):
-    """No adapter of that name is registered."""
+def as_source(path: str | Path) -> str | Path:
+    """An adapter's source as the manager keeps it: an object-store URL as given, a local folder as a Path."""
+    return path if is_url(path) else Path(path)
 
-    def __init__(self, name: str, reason: str = "no adapter of that name is registered"):
-        super().__init__(f"unknown adapter {name!r}: {reason}")
-        self.name = name
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What the admin API shows of one adapter version: plain data (a replica sends it to the ingress)."""
+
+    name: str
+    tier: str  # disk, host, device; "cluster" for the ingress of replicas
+    path: str
+    version: int
+    rank: int | None
+    targets: list[str] | None
+    bytes: int | None
+    sha256: str | None
+    loaded_at: float | None
+    registered_at: float
+    requests_served: int
+    in_flight: int
 
 
 @dataclass(eq=False)
@@ -41,7 +63,7 @@ class AdapterVersion:
     """One loaded-or-loadable version of a named adapter. Mutated on the engine thread only."""
 
     name: str
-    path: Path
+    path: Path | str  # a local folder, or an object-store URL
     weights: AdapterWeights | None = None  # the host copy
     slot: int | None = None  # the device slot
     pins: int = 0  # requests in flight on this version
@@ -52,10 +74,22 @@ class AdapterVersion:
     registered_at: float = field(default_factory=time.time)
     loaded_at: float | None = None  # wall-clock time its weights were last read from disk
     requests_served: int = 0
+    version: int = 1  # 1 when the name is first registered, one more at each replacement (reload)
+    from_directory: bool = False  # registered on first use from the adapter directory, not by name
 
     @property
     def tier(self) -> str:
         return "device" if self.slot is not None else "host" if self.weights is not None else "disk"
+
+    def summary(self) -> AdapterSummary:
+        weights = self.weights
+        return AdapterSummary(
+            name=self.name, tier=self.tier, path=str(self.path), version=self.version,
+            rank=weights.max_rank if weights else None, targets=list(weights.target_names) if weights else None,
+            bytes=weights.nbytes if weights else None, sha256=weights.sha256 if weights else None,
+            loaded_at=self.loaded_at, registered_at=self.registered_at, requests_served=self.requests_served,
+            in_flight=self.pins,
+        )
 
 
 class AdapterManager:
@@ -67,18 +101,19 @@ class AdapterManager:
         max_cpu_adapters: int,
         max_rank: int,
         on_loaded: Callable[[AdapterVersion], None],
-        directory: AdapterDirectory | None = None,
+        directory: AdapterDirectory | AdapterStore | None = None,
+        registry_file: RegistryFile | None = None,
     ):
         self.layers = layers
         self.base = base
         self.max_rank = max_rank
         self.max_cpu_adapters = max_cpu_adapters
+        self.registry = AdapterRegistry(lambda name, path: AdapterVersion(check_name(name), as_source(path)),
+                                        directory, registry_file)
         self.directory = directory  # adapters found here are registered on first use
+        self.fetch_cache = cache_root() / "adapter-store"  # adapters fetched from an object store
         self.stats = AdapterStats()
         self._on_loaded = on_loaded  # called from a pool thread when a disk read ends; wakes the engine
-        self._registry: dict[str, AdapterVersion] = {}
-        self._unloaded: set[str] = set()  # unregistered names the directory does not bring back until registered
-        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loradock-adapter-read")
         self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))
@@ -88,68 +123,44 @@ class AdapterManager:
     # ---- caller threads --------------------------------------------------------------------------------
 
     def register(
-        self, name: str, path: Path, replace: bool = False, weights: AdapterWeights | None = None
+        self, name: str, path: Path | str, replace: bool = False, weights: AdapterWeights | None = None,
+        version_number: int | None = None,
     ) -> tuple[AdapterVersion, AdapterVersion | None]:
         """Make `name` resolve to the adapter at `path`: read on first use, or already read (`weights`).
-        Returns the new version and the one it replaced, which the engine thread must then `retire`."""
-        version = AdapterVersion(check_name(name), Path(path), weights=weights)
+        Returns the new version and the one it replaced, which the engine thread must then `retire`.
+        `version_number` defaults to one more than the replaced version's."""
+        version = AdapterVersion(check_name(name), as_source(path), weights=weights)
         if weights is not None:
             version.loaded_at = time.time()
-        with self._lock:
-            old = self._registry.get(name)
-            if old is not None and not replace:
-                raise AdapterError(f"an adapter named {name!r} is already registered", code="name_conflict")
-            self._registry[name] = version
-            self._unloaded.discard(name)
-        return version, old
+        return version, self.registry.add(version, replace, version_number)
 
     def unregister(self, name: str) -> AdapterVersion:
         """New requests for `name` fail from now on (the directory does not bring it back). Returns the version,
         which the engine thread must `retire`."""
-        with self._lock:
-            version = self._registry.pop(name, None)
-            if version is not None:
-                self._unloaded.add(name)
-        if version is None:
-            raise UnknownAdapter(name)
-        return version
+        return self.registry.remove(name)
 
     def get(self, name: str) -> AdapterVersion:
         """The registered version, whatever its state; an adapter folder of the directory is registered here."""
-        with self._lock:
-            version = self._registry.get(name)
-            if version is None and self._from_directory(name):
-                version = self._registry[name] = AdapterVersion(name, self.directory.path(name))
-        if version is None:
-            raise UnknownAdapter(name)
-        return version
-
-    def _from_directory(self, name: str) -> bool:
-        return self.directory is not None and name not in self._unloaded and self.directory.holds(name)
+        return self.registry.get(name)
 
     def resolve(self, name: str) -> AdapterVersion:
         """The version a new request would use; raises its AdapterError if it was refused."""
-        version = self.get(name)
-        if version.error is not None:
-            raise version.error
-        return version
+        return self.registry.resolve(name)
 
     def registered(self) -> list[AdapterVersion]:
-        with self._lock:
-            return list(self._registry.values())
+        return self.registry.registered()
 
     def names(self) -> set[str]:
         """Every name a request may use: the registered adapters and the directory's (unless unregistered)."""
-        with self._lock:
-            names = set(self._registry)
-            unloaded = set(self._unloaded)
-        if self.directory is not None:
-            names.update(name for name in self.directory.names() if name not in unloaded)
-        return names
+        return self.registry.names()
 
     def register_directory(self) -> list[str]:
         """Register every adapter folder of the directory now (at start, so the admin list shows them)."""
-        return [self.get(name).name for name in self.directory.names()] if self.directory is not None else []
+        return self.registry.register_directory()
+
+    def restore(self) -> list[str]:
+        """Register again what the registry file holds (each read on first use); the names registered."""
+        return self.registry.restore()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -170,12 +181,16 @@ class AdapterManager:
             version.loading = self.read(version.path, version.name)
             version.loading.add_done_callback(lambda _future: self._on_loaded(version))
 
-    def read(self, path: Path, name: str) -> Future:
-        """Read and validate an adapter in the reader pool; the future holds its AdapterWeights or AdapterError."""
-        return self._pool.submit(self._timed_read, path, name)
+    def read(self, path: Path | str, name: str) -> Future:
+        """Read and validate an adapter in the reader pool (fetching it first from an object store); the future
+        holds its AdapterWeights or AdapterError."""
+        return self._pool.submit(self._timed_read, as_source(path), name)
 
-    def _timed_read(self, path: Path, name: str) -> AdapterWeights:
+    def _timed_read(self, path: Path | str, name: str) -> AdapterWeights:
         started = time.perf_counter()
+        if is_url(path):
+            path = fetch_adapter(path, name, self.fetch_cache,
+                                 lambda config: weights_size_limit(config, self.base, self.max_rank))
         weights = read_adapter(path, self.base, self.max_rank, name)
         self.stats.load_seconds.observe(time.perf_counter() - started)
         return weights

@@ -51,7 +51,7 @@ PICKLE_FILE = "adapter_model.bin"
 
 _KEY_PREFIX = "base_model.model."  # PeftModel.base_model (the LoraModel) .model (the causal LM)
 _PAIR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
-_MAX_CONFIG_BYTES = 4 << 20  # a config listing every module of a large model is tens of kB
+MAX_CONFIG_BYTES = 4 << 20  # a config listing every module of a large model is tens of kB
 _HEADER_BYTES = 1 << 20  # room for the safetensors JSON header: 1 MiB, plus 1 kiB per targeted module
 _HEADER_BYTES_PER_MODULE = 1 << 10
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -169,14 +169,26 @@ def read_adapter(path: Path, base: BaseModelInfo, max_rank: int = 64, name: str 
         raise AdapterError(f"adapter {name!r}: {error}", error.code) from None
 
 
-def _read(path: Path, base: BaseModelInfo, max_rank: int, name: str) -> AdapterWeights:
-    raw = _read_config_file(path)
+def weights_size_limit(raw: dict, base: BaseModelInfo, max_rank: int) -> int:
+    """The most bytes a valid adapter_model.safetensors for config `raw` can hold on `base` within `max_rank`;
+    AdapterError if the config itself is refused. (The object store checks this before downloading the file.)"""
+    return _plan(raw, base, max_rank)[2]
+
+
+def _plan(raw: dict, base: BaseModelInfo, max_rank: int) -> tuple[_LoraConfig, list[str], int]:
+    """The parsed config, the base modules it targets, and the weights file's size limit."""
     config = _parse_config(raw)
     _check_architecture(raw.get("base_model_name_or_path"), base.model_type)
     targeted = _targeted_modules(config, base)
     # No valid file is larger: each module's pair is at most max_rank * (in + out) float64 values.
     most = sum(max_rank * sum(base.linear_modules[m]) * 8 + _HEADER_BYTES_PER_MODULE for m in targeted)
-    data = _read_weights_file(path, _HEADER_BYTES + most)
+    return config, targeted, _HEADER_BYTES + most
+
+
+def _read(path: Path, base: BaseModelInfo, max_rank: int, name: str) -> AdapterWeights:
+    raw = read_config_file(path)
+    config, targeted, limit = _plan(raw, base, max_rank)
+    data = _read_weights_file(path, limit)
     sha256 = hashlib.sha256(data).hexdigest()
     tensors = _deserialize(data)
     del data  # the tensors' bytes are copies
@@ -209,7 +221,8 @@ def _read(path: Path, base: BaseModelInfo, max_rank: int, name: str) -> AdapterW
 # ---- files ---------------------------------------------------------------------------------------------------
 
 
-def _read_config_file(path: Path) -> dict:
+def read_config_file(path: Path) -> dict:
+    """adapter_config.json of the adapter folder `path` as a JSON object, at most 4 MiB read."""
     if not path.is_dir():
         raise AdapterError(f"{path} is not a directory (an adapter is a folder holding {CONFIG_FILE})", "missing_file")
     config_path = path / CONFIG_FILE
@@ -217,11 +230,11 @@ def _read_config_file(path: Path) -> dict:
         raise AdapterError(f"{path} has no {CONFIG_FILE}: it is not a PEFT adapter folder", "missing_file")
     try:
         with config_path.open("rb") as handle:
-            data = handle.read(_MAX_CONFIG_BYTES + 1)
+            data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise AdapterError(f"cannot read {CONFIG_FILE}: {error}", "missing_file") from None
-    if len(data) > _MAX_CONFIG_BYTES:
-        raise AdapterError(f"{CONFIG_FILE} is larger than {_MAX_CONFIG_BYTES >> 20} MiB", "bad_config")
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES >> 20} MiB", "bad_config")
     try:
         raw = json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as error:

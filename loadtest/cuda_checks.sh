@@ -61,8 +61,8 @@ triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__ver
 
 for step in $steps; do
     case $step in
-    tests) run tests 240 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py \
-               tests/test_train.py -k "triton or paged or cuda or (test_train and not torchrun)" ;;
+    tests) run tests 240 python -m pytest -q -p no:cacheprovider tests/kernels tests/serve/engine/test_cuda.py \
+               tests/train/test_train.py -k "triton or paged or cuda or (test_train and not torchrun)" ;;
     kernels) run kernels 150 python -m loradock.loadtest.kernel_bench --json "$out/kernels.json" ;;
     model8b) [ -f "$model8b/config.json" ] ||
                  run model8b 200 python -m loradock.loadtest.random_model --shape "$shape" --out "$model8b" ;;

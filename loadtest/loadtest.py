@@ -10,15 +10,21 @@ What a run does:
   `zipf:ALPHA` over the models in the order given, `distinct`: round robin, so consecutive requests use
   different models), has a prompt of a length uniform in `--prompt-len` (random token ids from `--tokenizer`'s
   vocabulary, which both loradock and vLLM accept as `prompt`; without a tokenizer, random English words and the
-  lengths count words), and asks for exactly `--max-tokens` tokens (`ignore_eos`, greedy).
+  lengths count words), and asks for exactly `--max-tokens` tokens (`ignore_eos`, greedy), or a seeded number
+  uniform in `--output-len MIN:MAX` (answers of one length all end in the same step: batches run in waves).
 - **Load**: `--concurrency C` keeps C requests in flight (closed loop); `--rate R` sends requests at Poisson
   arrivals of mean rate R per second (open loop; with `--concurrency` too, at most C in flight). It stops after
   `--requests N` or after `--duration S` seconds of sending, whichever comes first; each request has a timeout
   and the whole run a hard time limit, so every run ends by itself.
+- **Tenants**: each `--tenant name=N,key=K,concurrency=C|rate=R[,models=a+b]` is a load of its own, all at once:
+  its key, its load, its models (default: what `GET /v1/models` lists for its key), its own seeded workload;
+  `--requests` and `--duration` bound each tenant's stream.
 - **Report**: p50/p90/p99 (and mean) of time to first token (TTFT), time per output token after the first
   (TPOT), inter-token latency (ITL, the gaps between streamed chunks) and end-to-end latency; requests/s and
   output tokens/s over the run; errors by HTTP status (or `timeout`, `connection_error`, `stream_error`); TTFT of
-  each model's first request in the run (a cold adapter) against the rest; the load generator's own CPU use.
+  each model's first request in the run (a cold adapter) against the rest; the load generator's own CPU use;
+  with tenants, each tenant's requests, errors, TTFT, tokens and service (prompt + 2 x output tokens, the unit
+  of fair scheduling).
   `--out` writes it all as JSON (with per-request records and a throughput time series), `--plot` as a PNG.
 
 Traffic goes only to loopback addresses unless `--allow-remote` is given.
@@ -40,7 +46,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -159,23 +165,28 @@ class PlannedRequest:
     model: str
     prompt: str | list[int]
     send_at: float | None  # seconds after the start (open loop); None: as soon as a slot is free
+    max_tokens: int | None = None  # None: the run's --max-tokens
 
 
 class Workload:
     """The requests of a run, in order, made lazily from the seed (a duration-bound run has no known count)."""
 
     def __init__(self, models: Sequence[str], distribution: str, prompt_len: tuple[int, int], seed: int,
-                 rate: float | None = None, ordinary_ids: Sequence[int] | None = None):
+                 rate: float | None = None, ordinary_ids: Sequence[int] | None = None,
+                 output_len: tuple[int, int] | None = None):
         self.picker = ModelPicker(models, distribution, seed)
         self.prompts = PromptMaker(prompt_len, seed, ordinary_ids)
         self.arrivals = poisson_offsets(rate, seed) if rate else None
+        self.output_len = output_len
+        self.output_rng = random.Random(f"outputs-{seed}")
         self.count = 0
 
     def next(self) -> PlannedRequest:
         index = self.count
         self.count += 1
         send_at = next(self.arrivals) if self.arrivals is not None else None
-        return PlannedRequest(index, self.picker.pick(index), self.prompts.make(), send_at)
+        max_tokens = self.output_rng.randint(*self.output_len) if self.output_len else None
+        return PlannedRequest(index, self.picker.pick(index), self.prompts.make(), send_at, max_tokens)
 
     def take(self, n: int) -> list[PlannedRequest]:
         return [self.next() for _ in range(n)]
@@ -201,6 +212,8 @@ class RequestRecord:
     finish_reason: str | None = None
     cold: bool = False  # the first request of its model in this run
     token_times: list[float] = field(default_factory=list)  # arrival of each token-bearing chunk (streaming)
+    tenant: str | None = None  # whose key sent it (--tenant)
+    max_tokens: int | None = None  # asked for
 
     @property
     def ok(self) -> bool:
@@ -231,10 +244,11 @@ class RequestOptions:
     return_token_ids: bool = True
     timeout: float = 300.0
     extra_body: dict = field(default_factory=dict)
+    hang_up_after: int | None = None  # streamed tokens after which the client closes the connection (status hung_up)
 
-    def body(self, model: str, prompt: str | list[int]) -> dict:
-        body = {"model": model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": self.temperature,
-                "stream": self.stream}
+    def body(self, model: str, prompt: str | list[int], max_tokens: int | None = None) -> dict:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens or self.max_tokens,
+                "temperature": self.temperature, "stream": self.stream}
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         if self.ignore_eos:
@@ -248,15 +262,17 @@ async def send_request(session: aiohttp.ClientSession, url: str, planned: Planne
                        clock: Callable[[], float], headers: dict | None = None) -> RequestRecord:
     """POST one completion; never raises (failures are recorded with their status)."""
     record = RequestRecord(planned.index, planned.model, len(planned.prompt) if isinstance(planned.prompt, list)
-                           else len(planned.prompt.split()), planned.send_at, clock())
+                           else len(planned.prompt.split()), planned.send_at, clock(),
+                           max_tokens=planned.max_tokens or options.max_tokens)
     try:
         async with asyncio.timeout(options.timeout):
-            async with session.post(url, json=options.body(planned.model, planned.prompt), headers=headers) as resp:
+            body = options.body(planned.model, planned.prompt, planned.max_tokens)
+            async with session.post(url, json=body, headers=headers) as resp:
                 if resp.status != 200:
                     record.status = str(resp.status)
                     record.error = _error_message(await resp.text())
                 elif options.stream:
-                    await _read_stream(resp, record, clock)
+                    await _read_stream(resp, record, clock, options)
                 else:
                     _read_whole(await resp.json(content_type=None), record)
     except TimeoutError:
@@ -271,7 +287,8 @@ async def send_request(session: aiohttp.ClientSession, url: str, planned: Planne
     return record
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, record: RequestRecord, clock: Callable[[], float]) -> None:
+async def _read_stream(resp: aiohttp.ClientResponse, record: RequestRecord, clock: Callable[[], float],
+                       options: RequestOptions) -> None:
     counted, usage_tokens, done = 0, None, False
     async for raw in resp.content:
         line = raw.strip()
@@ -298,6 +315,10 @@ async def _read_stream(resp: aiohttp.ClientResponse, record: RequestRecord, cloc
                 counted += n
             if choice.get("finish_reason"):
                 record.finish_reason = choice["finish_reason"]
+        if options.hang_up_after is not None and counted >= options.hang_up_after:
+            record.status, record.error = "hung_up", f"the client hung up after {counted} tokens"
+            record.output_tokens = counted
+            return
     if not done:
         record.status, record.error = "stream_error", "the stream ended without data: [DONE]"
     record.output_tokens = usage_tokens if usage_tokens is not None else counted
@@ -326,6 +347,32 @@ def _error_message(text: str) -> str:
 
 
 @dataclass
+class TenantLoad:
+    """One tenant's stream in a run: its key, its own load, its models (None: the run's)."""
+
+    name: str
+    api_key: str
+    concurrency: int | None = None
+    rate: float | None = None
+    models: list[str] | None = None
+
+
+def parse_tenant(text: str) -> TenantLoad:
+    """'name=N,key=K[,concurrency=C][,rate=R][,models=a+b]' -> TenantLoad."""
+    fields = dict(item.partition("=")[::2] for item in text.split(",") if item)
+    unknown = set(fields) - {"name", "key", "concurrency", "rate", "models"}
+    if unknown or not fields.get("name") or not fields.get("key"):
+        raise argparse.ArgumentTypeError(f"expected name=N,key=K[,concurrency=C][,rate=R][,models=a+b], not {text!r}")
+    try:
+        concurrency = int(fields["concurrency"]) if "concurrency" in fields else None
+        rate = float(fields["rate"]) if "rate" in fields else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: concurrency must be an integer and rate a number") from None
+    models = [m for m in fields["models"].split("+") if m] if fields.get("models") else None
+    return TenantLoad(fields["name"], fields["key"], concurrency, rate, models)
+
+
+@dataclass
 class LoadSpec:
     url: str
     models: list[str]
@@ -341,6 +388,8 @@ class LoadSpec:
     warmup: int = 0  # requests sent (closed loop, one per model round robin) before the measured run
     time_limit: float = 3600.0  # the whole run, sending and waiting
     api_key: str | None = None
+    tenants: list[TenantLoad] = field(default_factory=list)  # streams of their own, all at once (see streams())
+    output_len: tuple[int, int] | None = None  # max_tokens drawn per request (default: options.max_tokens)
 
     def __post_init__(self):
         if self.rate is None and self.concurrency is None:
@@ -357,6 +406,8 @@ class LoadSpec:
             raise ValueError("--duration must be positive")
         if not 1 <= self.prompt_len[0] <= self.prompt_len[1]:
             raise ValueError("--prompt-len needs 1 <= MIN <= MAX")
+        if self.output_len is not None and not 1 <= self.output_len[0] <= self.output_len[1]:
+            raise ValueError("--output-len needs 1 <= MIN <= MAX")
         parse_distribution(self.distribution)
 
     @property
@@ -364,11 +415,23 @@ class LoadSpec:
         return self.requests if self.requests is not None else MAX_REQUESTS
 
     def workload(self) -> Workload:
-        return Workload(self.models, self.distribution, self.prompt_len, self.seed, self.rate, self.ordinary_ids)
+        return Workload(self.models, self.distribution, self.prompt_len, self.seed, self.rate, self.ordinary_ids,
+                        self.output_len)
+
+    def streams(self) -> list[tuple[str | None, LoadSpec]]:
+        """The run's streams of requests: this spec alone, or one per tenant (name, its spec: its key, load,
+        models and a seed of its own; the rest of this spec)."""
+        if not self.tenants:
+            return [(None, self)]
+        return [(t.name, replace(self, models=t.models or self.models, concurrency=t.concurrency, rate=t.rate,
+                                 api_key=t.api_key, seed=self.seed + i, tenants=[]))
+                for i, t in enumerate(self.tenants)]
 
     def describe(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("ordinary_ids", "api_key")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("ordinary_ids", "api_key", "tenants")}
         out["prompts"] = "token ids" if self.ordinary_ids is not None else "words"
+        if self.tenants:
+            out["tenants"] = [{k: v for k, v in asdict(t).items() if k != "api_key"} for t in self.tenants]
         return out
 
 
@@ -389,22 +452,34 @@ async def run_load(spec: LoadSpec, progress: Callable[[RequestRecord], None] | N
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     url = spec.url.rstrip("/") + "/v1/completions"
-    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else None
+    streams = spec.streams()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        if spec.warmup:
-            await _warmup(session, url, spec, headers)
+        for _, stream in streams:
+            if stream.warmup:
+                await _warmup(session, url, stream, _auth(stream.api_key))
         cpu0, t0 = time.process_time(), time.perf_counter()
 
         def clock() -> float:
             return time.perf_counter() - t0
 
-        records, stopped = await _drive(session, url, spec, clock, headers, progress)
+        driven = await asyncio.gather(*(_drive(session, url, stream, clock, _auth(stream.api_key), progress)
+                                        for _, stream in streams))
         cpu = time.process_time() - cpu0
+    records, stopped = [], False
+    for (tenant, _), (stream_records, stream_stopped) in zip(streams, driven):
+        for record in stream_records:
+            record.tenant = tenant
+        records += stream_records
+        stopped |= stream_stopped
     records.sort(key=lambda r: r.index)
     first = min((r.start for r in records), default=0.0)
     last = max((r.end for r in records), default=0.0)
     _mark_cold(records)
     return RunResult(spec, records, max(last - first, 1e-9), cpu, stopped)
+
+
+def _auth(api_key: str | None) -> dict | None:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else None
 
 
 async def _warmup(session, url: str, spec: LoadSpec, headers) -> None:
@@ -538,7 +613,7 @@ def summarize(result: RunResult) -> dict:
         entry["requests"] += 1
         entry["ok"] += r.ok
         entry["output_tokens"] += r.output_tokens if r.ok else 0
-    short = sum(1 for r in ok if spec.options.ignore_eos and r.output_tokens != spec.options.max_tokens)
+    short = sum(1 for r in ok if spec.options.ignore_eos and r.output_tokens != r.max_tokens)
     error_examples = {}
     for r in records:
         if not r.ok and r.status not in error_examples:
@@ -564,11 +639,30 @@ def summarize(result: RunResult) -> dict:
         },
         "cold_ttft_ms": {"first_request_of_model": distribution_ms(cold), "other_requests": distribution_ms(warm)},
         "per_model": dict(sorted(per_model.items(), key=lambda kv: _natural_key(kv[0]))),
+        "per_tenant": per_tenant(records, wall),
         "client_cpu_s": result.client_cpu_s,
         "client_cpu_share": result.client_cpu_s / wall,
         "stopped_early": result.stopped_early,
         "timeseries": time_series(records, wall),
     }
+
+
+def per_tenant(records: Sequence[RequestRecord], wall: float) -> dict:
+    """Each tenant's requests, errors, tokens of its answered requests (prompt tokens count words without a
+    tokenizer), service (prompt + 2 x output tokens, what fair scheduling shares out) and TTFT."""
+    out = {}
+    for name in sorted({r.tenant for r in records if r.tenant is not None}):
+        mine = [r for r in records if r.tenant == name]
+        ok = [r for r in mine if r.ok]
+        prompt, output = sum(r.prompt_len for r in ok), sum(r.output_tokens for r in ok)
+        out[name] = {
+            "requests": len(mine), "ok": len(ok),
+            "errors_by_status": dict(sorted(Counter(r.status for r in mine if not r.ok).items())),
+            "prompt_tokens": prompt, "output_tokens": output, "output_tokens_per_s": output / wall,
+            "service": prompt + 2 * output,
+            "ttft_ms": distribution_ms([r.ttft for r in ok if r.ttft is not None]),
+        }
+    return out
 
 
 def format_report(report: dict) -> str:
@@ -578,7 +672,8 @@ def format_report(report: dict) -> str:
     lines = [
         (f"{s['url']}: {len(s['models'])} model(s), {s['distribution']}, {load}, prompts {s['prompt_len'][0]}-"
          f"{s['prompt_len'][1]} {'tokens' if s['prompts'] == 'token ids' else 'words'}, "
-         f"max_tokens {s['options']['max_tokens']}, {'streamed' if s['options']['stream'] else 'not streamed'}"),
+         f"max_tokens {'{}-{}'.format(*s['output_len']) if s['output_len'] else s['options']['max_tokens']}, "
+         f"{'streamed' if s['options']['stream'] else 'not streamed'}"),
         f"requests {report['requests']}: ok {report['ok']}, failed {report['failed']}"
         + (f"  errors by status: {report['errors_by_status']}" if report["errors_by_status"] else "")
         + ("  (stopped by the time limit)" if report["stopped_early"] else ""),
@@ -599,6 +694,11 @@ def format_report(report: dict) -> str:
     if cold.get("count") and warm.get("count"):
         lines.append(f"TTFT of each model's first request (cold) p50 {cold['p50']:.1f} ms (n={cold['count']}), "
                      f"of the others p50 {warm['p50']:.1f} ms")
+    for name, t in report["per_tenant"].items():
+        ttft = f", TTFT p50 {t['ttft_ms']['p50']:.1f} ms" if t["ttft_ms"].get("count") else ""
+        errors = f", errors {t['errors_by_status']}" if t["errors_by_status"] else ""
+        lines.append(f"tenant {name}: {t['ok']}/{t['requests']} ok{errors}, {t['output_tokens_per_s']:.1f} output "
+                     f"tokens/s{ttft}, service {t['service']} (prompt + 2 x output tokens)")
     for status, message in report["error_examples"].items():
         lines.append(f"  {status}: {message}")
     return "\n".join(lines)
@@ -640,10 +740,9 @@ def adapters_in(directory: str | Path) -> list[str]:
 
 
 async def served_models(url: str, api_key: str | None = None) -> list[str]:
-    """The ids GET /v1/models lists."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    """The ids GET /v1/models lists (for this key)."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session, \
-            session.get(url.rstrip("/") + "/v1/models", headers=headers) as resp:
+            session.get(url.rstrip("/") + "/v1/models", headers=_auth(api_key)) as resp:
         resp.raise_for_status()
         return [m["id"] for m in (await resp.json())["data"]]
 
@@ -693,6 +792,10 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--models", help="comma-separated model names to send requests to (base model or adapters)")
     which.add_argument("--adapters-dir", metavar="DIR", help="send to every adapter in DIR (its subfolder names)")
     target.add_argument("--api-key", help="bearer token, if the server wants one")
+    target.add_argument("--tenant", action="append", type=parse_tenant, default=[],
+                        metavar="name=N,key=K,concurrency=C|rate=R[,models=a+b]",
+                        help="a tenant's stream of its own, at once with the others (repeatable; --requests and "
+                        "--duration bound each; models default to what /v1/models lists for its key)")
     target.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     load = parser.add_argument_group("load (default: --concurrency 8 --requests 100)")
     load.add_argument("--distribution", default="uniform", help="uniform | zipf:ALPHA | distinct (round robin)")
@@ -707,6 +810,8 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
     req.add_argument("--tokenizer", metavar="DIR", help="local HF tokenizer/model dir: prompts of random token ids "
                      "from its vocabulary (exact lengths); default: random words")
     req.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    req.add_argument("--output-len", type=_range, metavar="MIN:MAX",
+                     help="tokens per answer, seeded uniform per request (instead of --max-tokens)")
     req.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="stream (default on)")
     req.add_argument("--temperature", type=float, default=0.0, help="default 0 (greedy)")
     req.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
@@ -722,12 +827,19 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace) -> LoadSpec:
     if not args.allow_remote:
         check_loopback(args.url)
+    if args.tenant and args.api_key:
+        raise ValueError("--tenant gives each tenant's key: leave out --api-key")
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
     elif args.adapters_dir:
         models = adapters_in(args.adapters_dir)
+    elif args.tenant:
+        models = []
     else:
         models = asyncio.run(served_models(args.url, args.api_key))
+    tenants = [replace(t, models=t.models or models or asyncio.run(served_models(args.url, t.api_key)))
+               for t in args.tenant]
+    models = models or list(dict.fromkeys(m for t in tenants for m in t.models))
     options = RequestOptions(max_tokens=args.max_tokens, stream=args.stream, temperature=args.temperature,
                              ignore_eos=args.ignore_eos, timeout=args.timeout)
     if args.max_tokens < 1:
@@ -736,7 +848,7 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
         url=args.url, models=models, distribution=args.distribution, rate=args.rate, concurrency=args.concurrency,
         requests=args.requests, duration=args.duration, prompt_len=args.prompt_len, seed=args.seed, options=options,
         ordinary_ids=ordinary_token_ids(args.tokenizer) if args.tokenizer else None, warmup=args.warmup,
-        time_limit=args.time_limit, api_key=args.api_key,
+        time_limit=args.time_limit, api_key=args.api_key, tenants=tenants, output_len=args.output_len,
     )
 
 
@@ -748,7 +860,8 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=spec.requests, unit="req", file=sys.stderr, dynamic_ncols=True,
+            total = spec.requests * len(spec.streams()) if spec.requests is not None else None
+            self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True,
                             desc="loadtest", smoothing=0.1)
         self.tokens = self.failed = 0
         self.started = time.perf_counter()

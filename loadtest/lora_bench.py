@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig
 from ..serve.model_loader import default_dtype, default_quantize, load_model, resolve_device
-from ..serve.model_source import resolve_model_path
+from ..serve.model_source import resolve_model_path, served_model_name
 from .engine_bench import _left_padded, make_prompts, run_engine
 from .hardware import describe_hardware, format_hardware
 from .random_adapters import write_bench_adapters
@@ -33,7 +33,8 @@ PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loradock.loadtest.lora_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="local HF model directory or built-in name (default: SmolLM2-135M-Instruct; tiny-random: the toy)")
+    parser.add_argument("--model", help="local HF model directory or built-in name (default: SmolLM2-135M-Instruct; "
+                        "tiny-random: the toy)")
     parser.add_argument("--adapter-counts", default="0,1,8,32", help="distinct adapters per run (default 0,1,8,32)")
     parser.add_argument("--rank", type=int, default=16, help="adapter rank, all linear modules (default 16)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
@@ -185,7 +186,7 @@ def report(args, hardware, runs, peft) -> None:
                 {
                     "hardware": hardware,
                     "settings": {
-                        "model": args.model, "quantize": args.quantize, "rank": args.rank,
+                        "model": served_model_name(args.model), "quantize": args.quantize, "rank": args.rank,
                         "concurrency": args.concurrency, "requests": args.requests,
                         "prompt_len": list(args.prompt_len), "max_tokens": args.max_tokens,
                         "peft_sequential_requests": args.peft_sequential_requests,

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import statistics
 
-import torch
 import torch.nn.functional as F
 
 from ..kernels.cpu_build import cpu_ops

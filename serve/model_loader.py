@@ -77,8 +77,12 @@ def load_model(
         device_map={"": device},
     )
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tokenizer
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path) -> AutoTokenizer:
+    """The model's tokenizer alone (the ingress of engine replicas tokenizes without the model)."""
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,18 +38,23 @@ class ServerThread:
     """`loradock serve`'s server (`build_state` + `running_server`) on its own event loop in a thread. Start with
     `with ServerThread(...) as server:`; everything stops and frees on exit."""
 
-    def __init__(self, model_path: Path, adapters_dir: Path | None = None, quantize: str = "none",
-                 max_queue: int = 1024, api_key: str | None = None, allow_adapter_paths: bool = False, **engine):
+    def __init__(self, model_path: Path, adapters_dir: Path | str | None = None, quantize: str = "none",
+                 max_queue: int = 1024, api_key: str | None = None, allow_adapter_paths: bool = False,
+                 tenants_file: Path | None = None,
+                 build: Callable[[EngineConfig, ServerSettings], ServerState] = build_state, **engine):
+        """build: how the state is made from the engine config and the settings (default: one local engine)."""
         self.config = EngineConfig(model=str(model_path), quantize=quantize, dtype="float32", device="cpu",
                                    adapters_dir=str(adapters_dir) if adapters_dir else None, **engine)
         self.settings = ServerSettings(served_model_name=MODEL_NAME, admin_token=ADMIN_TOKEN, max_queue=max_queue,
-                                       api_key=api_key, allow_adapter_paths=allow_adapter_paths)
+                                       api_key=api_key, allow_adapter_paths=allow_adapter_paths,
+                                       tenants_file=str(tenants_file) if tenants_file else None)
+        self._build = build
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._stop: asyncio.Event | None = None
 
     def __enter__(self) -> RunningServer:
-        self.state = build_state(self.config, self.settings)
+        self.state = self._build(self.config, self.settings)
         self._thread.start()
         started: concurrent.futures.Future[_Running] = concurrent.futures.Future()
         self._serving = asyncio.run_coroutine_threadsafe(self._serve(started), self._loop)

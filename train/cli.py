@@ -31,7 +31,8 @@ Several GPUs (or CPU processes): `torchrun --nproc_per_node N -m loradock.serve.
 def add_train_parser(commands) -> None:
     parser = commands.add_parser("train", help="train a LoRA / QLoRA adapter that drops into the server",
                                  description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="local HF model directory (default: the built-in demo model)")
+    parser.add_argument("--model", help="local HF model directory or built-in name (default: SmolLM2-135M-Instruct; "
+                        "tiny-random: the toy)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, metavar="FILE.jsonl", help="training rows (required)")
     data.add_argument("--output", type=Path, metavar="DIR", help="the adapter folder to write (required; must not exist)")
@@ -254,12 +255,16 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_demo_parser(commands) -> None:
     parser = commands.add_parser(
         "demo", help="train small adapters on bundled tasks, serve them, and query them all at once",
-        description="Build the demo model if needed, train one adapter per bundled task with the bundled trainer, "
-        "start the server, send one mixed batch to every adapter and the base model at once, print the answers "
-        "and each adapter's exact-match score on held-out prompts. Fails if an adapter scores under 90%.",
+        description="On the default model SmolLM2-135M-Instruct (built if needed): train one adapter per bundled "
+        "task (a sentence to JSON, a review's sentiment in a fixed format, a sentence to a bulleted list) with the "
+        "bundled trainer, start the server, send one mixed batch (every held-out prompt to the base model and every "
+        "adapter, and general questions to each), print some answers and the table: every model's score on every "
+        "task, and each adapter's agreement with the base on the general questions. Fails if an adapter scores "
+        "under 90% on its own task.",
     )
     parser.add_argument("--work-dir", type=Path,
-                        help="keep the task data, adapters and reports here (default: a temporary folder, removed)")
+                        help="keep the task data, adapters, reports and answers here (default: a temporary folder, "
+                        "removed)")
     parser.set_defaults(handler=run_demo)
 
 

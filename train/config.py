@@ -14,7 +14,7 @@ METHODS = ("sft", "dpo")
 class TrainConfig:
     data: Path
     output: Path  # the adapter folder to write (it must not exist yet)
-    model: str | None = None  # local HF model directory; None: the built-in demo model
+    model: str | None = None  # local HF model directory or a built-in name; None: the default model
     eval: Path | None = None  # a validation file; without it, val_split of data is held out
     val_split: float = 0.1  # ignored when eval is given
     rank: int = 16

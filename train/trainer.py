@@ -50,6 +50,7 @@ from .dpo import (
 from .export import write_adapter
 from .init_adapter import load_from_adapter
 from .model import TrainableModel, load_trainable
+from .progress import TrainingProgress, quiet_libraries
 from .report import build_report
 
 log = logging.getLogger("loradock.train")
@@ -75,6 +76,11 @@ class _Data:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train a LoRA adapter as `config` says and write it (with its report and loss curve) to config.output."""
+    with quiet_libraries():
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> TrainResult:
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
     started = time.perf_counter()
@@ -102,8 +108,9 @@ def train(config: TrainConfig) -> TrainResult:
 
         def evaluate() -> dict:
             return _evaluate(trainer)
-    if config.quiet:
-        trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log line
+    trainer.remove_callback(PrinterCallback)  # it prints each log line as a dict: TrainingProgress shows them
+    if not config.quiet:
+        trainer.add_callback(TrainingProgress(config.adapter_name))
     before = evaluate() if data.validation else None
     trained = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=checkpoint)
@@ -238,7 +245,7 @@ def _training_arguments(config: TrainConfig, trainable: TrainableModel, steps: i
         bf16=trainable.dtype == torch.bfloat16,
         remove_unused_columns=False,
         report_to="none",
-        disable_tqdm=config.quiet,
+        disable_tqdm=True,  # transformers' bar writes a dict per log line; TrainingProgress replaces it
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         **checkpointing,

@@ -6,13 +6,16 @@ engine thread only copies weights between steps.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from aiohttp import web
 
 from ...adapters.directory import check_name
-from ...adapters.manager import AdapterVersion, UnknownAdapter
+from ...adapters.manager import UnknownAdapter
 from ...adapters.peft_format import AdapterError
+from ...adapters.store import is_url
+from .backend import AdapterVersionView, EngineLost
 from .errors import APIError, bad_request, not_found, parse_body
 from .generation import adapter_refused
 from .schemas import AdapterInfo, LoadAdapterRequest, VllmLoadLoraRequest, VllmUnloadLoraRequest
@@ -27,22 +30,8 @@ def _manager(state: ServerState):
     return state.engine.adapters
 
 
-def describe(version: AdapterVersion) -> dict:
-    weights = version.weights
-    info = AdapterInfo(
-        name=version.name,
-        tier=version.tier,
-        path=str(version.path),
-        rank=weights.max_rank if weights else None,
-        targets=list(weights.target_names) if weights else None,
-        bytes=weights.nbytes if weights else None,
-        sha256=weights.sha256 if weights else None,
-        loaded_at=version.loaded_at,
-        registered_at=version.registered_at,
-        requests_served=version.requests_served,
-        in_flight=version.pins,
-    )
-    return info.model_dump()
+def describe(version: AdapterVersionView) -> dict:
+    return AdapterInfo(**asdict(version.summary())).model_dump()
 
 
 @routes.get("/v1/adapters")
@@ -51,8 +40,8 @@ async def list_adapters(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [describe(v) for v in manager.registered()]})
 
 
-async def _load(state: ServerState, name: str, path: str | None, replace: bool) -> AdapterVersion:
-    manager = _manager(state)
+async def _load(state: ServerState, name: str, path: str | None, replace: bool) -> AdapterVersionView:
+    _manager(state)  # 400 when adapters are disabled
     try:
         check_name(name)
     except AdapterError as exc:
@@ -64,11 +53,13 @@ async def _load(state: ServerState, name: str, path: str | None, replace: bool) 
         if exc.code == "name_conflict":
             raise APIError(409, str(exc), code="adapter_exists", param="name") from None
         raise adapter_refused(exc) from None
+    except EngineLost as exc:
+        raise APIError(503, str(exc), type="server_error", code="replica_failed") from None
 
 
-def _adapter_path(state: ServerState, name: str, path: str | None) -> Path:
-    """Where to load `name` from: the adapter directory's folder of that name, or `path` (resolved), which must lie
-    in the directory unless the server runs with --allow-adapter-paths."""
+def _adapter_path(state: ServerState, name: str, path: str | None) -> Path | str:
+    """Where to load `name` from: the adapter directory's folder of that name, or `path` (a local path resolved, or
+    an object-store URL), which must lie in the directory unless the server runs with --allow-adapter-paths."""
     directory = _manager(state).directory
     if path is None:
         if directory is None:
@@ -78,7 +69,7 @@ def _adapter_path(state: ServerState, name: str, path: str | None) -> Path:
         except AdapterError as exc:
             raise bad_request(str(exc), code="invalid_adapter_path", param="name") from None
     try:
-        resolved = Path(path).expanduser().resolve()
+        resolved = path.rstrip("/") if is_url(path) else Path(path).expanduser().resolve()
     except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, an unencodable name, a symlink loop
         raise bad_request(f"the path {path!r} cannot be used: {exc}", code="invalid_adapter_path",
                           param="path") from None

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import admin_routes, openai_routes
 from .errors import APIError, error_response
 from .openapi import openapi_spec
-from .state import STATE, ServerState
+from .state import STATE, TENANT, ServerState
 
 log = logging.getLogger("loradock.server")
 
@@ -56,21 +56,32 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    settings = request.app[STATE].settings
+    state = request.app[STATE]
+    settings = state.settings
     path = request.path
     if path.startswith(ADMIN_PREFIXES):
         _check_bearer(request, settings.admin_token, "the admin API", "--admin-token or LORADOCK_ADMIN_TOKEN")
+    elif path.startswith(USER_PREFIXES) and state.tenants is not None:
+        tenant = state.tenants.identify(_bearer(request))
+        if tenant is None:
+            raise APIError(401, "this endpoint needs 'Authorization: Bearer <key>' with a tenant's API key",
+                           type="authentication_error", code="invalid_token")
+        request[TENANT] = tenant
     elif path.startswith(USER_PREFIXES) and settings.api_key is not None:
         _check_bearer(request, settings.api_key, "this endpoint", "--api-key")
     return await handler(request)
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    return header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
 
 
 def _check_bearer(request: web.Request, expected: str | None, what: str, how: str) -> None:
     if expected is None:
         raise APIError(401, f"{what} is disabled: start the server with {how}", type="authentication_error",
                        code="admin_disabled")
-    header = request.headers.get("Authorization", "")
-    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    given = _bearer(request)
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise APIError(401, f"{what} needs 'Authorization: Bearer <token>'", type="authentication_error",
                        code="invalid_token")

@@ -7,6 +7,7 @@ The two OpenAI endpoints differ only in how a prompt is built and how results ar
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,9 +18,12 @@ from aiohttp import web
 from ...adapters.manager import UnknownAdapter
 from ...adapters.peft_format import AdapterError
 from ..engine import EngineShutdown, GenerationOutput, PromptTooLong, RequestError, SamplingParams
+from .backend import EngineLost
 from .errors import APIError, bad_request, not_found
+from .rate_limits import RateLimited
 from .schemas import _SamplingFields
 from .state import ServerState
+from .tenants import Tenant
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Job:
     adapter: str | None
     prompt_ids: list[int]
     params: SamplingParams
+    tenant: Tenant | None = None  # with --tenants: whose limits, fair share and metrics the request counts in
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -47,19 +52,37 @@ class Job:
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": n, "total_tokens": len(self.prompt_ids) + n}
 
 
-def resolve_model(state: ServerState, name: str) -> str | None:
-    """None for the base model, else the adapter's name (an adapter folder dropped into the directory included)."""
-    if name == state.settings.served_model_name:
-        return None
+def resolve_model(state: ServerState, name: str, tenant: Tenant | None = None) -> str | None:
+    """None for the base model, else the adapter's name (an adapter folder dropped into the directory included).
+    A model the tenant may not use is answered exactly as one that does not exist."""
+    adapter = None if name == state.settings.served_model_name else name
     try:
-        state.engine.resolve_adapter(name)
-        return name
+        if tenant is not None and not tenant.may_use(adapter):
+            raise UnknownAdapter(name)
+        if adapter is not None:
+            state.engine.resolve_adapter(adapter)
+        return adapter
     except UnknownAdapter:
+        if tenant is not None:
+            state.metrics.tenant_rejections.labels(tenant.name, "model_not_found").inc()
         raise not_found(
             f"the model {name!r} does not exist: GET /v1/models lists the base model and the adapters"
         ) from None
     except AdapterError as exc:
         raise adapter_refused(exc) from None
+
+
+class RetryLater(APIError):
+    """429 with Retry-After (whole seconds): a tenant over one of its limits."""
+
+    def __init__(self, exc: RateLimited):
+        super().__init__(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
+        self.retry_after = max(1, math.ceil(exc.retry_after))
+
+    def response(self) -> web.Response:
+        response = super().response()
+        response.headers["Retry-After"] = str(self.retry_after)
+        return response
 
 
 def adapter_refused(exc: AdapterError) -> APIError:
@@ -86,8 +109,9 @@ def sampling_params(state: ServerState, body: _SamplingFields, prompt_len: int, 
         raise bad_request(str(exc)) from None
 
 
-def admit(state: ServerState, model: str, adapter: str | None, prompt_ids: list[int], params: SamplingParams) -> Job:
-    """Check the request fits the context and the queue; count it in."""
+def admit(state: ServerState, model: str, adapter: str | None, prompt_ids: list[int], params: SamplingParams,
+          tenant: Tenant | None = None) -> Job:
+    """Check the request fits the context, the queue and the tenant's limits; count it in."""
     if state.shutting_down:
         raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
     try:
@@ -98,9 +122,18 @@ def admit(state: ServerState, model: str, adapter: str | None, prompt_ids: list[
         raise bad_request(str(exc), code="context_length_exceeded", param="max_tokens") from None
     if state.in_flight >= state.settings.max_queue:
         state.metrics.requests.labels(model, "rejected").inc()
+        if tenant is not None:
+            state.metrics.tenant_rejections.labels(tenant.name, "queue_full").inc()
         raise APIError(429, f"the server is busy: {state.in_flight} requests in flight (--max-queue)",
                        type="rate_limit_error", code="queue_full")
-    return Job(state, model, adapter, prompt_ids, params)
+    if tenant is not None:
+        try:
+            state.limits.admit(tenant, len(prompt_ids) + params.max_tokens)
+        except RateLimited as exc:
+            state.metrics.requests.labels(model, "rejected").inc()
+            state.metrics.tenant_rejections.labels(tenant.name, exc.reason).inc()
+            raise RetryLater(exc) from None
+    return Job(state, model, adapter, prompt_ids, params, tenant)
 
 
 def tokenize(state: ServerState, prompt: str | list[int]) -> list[int]:
@@ -181,8 +214,13 @@ async def run(request: web.Request, job: Job, shape: ResponseShape, stream: bool
         await response.prepare(request)
         for chunk in shape.opening_chunks():
             await _send(response, chunk)
-        async for output in _chain(first, outputs):
-            await _send(response, shape.delta(output))
+        try:
+            async for output in _chain(first, outputs):
+                await _send(response, shape.delta(output))
+        except APIError as exc:  # failed after the first token (its replica died): the stream says why, and ends
+            await _send(response, exc.body())
+            await response.write(b"data: [DONE]\n\n")
+            return response
         if include_usage:
             await _send(response, {**shape.envelope([], shape.chunk_object_name), "usage": job.usage})
         await response.write(b"data: [DONE]\n\n")
@@ -200,13 +238,17 @@ async def run(request: web.Request, job: Job, shape: ResponseShape, stream: bool
     finally:
         await outputs.aclose()  # cancels the engine request if it is still running: frees its KV and pin
         state.in_flight -= 1
+        if job.tenant is not None:
+            state.limits.refund(job.tenant, job.params.max_tokens - len(job.token_ids))
         _record(job, status)
 
 
 async def _outputs(job: Job) -> AsyncIterator[GenerationOutput]:
-    engine = job.state.engine
+    engine, tenant = job.state.engine, job.tenant
     try:
-        async for output in engine.generate(job.prompt_ids, job.params, adapter=job.adapter, request_id=job.request_id):
+        async for output in engine.generate(job.prompt_ids, job.params, adapter=job.adapter, request_id=job.request_id,
+                                            client=tenant.name if tenant else None,
+                                            weight=tenant.weight if tenant else 1.0):
             now = time.perf_counter()
             if job.first_token_at is None:
                 job.first_token_at = now
@@ -226,6 +268,8 @@ async def _outputs(job: Job) -> AsyncIterator[GenerationOutput]:
         raise adapter_refused(exc) from None
     except EngineShutdown as exc:
         raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
+    except EngineLost as exc:
+        raise APIError(503, str(exc), type="server_error", code="replica_failed") from None
     except RequestError as exc:
         raise bad_request(str(exc)) from None
 
@@ -255,6 +299,11 @@ def _record(job: Job, status: str | None) -> None:
     metrics.requests.labels(model, status or "error").inc()
     metrics.prompt_tokens.labels(model).inc(len(job.prompt_ids))
     metrics.generation_tokens.labels(model).inc(len(job.token_ids))
+    if job.tenant is not None:
+        tenant = job.tenant.name
+        metrics.tenant_requests.labels(tenant, status or "error").inc()
+        metrics.tenant_prompt_tokens.labels(tenant).inc(len(job.prompt_ids))
+        metrics.tenant_generation_tokens.labels(tenant).inc(len(job.token_ids))
     now = time.perf_counter()
     metrics.e2e.labels(model).observe(now - job.started)
     if job.first_token_at is not None:

@@ -10,7 +10,7 @@ from .errors import bad_request, parse_body
 from ..engine import GenerationOutput
 from .generation import Job, ResponseShape, admit, resolve_model, run, sampling_params, tokenize
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .state import STATE
+from .state import STATE, TENANT
 
 routes = web.RouteTableDef()
 
@@ -100,11 +100,12 @@ class ChatShape(ResponseShape):
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await parse_body(request, CompletionRequest)
-    adapter = resolve_model(state, body.model)
+    tenant = request.get(TENANT)
+    adapter = resolve_model(state, body.model, tenant)
     prompt_ids = tokenize(state, body.prompt)
     params = sampling_params(state, body, len(prompt_ids), body.max_tokens, body.logprobs,
                              body.logprobs if body.echo else None)
-    job = admit(state, body.model, adapter, prompt_ids, params)
+    job = admit(state, body.model, adapter, prompt_ids, params, tenant)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await run(request, job, CompletionShape(job, body.return_token_ids, body.echo), body.stream, include_usage)
 
@@ -113,12 +114,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await parse_body(request, ChatCompletionRequest)
-    adapter = resolve_model(state, body.model)
+    tenant = request.get(TENANT)
+    adapter = resolve_model(state, body.model, tenant)
     prompt_ids = chat_prompt(state, body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(state, body, len(prompt_ids), max_tokens, top)
-    job = admit(state, body.model, adapter, prompt_ids, params)
+    job = admit(state, body.model, adapter, prompt_ids, params, tenant)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await run(request, job, ChatShape(job, body.return_token_ids), body.stream, include_usage)
 
@@ -140,11 +142,18 @@ def chat_prompt(state, body: ChatCompletionRequest) -> list[int]:
 
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
+    """The base model and the adapters; with --tenants, those the caller's key may use."""
     state = request.app[STATE]
+    tenant = request.get(TENANT)
     now = int(time.time())
     base = state.settings.served_model_name
-    data = [{"id": base, "object": "model", "created": now, "owned_by": "loradock", "root": base, "parent": None}]
+    data = []
+    if tenant is None or tenant.may_use(None):
+        data.append({"id": base, "object": "model", "created": now, "owned_by": "loradock", "root": base,
+                     "parent": None})
     adapters = state.engine.adapters
     for name in sorted(adapters.names() if adapters is not None else ()):
-        data.append({"id": name, "object": "model", "created": now, "owned_by": "loradock", "root": name, "parent": base})
+        if tenant is None or tenant.may_use(name):
+            data.append({"id": name, "object": "model", "created": now, "owned_by": "loradock", "root": name,
+                         "parent": base})
     return web.json_response({"object": "list", "data": data})

@@ -28,7 +28,7 @@ _ERRORS = {
         "400": "bad request or parameters", "401": "missing or wrong bearer token",
         "403": "adapter path outside the adapter directory", "404": "unknown model or adapter",
         "409": "adapter name already registered", "413": "request body over the size limit, or prompt beyond the context",
-        "429": "queue full", "503": "shutting down",
+        "429": "queue full, or the tenant over a limit (then with Retry-After, seconds)", "503": "shutting down",
     }.items()
 }
 
@@ -73,7 +73,8 @@ def openapi_spec() -> dict:
                                                "apiKey", generation_errors)},
         "/v1/chat/completions": {"post": _operation("Chat completion (OpenAI-compatible)", stream_or_json,
                                                     ChatCompletionRequest, "apiKey", generation_errors)},
-        "/v1/models": {"get": _operation("The base model and every adapter", _ok("model list"), security="apiKey",
+        "/v1/models": {"get": _operation("The base model and every adapter (with tenants: those the key may use)",
+                                         _ok("model list"), security="apiKey",
                                          errors=("401",))},
         "/v1/adapters": {
             "get": _operation("Adapters and their tiers", _ok("adapter list"), security="adminToken",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ..engine import Engine
 from ..metrics import ServerMetrics
+from .backend import EngineBackend
+from .rate_limits import RateLimits
+from .tenants import Tenant, Tenants
 
 
 @dataclass
@@ -18,15 +20,19 @@ class ServerSettings:
     api_key: str | None = None
     admin_token: str | None = None
     drain_timeout: float = 30.0
+    tenants_file: str | None = None  # API keys scoped to tenants (then api_key is not used); reloaded on SIGHUP
 
 
 @dataclass
 class ServerState:
-    engine: Engine
+    engine: EngineBackend  # the local Engine, or the client of engine replicas
     settings: ServerSettings
     metrics: ServerMetrics
     in_flight: int = 0  # requests accepted and not yet finished
     shutting_down: bool = False
+    tenants: Tenants | None = None  # read from settings.tenants_file; replaced whole on reload
+    limits: RateLimits = field(default_factory=RateLimits)
 
 
 STATE = web.AppKey("loradock_state", ServerState)
+TENANT = web.RequestKey("loradock_tenant", Tenant)  # who calls a user endpoint, with --tenants

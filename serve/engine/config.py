@@ -27,6 +27,10 @@ class EngineConfig(BaseModel):
     device: Literal["cpu", "cuda"] | None = Field(default=None, description="default: cuda when available")
     max_batch_tokens: int = Field(default=2048, ge=1, description="tokens per engine step: decodes + prefill chunks")
     max_num_seqs: int = Field(default=256, ge=1, description="requests running at once; more wait in the queue")
+    scheduling: Literal["fcfs", "fair"] = Field(
+        default="fair", description="admission order of waiting requests: fair (the tenant, or adapter, with the "
+        "least weighted tokens served first: virtual token counters) or fcfs (first come first served)",
+    )
     max_model_len: int | None = Field(default=None, ge=2, description="context limit (default: the model's)")
     kv_cache_memory: str | int | None = Field(
         default=None, description="KV cache budget, e.g. 2GiB (default: a share of free memory)",
@@ -37,8 +41,13 @@ class EngineConfig(BaseModel):
     )
     block_size: int = Field(default=16, ge=1, description="tokens per KV cache block")
     adapters_dir: str | None = Field(
-        default=None, description="folder of PEFT LoRA adapters, one per subfolder (its name)",
-        json_schema_extra={"flag": "--adapters", "metavar": "DIR"},
+        default=None, description="folder of PEFT LoRA adapters, one per subfolder (its name), or an object-store "
+        "URL s3://bucket/prefix fetched on first use",
+        json_schema_extra={"flag": "--adapters", "metavar": "DIR|URL"},
+    )
+    adapter_registry: str | None = Field(
+        default=None, description="file (or s3:// URL) where adapters loaded and unloaded by name through the admin "
+        "API are recorded, and registered again at start (default: not kept)", json_schema_extra={"metavar": "FILE"},
     )
     max_gpu_adapters: int = Field(default=8, ge=0, description="adapter slots on the device (0 disables LoRA)")
     max_cpu_adapters: int = Field(default=32, ge=1, description="adapters kept in the host cache")

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from ...adapters.directory import AdapterDirectory, check_name
+from ...adapters.directory import check_name
 from ...adapters.lora_layer import LoraContext, attach_lora_layers
 from ...adapters.manager import AdapterManager, AdapterVersion, UnknownAdapter
 from ...adapters.peft_format import AdapterError, BaseModelInfo
+from ...adapters.registry_file import RegistryFile
 from ...adapters.stats import BucketCounts
+from ...adapters.store import open_adapters
 from ...kernels.lora import LoraMeta, select_lora_backend
 from ...kernels.paged_decode import select_paged_decode
 from ..model_loader import DTYPES, default_dtype, default_quantize, eos_ids, load_model, resolve_device
@@ -148,7 +150,7 @@ class Engine:
             self.cache.capacity_tokens * shape.bytes_per_token / 2**20,
             self.max_model_len,
         )
-        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_num_seqs)
+        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_num_seqs, config.scheduling)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self.adapters: AdapterManager | None = None
         self.lora: LoraContext | None = None
@@ -191,7 +193,8 @@ class Engine:
         meta = LoraMeta(config.max_batch_tokens, config.max_gpu_adapters, self.device)
         self.lora = LoraContext(backend, meta)
         layers = attach_lora_layers(model, names, self.lora, config.max_gpu_adapters, config.max_lora_rank, dtype)
-        directory = AdapterDirectory(config.adapters_dir) if config.adapters_dir is not None else None
+        directory = open_adapters(config.adapters_dir) if config.adapters_dir is not None else None
+        registry_file = RegistryFile(config.adapter_registry) if config.adapter_registry is not None else None
         manager = AdapterManager(
             layers,
             base,
@@ -200,7 +203,11 @@ class Engine:
             max_rank=config.max_lora_rank,
             on_loaded=lambda version: self._commands.put(_AdapterRead(version)),
             directory=directory,
+            registry_file=registry_file,
         )
+        restored = manager.restore()  # first: what the admin unloaded from the directory stays unloaded
+        if registry_file is not None:
+            log.info("adapters from the registry %s: %s", registry_file.location, ", ".join(restored) or "none")
         found = manager.register_directory()
         if directory is not None:
             log.info("adapters in %s: %s", directory.root, ", ".join(found) or "none")
@@ -238,44 +245,33 @@ class Engine:
     # ---- caller side -----------------------------------------------------------------------------------
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise RequestError("the prompt is empty")
-        if any(not (0 <= t < self.vocab_size) for t in ids):
-            raise RequestError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        return ids
+        return encode_prompt(self.tokenizer, self.vocab_size, prompt)
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if len(prompt_ids) >= self.max_model_len:
-            raise PromptTooLong(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens"
-            )
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
-                f"{self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - len(prompt_ids)}"
-            )
+        check_fits(self.max_model_len, prompt_ids, params)
 
     def register_adapter(self, name: str, path: str | Path, replace: bool = False) -> None:
         """Make `name` usable by new requests (read from `path` on first use). With `replace`, requests in
         flight on the old version finish on it; new ones get the new one."""
-        _version, old = self._require_adapters(name).register(name, Path(path), replace=replace)
+        _version, old = self._require_adapters(name).register(name, path, replace=replace)
         if old is not None:
             self._commands.put(_Retire(old))
 
-    async def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> AdapterVersion:
-        """Read and validate the adapter now (off the engine thread), register it, and warm it into the host
-        cache and a device slot. Raises AdapterError (refused, or the name is taken and not `replace`)."""
+    async def load_adapter(self, name: str, path: str | Path, replace: bool = False,
+                           version: int | None = None) -> AdapterVersion:
+        """Read and validate the adapter now (off the engine thread), register it (as `version`, default one more
+        than the one it replaces), and warm it into the host cache and a device slot. Raises AdapterError (refused,
+        or the name is taken and not `replace`)."""
         manager = self._require_adapters(name)
         check_name(name)
         if not replace and any(v.name == name for v in manager.registered()):
             raise AdapterError(f"an adapter named {name!r} is already registered", code="name_conflict")
-        weights = await asyncio.wrap_future(manager.read(Path(path), name))
-        version, old = manager.register(name, Path(path), replace=replace, weights=weights)
+        weights = await asyncio.wrap_future(manager.read(path, name))
+        loaded, old = manager.register(name, path, replace=replace, weights=weights, version_number=version)
         if old is not None:
             self._commands.put(_Retire(old))
-        self._commands.put(_Warm(version))
-        return version
+        self._commands.put(_Warm(loaded))
+        return loaded
 
     def unregister_adapter(self, name: str) -> None:
         """New requests for `name` fail at once; requests in flight finish; its memory is freed after them."""
@@ -295,10 +291,15 @@ class Engine:
         params: SamplingParams | None = None,
         adapter: str | None = None,
         request_id: str | None = None,
+        client: str | None = None,
+        weight: float = 1.0,
     ) -> AsyncIterator[GenerationOutput]:
         """Submit a request (on the base model, or through the named adapter) and iterate over its tokens.
-        Closing the iterator early cancels the request."""
+        Closing the iterator early cancels the request. `client` (default: the adapter's name, "" for the base
+        model) and its `weight` are whose fair share the request's tokens count against."""
         params = params or SamplingParams()
+        if not weight > 0:
+            raise RequestError(f"a client's weight must be positive, not {weight}")
         prompt_ids = self.tokenize(prompt)
         self.check_fits(prompt_ids, params)
         version = self.resolve_adapter(adapter) if adapter is not None else None
@@ -311,6 +312,8 @@ class Engine:
             generator=make_generator(params, self.device),
             adapter=version,
             adapter_slot=None if version is not None else -1,
+            client=client if client is not None else adapter or "",
+            weight=weight,
         )
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._commands.put(_Add(request, asyncio.get_running_loop(), events))
@@ -457,6 +460,27 @@ class Engine:
             except RuntimeError:  # the caller's event loop is closed: nobody listens any more
                 for request, _events, _event in batch:
                     self._drop(request)
+
+
+def encode_prompt(tokenizer, vocab_size: int, prompt: str | list[int]) -> list[int]:
+    """The prompt's token ids (text tokenized, ids checked against the vocabulary); RequestError if unusable."""
+    ids = tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise RequestError("the prompt is empty")
+    if any(not (0 <= t < vocab_size) for t in ids):
+        raise RequestError(f"prompt token ids must lie in [0, {vocab_size})")
+    return ids
+
+
+def check_fits(max_model_len: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    """PromptTooLong if the prompt alone fills the context; RequestError if max_tokens more do not fit."""
+    if len(prompt_ids) >= max_model_len:
+        raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this model's context is {max_model_len} tokens")
+    if len(prompt_ids) + params.max_tokens > max_model_len:
+        raise RequestError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+            f"{max_model_len} tokens; lower max_tokens to at most {max_model_len - len(prompt_ids)}"
+        )
 
 
 def _deliver(batch: list) -> None:

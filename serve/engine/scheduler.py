@@ -1,24 +1,32 @@
 """Iteration-level scheduling: which requests run in the next step, and how many tokens each.
 
 Every step, running requests go first, oldest first: a decode costs one token of the step's budget, a
-prefill runs in chunks of what budget is left. Then waiting requests are admitted, first come first served,
-while the budget and the KV cache allow; one whose adapter is not in a device slot yet is passed over. KV blocks are taken as tokens need them; when the cache runs dry,
-the newest running request is preempted (its blocks freed, its tokens recomputed later) so older ones finish.
+prefill runs in chunks of what budget is left. Then waiting requests are admitted while the budget and the KV
+cache allow; one whose adapter is not in a device slot yet is passed over. The admission order is the policy:
+`fcfs`, first come first served, or `fair`, the client (tenant or adapter) with the least weighted service first
+(virtual token counters, `fair_share`), first come first served within a client. KV blocks are taken as tokens
+need them; when the cache runs dry, the newest running request is preempted (its blocks freed, its tokens
+recomputed later) so older ones finish.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
+from typing import Literal
 
+from .fair_share import OUTPUT_COST, PROMPT_COST, FairShare
 from .kv_cache import PagedKVCache
 from .request import Request
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_num_seqs: int):
+    def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_num_seqs: int,
+                 policy: Literal["fcfs", "fair"] = "fcfs"):
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
+        self.fair = FairShare() if policy == "fair" else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         # Blocks left free when admitting new work, so running requests can grow a little before preemption.
@@ -30,6 +38,8 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+        if self.fair is not None:
+            self.fair.arrive(request.client)
 
     def remove(self, request: Request) -> None:
         """Drop a finished or aborted request and free its KV blocks at once."""
@@ -37,7 +47,11 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        else:
+            return
         self._release(request)
+        if self.fair is not None:
+            self.fair.leave(request.client)
 
     def schedule(self) -> list[tuple[Request, int]]:
         """The next step: (request, number of its pending tokens to run)."""
@@ -52,8 +66,9 @@ class Scheduler:
             if not self._grow_or_preempt(request, request.num_computed + n):
                 continue
             entries.append((request, n))
+            self._charge(request, n)
             budget -= n
-        for request in list(self.waiting):
+        for request in self._admission_order():
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             if request.adapter_slot is None:
@@ -67,8 +82,37 @@ class Scheduler:
             self.waiting.remove(request)
             self.running.append(request)
             entries.append((request, n))
+            self._charge(request, n)
             budget -= n
         return entries
+
+    def _admission_order(self) -> Iterator[Request]:
+        """Waiting requests in the order to admit them. Fair: the client with the smallest counter next (ties: the
+        one waiting longest), re-chosen after each admission since admitting charges the client's counter."""
+        if self.fair is None:
+            yield from list(self.waiting)
+            return
+        queues: dict[str, deque[tuple[int, Request]]] = {}
+        for position, request in enumerate(self.waiting):
+            if request.adapter_slot is not None:  # one waiting for its adapter would be passed over anyway
+                queues.setdefault(request.client, deque()).append((position, request))
+        counters = self.fair.counters
+        while queues:
+            client = min(queues, key=lambda c: (counters[c], queues[c][0][0]))
+            yield queues[client].popleft()[1]
+            if not queues[client]:
+                del queues[client]
+
+    def _charge(self, request: Request, n: int) -> None:
+        """Count the service of running `n` tokens of `request` against its client: its prompt at its first
+        admission, and one output token when these tokens complete it (the step samples its next token)."""
+        if self.fair is None:
+            return
+        if not request.prompt_charged:
+            request.prompt_charged = True
+            self.fair.charge(request.client, PROMPT_COST * len(request.prompt_ids), request.weight)
+        if request.num_computed + n == request.num_tokens:
+            self.fair.charge(request.client, OUTPUT_COST, request.weight)
 
     def _grow_or_preempt(self, request: Request, num_tokens: int) -> bool:
         """Give `request` blocks for `num_tokens`, preempting newer requests if needed. False if it was preempted."""

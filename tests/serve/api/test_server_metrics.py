@@ -181,6 +181,19 @@ def test_the_gauges_while_a_request_runs(server):
     assert wait_until(lambda: idle(server))
 
 
+def test_vllms_lora_requests_info_names_the_running_adapter(server):
+    """The gauge Kubernetes gateways route by (GIE's LoRA affinity, llm-d): labels as vLLM sets them."""
+    body = {"model": "a1", "prompt": PROMPT, "max_tokens": server.engine.max_model_len - len(PROMPT), "ignore_eos": True}
+    with OpenStream(server.url, "/v1/completions", body) as stream:
+        assert stream.status == 200
+        stream.next_event()
+        (during,) = Scrape(server).families["vllm:lora_requests_info"].samples
+    assert during.labels == {"max_lora": "1", "running_lora_adapters": "a1", "waiting_lora_adapters": ""}
+    assert wait_until(lambda: idle(server))
+    (after,) = Scrape(server).families["vllm:lora_requests_info"].samples
+    assert after.labels["running_lora_adapters"] == "" and after.value >= during.value
+
+
 @pytest.mark.parametrize("model", [MODEL_NAME, "a2"])
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_a_client_that_disconnects_mid_stream_is_cancelled(server, model, endpoint):

@@ -3,7 +3,7 @@ cache in device memory, decode steps replayed from CUDA graphs) gives PEFT's gre
 request for request; the graphs' replays equal the same decode path run eagerly with 0, 8 and 32 adapters, and
 with an adapter swapped into the slot a graph reads between replays.
 
-CI has no GPU, so these are skipped there; run them where there is one (`pytest tests/test_cuda.py`).
+CI has no GPU, so these are skipped there; run them where there is one (`pytest tests/serve/engine/test_cuda.py`).
 The Triton kernels' own compiled tests are in test_kernels.py, QLoRA training on the GPU in test_train.py
 (the trainer takes the GPU when there is one)."""
 
