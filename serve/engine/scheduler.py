@@ -4,14 +4,15 @@ Every step, running requests go first, oldest first: a decode costs one token of
 prefill runs in chunks of what budget is left. Then waiting requests are admitted while the budget and the KV
 cache allow; one whose adapter is not in a device slot yet is passed over. The admission order is the policy:
 `fcfs`, first come first served, or `fair`, the client (tenant or adapter) with the least weighted service first
-(virtual token counters, `fair_share`), first come first served within a client. KV blocks are taken as tokens
-need them; when the cache runs dry, the newest running request is preempted (its blocks freed, its tokens
-recomputed later) so older ones finish.
+(virtual token counters, `fair_share`), first come first served within a client; and when every sequence slot is
+taken, a client with requests waiting and none running gets a slot from the client running the most. KV blocks are
+taken as tokens need them; when the cache runs dry, the newest running request is preempted (its blocks freed, its
+tokens recomputed later) so older ones finish.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from typing import Literal
 
@@ -55,6 +56,8 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Request, int]]:
         """The next step: (request, number of its pending tokens to run)."""
+        if self.fair is not None and len(self.running) >= self.max_num_seqs:
+            self._share_slots()
         budget = self.max_batch_tokens
         entries: list[tuple[Request, int]] = []
         for request in list(self.running):
@@ -102,6 +105,21 @@ class Scheduler:
             yield queues[client].popleft()[1]
             if not queues[client]:
                 del queues[client]
+
+    def _share_slots(self) -> None:
+        """Every slot is taken: the least-served client with requests waiting and none running takes a slot from the
+        client running the most, if that one runs two or more and has been served more (strictly: the preempted
+        request then queues behind the starved one); its newest request is preempted. Counters order admission only: without this a light client waits until one of a flooding
+        client's requests ends, seconds when outputs are long. Taking only from a client that keeps a slot means two
+        backlogged clients never preempt each other back and forth."""
+        held = Counter(request.client for request in self.running)
+        starved = next((r.client for r in self._admission_order() if r.client not in held), None)
+        if starved is None:
+            return
+        lender, slots = held.most_common(1)[0]
+        counters = self.fair.counters
+        if slots >= 2 and counters[starved] < counters[lender]:
+            self._preempt(next(r for r in reversed(self.running) if r.client == lender))
 
     def _charge(self, request: Request, n: int) -> None:
         """Count the service of running `n` tokens of `request` against its client: its prompt at its first

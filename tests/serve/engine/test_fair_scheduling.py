@@ -107,6 +107,35 @@ def test_backlogged_clients_share_by_weight_within_the_bound():
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "fair"])
+def test_a_client_with_nothing_running_gets_a_slot_from_a_flooding_one(policy):
+    """Client a fills the four slots with long requests and queues more; b sends one. Fair: b runs within two steps
+    (the step it arrives its counter equals a's; a's outputs that step put it behind) and a's newest is preempted,
+    once. FCFS: b waits for all of a's queued requests."""
+    sim = Simulation(policy, max_num_seqs=4, outputs=40)
+    sim.step([make_request(f"a{i}", "a") for i in range(8)])
+    for _ in range(3):
+        sim.step()
+    sim.step([make_request("b1", "b")])
+    sim.step()
+    running = [r.request_id for r in sim.scheduler.running]
+    if policy == "fair":
+        assert running == ["a0", "a1", "a2", "b1"] and sim.scheduler.num_preemptions == 1
+    else:
+        assert running == ["a0", "a1", "a2", "a3"] and sim.scheduler.num_preemptions == 0
+    for _ in range(30):  # a keeps three slots and b one: no more preemptions
+        sim.step()
+    assert sim.scheduler.num_preemptions == (1 if policy == "fair" else 0)
+
+
+def test_backlogged_clients_holding_slots_never_preempt_each_other():
+    """Two clients that always have requests waiting, one slot: each waits its turn, nothing is thrown away."""
+    sim = Simulation("fair", max_num_seqs=1, outputs=4)
+    for step in range(200):
+        sim.step([make_request(f"{c}{step}", c) for c in "ab" if sum(r.client == c for r in sim.scheduler.waiting) < 2])
+    assert sim.scheduler.num_preemptions == 0 and abs(sim.served["a"] - sim.served["b"]) <= 2 * (4 + 2 * 4)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "fair"])
 def test_no_starvation_with_three_clients(model_dir, policy):
     """A flood of 24 requests, then two clients with two requests each, two slots. First come first served, the
     two wait for the whole flood; fair, they finish before half of it."""
