@@ -90,8 +90,9 @@ class Scheduler:
         return entries
 
     def _admission_order(self) -> Iterator[Request]:
-        """Waiting requests in the order to admit them. Fair: the client with the smallest counter next (ties: the
-        one waiting longest), re-chosen after each admission since admitting charges the client's counter."""
+        """Waiting requests in the order to admit them. Fair: the client with the smallest counter next (ties: one
+        with nothing running, then the one waiting longest), re-chosen after each admission since admitting charges
+        the client's counter."""
         if self.fair is None:
             yield from list(self.waiting)
             return
@@ -99,17 +100,17 @@ class Scheduler:
         for position, request in enumerate(self.waiting):
             if request.adapter_slot is not None:  # one waiting for its adapter would be passed over anyway
                 queues.setdefault(request.client, deque()).append((position, request))
-        counters = self.fair.counters
+        counters, running = self.fair.counters, {request.client for request in self.running}
         while queues:
-            client = min(queues, key=lambda c: (counters[c], queues[c][0][0]))
+            client = min(queues, key=lambda c: (counters[c], c in running, queues[c][0][0]))
             yield queues[client].popleft()[1]
             if not queues[client]:
                 del queues[client]
 
     def _share_slots(self) -> None:
         """Every slot is taken: the least-served client with requests waiting and none running takes a slot from the
-        client running the most, if that one runs two or more and has been served more (strictly: the preempted
-        request then queues behind the starved one); its newest request is preempted. Counters order admission only: without this a light client waits until one of a flooding
+        client running the most, if that one runs two or more and has been served as much or more (a tie goes to the
+        client with nothing running, so the preempted request queues behind it); its newest request is preempted. Counters order admission only: without this a light client waits until one of a flooding
         client's requests ends, seconds when outputs are long. Taking only from a client that keeps a slot means two
         backlogged clients never preempt each other back and forth."""
         held = Counter(request.client for request in self.running)
@@ -118,7 +119,7 @@ class Scheduler:
             return
         lender, slots = held.most_common(1)[0]
         counters = self.fair.counters
-        if slots >= 2 and counters[starved] < counters[lender]:
+        if slots >= 2 and counters[starved] <= counters[lender]:
             self._preempt(next(r for r in reversed(self.running) if r.client == lender))
 
     def _charge(self, request: Request, n: int) -> None:

@@ -108,15 +108,14 @@ def test_backlogged_clients_share_by_weight_within_the_bound():
 
 @pytest.mark.parametrize("policy", ["fcfs", "fair"])
 def test_a_client_with_nothing_running_gets_a_slot_from_a_flooding_one(policy):
-    """Client a fills the four slots with long requests and queues more; b sends one. Fair: b runs within two steps
-    (the step it arrives its counter equals a's; a's outputs that step put it behind) and a's newest is preempted,
-    once. FCFS: b waits for all of a's queued requests."""
+    """Client a fills the four slots with long requests and queues more; b sends one. Fair: b runs in the step it
+    arrives in (its counter lifted to a's: the tie goes to the client with nothing running) and a's newest is
+    preempted, once. FCFS: b waits for all of a's queued requests."""
     sim = Simulation(policy, max_num_seqs=4, outputs=40)
     sim.step([make_request(f"a{i}", "a") for i in range(8)])
     for _ in range(3):
         sim.step()
     sim.step([make_request("b1", "b")])
-    sim.step()
     running = [r.request_id for r in sim.scheduler.running]
     if policy == "fair":
         assert running == ["a0", "a1", "a2", "b1"] and sim.scheduler.num_preemptions == 1
