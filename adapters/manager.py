@@ -226,7 +226,7 @@ class AdapterManager:
             version.error = error
             log.warning("adapter %s refused: %s", version.name, version.error)
             return version.error
-        if not version.retired:  # a version retired while being read is not kept
+        if version.pins or not version.retired:  # retired while being read: kept only for the requests waiting on it
             version.weights = future.result()
             version.loaded_at = time.time()
             self._cache_on_host(version)

@@ -94,14 +94,17 @@ _END = object()
 
 class _AdapterLease:
     """This replica's hold on one adapter, as Serve's multiplexing counts it: the registration loaded in the engine.
-    Serve calls __del__ when it drops the adapter from this replica (least recently used): the engine unregisters it,
-    and its memory is freed once the requests on it end."""
+    Serve calls __del__ when it drops the adapter from this replica (least recently used), from a thread of its
+    executor: the release runs on the replica's event loop, where every other change to the engine's adapters is
+    made, after any load of this lease in progress. The engine unregisters it; its memory is freed once the requests
+    on it end."""
 
     def __init__(self, engine: Engine, name: str, leases: dict):
         self.engine, self.name, self.leases = engine, name, leases
         self.key: str | None = None  # the registration held: AdapterRef.key
         self.refused: tuple[str, AdapterError] | None = None  # a registration that failed validation is not read again
         self._lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
         leases[name] = self
 
     async def sync(self, ref: AdapterRef) -> None:
@@ -118,11 +121,16 @@ class _AdapterLease:
             self.key = ref.key
 
     def __del__(self):
-        if self.leases.get(self.name) is self:  # Serve's eviction, then the garbage collector: release once
-            del self.leases[self.name]
-            if self.key is not None:
-                with contextlib.suppress(UnknownAdapter):
-                    self.engine.unregister_adapter(self.name)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the replica is going away
+            asyncio.run_coroutine_threadsafe(self._release(), self._loop)
+
+    async def _release(self) -> None:
+        async with self._lock:
+            if self.leases.get(self.name) is self:  # Serve's eviction, then the garbage collector: release once
+                del self.leases[self.name]
+                if self.key is not None:
+                    with contextlib.suppress(UnknownAdapter):
+                        self.engine.unregister_adapter(self.name)
 
 
 class _EngineReplica:

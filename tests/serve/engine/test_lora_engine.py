@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from lora_workload import ADAPTERS, MAX_NEW, expected, run_mixed
@@ -105,6 +106,37 @@ def test_unregistering_fails_new_requests_lets_running_ones_finish_then_frees_me
         # Registering the folder again serves it afresh.
         engine.register_adapter("qv-r8", adapter_dir / "qv-r8")
         assert asyncio.run(collect(engine, prompt, params, adapter="qv-r8"))[0] == peft_reference[0]
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_whose_adapter_is_unregistered_while_being_read_still_finishes(
+    model_dir, adapter_dir, workload, peft_reference
+):
+    """The request pinned the version and started its read from disk; the name is unregistered before the read
+    ends (an admin unload, a replica's adapter dropped by Serve): the request is served from the read all the same,
+    then the memory is freed. The read is held at a gate so the unregister lands while it is in progress."""
+    engine = start_engine(model_dir("llama"), max_gpu_adapters=2)
+    engine.register_adapter("qv-r8", adapter_dir / "qv-r8")  # registered, not read yet
+    manager, gate = engine.adapters, threading.Event()
+    read = manager._timed_read
+    manager._timed_read = lambda *args: gate.wait(30) and read(*args)
+    prompt, params = workload[0][1], SamplingParams(max_tokens=MAX_NEW, temperature=0)
+
+    async def scenario():
+        version = engine.resolve_adapter("qv-r8")
+        request = asyncio.create_task(collect(engine, prompt, params, adapter="qv-r8"))
+        while version.loading is None:
+            await asyncio.sleep(0.01)
+        engine.unregister_adapter("qv-r8")
+        gate.set()
+        return version, await asyncio.wait_for(request, 60)
+
+    try:
+        version, (tokens, _, _) = asyncio.run(scenario())
+        assert tokens == peft_reference[0]
+        assert wait_until(lambda: version.slot is None and version.weights is None)
+        assert version not in manager.host
     finally:
         engine.shutdown()
 
