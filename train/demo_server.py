@@ -13,7 +13,7 @@ from ..serve.api.server import running_server as running_api_server
 from ..serve.api.state import ServerSettings
 from ..serve.engine import EngineConfig
 
-BASE_NAME = "demo-base"
+BASE_NAME = "base"
 
 
 @contextlib.asynccontextmanager
