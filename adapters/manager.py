@@ -22,11 +22,21 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ..kernels.cpu_build import cache_root
 from .directory import AdapterDirectory, check_name
 from .lora_layer import LoraLinear
-from .peft_format import AdapterError, AdapterWeights, BaseModelInfo, read_adapter, weights_size_limit
+from .peft_format import (
+    AdapterError,
+    AdapterWeights,
+    BaseModelInfo,
+    read_adapter,
+    weights_size_limit,
+)
 from .registry import AdapterRegistry, UnknownAdapter  # noqa: F401 - raised by its methods; callers import it here
 from .registry_file import RegistryFile
 from .stats import AdapterStats
@@ -40,14 +50,17 @@ def as_source(path: str | Path) -> str | Path:
     return path if is_url(path) else Path(path)
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True)
 class AdapterSummary:
-    """What the admin API shows of one adapter version: plain data (a replica sends it to the ingress)."""
+    """What the admin API shows of one adapter version, and its response schema: plain data (a replica sends it to
+    the ingress)."""
 
     name: str
-    tier: str  # disk, host, device; "cluster" for the ingress of replicas
+    tier: Annotated[Literal["disk", "host", "device", "cluster"], Field(
+        description="where the weights are: disk, host cache, device slot; cluster: registered on the replicas' "
+        "ingress (each replica reads it on first use)")]
     path: str
-    version: int
+    version: Annotated[int, Field(description="1 when the name is first loaded, one more at each reload")]
     rank: int | None
     targets: list[str] | None
     bytes: int | None

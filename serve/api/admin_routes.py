@@ -18,7 +18,7 @@ from ...adapters.store import is_url
 from .backend import AdapterVersionView, EngineLost
 from .errors import APIError, bad_request, not_found, parse_body
 from .generation import adapter_refused
-from .schemas import AdapterInfo, LoadAdapterRequest, VllmLoadLoraRequest, VllmUnloadLoraRequest
+from .schemas import LoadAdapterRequest, VllmLoadLoraRequest, VllmUnloadLoraRequest
 from .state import STATE, ServerState
 
 routes = web.RouteTableDef()
@@ -31,7 +31,7 @@ def _manager(state: ServerState):
 
 
 def describe(version: AdapterVersionView) -> dict:
-    return AdapterInfo(**asdict(version.summary())).model_dump()
+    return asdict(version.summary())
 
 
 @routes.get("/v1/adapters")

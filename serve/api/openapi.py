@@ -8,8 +8,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from ... import __version__
+from ...adapters.manager import AdapterSummary
 from .schemas import (
-    AdapterInfo,
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
@@ -18,9 +18,9 @@ from .schemas import (
     VllmUnloadLoraRequest,
 )
 
-_MODELS: tuple[type[BaseModel], ...] = (
+_MODELS: tuple[type, ...] = (  # pydantic models, and the adapters layer's AdapterSummary (a pydantic dataclass)
     CompletionRequest, ChatCompletionRequest, LoadAdapterRequest, VllmLoadLoraRequest, VllmUnloadLoraRequest,
-    ErrorResponse, AdapterInfo,
+    ErrorResponse, AdapterSummary,
 )
 _ERRORS = {
     code: {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
@@ -66,7 +66,7 @@ def openapi_spec() -> dict:
     stream_or_json = {"description": "a JSON body, or server-sent events ending in `data: [DONE]` when stream",
                       "content": {"application/json": {"schema": {"type": "object"}},
                                   "text/event-stream": {"schema": _SSE_EVENT}}}
-    adapter = {"$ref": "#/components/schemas/AdapterInfo"}
+    adapter = {"$ref": "#/components/schemas/AdapterSummary"}
     name_param = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
     paths = {
         "/v1/completions": {"post": _operation("Text completion (OpenAI-compatible)", stream_or_json, CompletionRequest,

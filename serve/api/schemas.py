@@ -98,18 +98,3 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class AdapterInfo(BaseModel):
-    name: str
-    tier: Literal["disk", "host", "device", "cluster"] = Field(
-        description="where the weights are: disk, host cache, device slot; cluster: registered on the replicas' "
-        "ingress (each replica reads it on first use)")
-    path: str
-    version: int = Field(description="1 when the name is first loaded, one more at each reload")
-    rank: int | None
-    targets: list[str] | None
-    bytes: int | None
-    sha256: str | None
-    loaded_at: float | None
-    registered_at: float
-    requests_served: int
-    in_flight: int
