@@ -5,7 +5,8 @@ prefill runs in chunks of what budget is left. Then waiting requests are admitte
 cache allow; one whose adapter is not in a device slot yet is passed over. The admission order is the policy:
 `fcfs`, first come first served, or `fair`, the client (tenant or adapter) with the least weighted service first
 (virtual token counters, `fair_share`), first come first served within a client; and when every sequence slot is
-taken, a client with requests waiting and none running gets a slot from the client running the most. KV blocks are
+taken, a client with requests waiting and none running gets a slot from the client running the most, its prefill in
+a step of its own. KV blocks are
 taken as tokens need them; when the cache runs dry, the newest running request is preempted (its blocks freed, its
 tokens recomputed later) so older ones finish.
 """
@@ -13,7 +14,7 @@ tokens recomputed later) so older ones finish.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 from .fair_share import OUTPUT_COST, PROMPT_COST, FairShare
@@ -57,7 +58,14 @@ class Scheduler:
     def schedule(self) -> list[tuple[Request, int]]:
         """The next step: (request, number of its pending tokens to run)."""
         if self.fair is not None and len(self.running) >= self.max_num_seqs:
-            self._share_slots()
+            starved = self._share_slots()
+            if starved is not None:
+                # The starved request's prefill runs alone: beside the running decodes its first token would wait
+                # for them too (on the CPU a 16-row decode step costs about what a short prefill does). The running
+                # streams lose one step, once per request that took a slot.
+                entries = self._admit([starved], self.max_batch_tokens)
+                if entries:
+                    return entries
         budget = self.max_batch_tokens
         entries: list[tuple[Request, int]] = []
         for request in list(self.running):
@@ -71,7 +79,13 @@ class Scheduler:
             entries.append((request, n))
             self._charge(request, n)
             budget -= n
-        for request in self._admission_order():
+        return entries + self._admit(self._admission_order(), budget)
+
+    def _admit(self, candidates: Iterable[Request], budget: int) -> list[tuple[Request, int]]:
+        """Move waiting requests, in the order given, to running while the step's token budget, the sequence slots
+        and the KV cache allow; the entries of their first prefill chunks."""
+        entries: list[tuple[Request, int]] = []
+        for request in candidates:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             if request.adapter_slot is None:
@@ -107,20 +121,24 @@ class Scheduler:
             if not queues[client]:
                 del queues[client]
 
-    def _share_slots(self) -> None:
+    def _share_slots(self) -> Request | None:
         """Every slot is taken: the least-served client with requests waiting and none running takes a slot from the
         client running the most, if that one runs two or more and has been served as much or more (a tie goes to the
-        client with nothing running, so the preempted request queues behind it); its newest request is preempted. Counters order admission only: without this a light client waits until one of a flooding
-        client's requests ends, seconds when outputs are long. Taking only from a client that keeps a slot means two
-        backlogged clients never preempt each other back and forth."""
+        client with nothing running, so the preempted request queues behind it); its newest request is preempted.
+        Returns the request of the starved client that takes the slot, None if none does. Counters order admission
+        only: without this a light client waits until one of a flooding client's requests ends, seconds when outputs
+        are long. Taking only from a client that keeps a slot means two backlogged clients never preempt each other
+        back and forth."""
         held = Counter(request.client for request in self.running)
-        starved = next((r.client for r in self._admission_order() if r.client not in held), None)
+        starved = next((r for r in self._admission_order() if r.client not in held), None)
         if starved is None:
-            return
+            return None
         lender, slots = held.most_common(1)[0]
         counters = self.fair.counters
-        if slots >= 2 and counters[starved] <= counters[lender]:
-            self._preempt(next(r for r in reversed(self.running) if r.client == lender))
+        if slots < 2 or counters[starved.client] > counters[lender]:
+            return None
+        self._preempt(next(r for r in reversed(self.running) if r.client == lender))
+        return starved
 
     def _charge(self, request: Request, n: int) -> None:
         """Count the service of running `n` tokens of `request` against its client: its prompt at its first

@@ -36,12 +36,14 @@ class Simulation:
         self.outputs = outputs
         self.admitted: list[str] = []
         self.served: dict[str, float] = {}  # client -> prompt tokens + 2 x output tokens run, weighted
+        self.last_step: list[tuple[str, int]] = []  # (request id, tokens run) of the latest step
 
     def step(self, arrivals: list[Request] = ()) -> None:
         for request in arrivals:
             self.scheduler.add(request)
         before = set(map(id, self.scheduler.running))
         entries = self.scheduler.schedule()
+        self.last_step = [(r.request_id, n) for r, n in entries]
         self.admitted += [r.request_id for r, _ in entries if id(r) not in before]
         for request, n in entries:
             fresh_prompt = max(0, min(request.num_computed + n, len(request.prompt_ids)) - request.num_computed)
@@ -108,19 +110,24 @@ def test_backlogged_clients_share_by_weight_within_the_bound():
 
 @pytest.mark.parametrize("policy", ["fcfs", "fair"])
 def test_a_client_with_nothing_running_gets_a_slot_from_a_flooding_one(policy):
-    """Client a fills the four slots with long requests and queues more; b sends one. Fair: b runs in the step it
-    arrives in (its counter lifted to a's: the tie goes to the client with nothing running) and a's newest is
-    preempted, once. FCFS: b waits for all of a's queued requests."""
+    """Client a fills the four slots with long requests and queues more; b sends one. Fair: b's prompt runs in the
+    step it arrives in, alone (its counter lifted to a's: the tie goes to the client with nothing running), a's newest
+    is preempted, once, and the next step runs a's three decodes beside b's. FCFS: b waits for all of a's queued
+    requests."""
     sim = Simulation(policy, max_num_seqs=4, outputs=40)
     sim.step([make_request(f"a{i}", "a") for i in range(8)])
     for _ in range(3):
         sim.step()
-    sim.step([make_request("b1", "b")])
+    sim.step([make_request("b1", "b", prompt_len=6)])
     running = [r.request_id for r in sim.scheduler.running]
     if policy == "fair":
         assert running == ["a0", "a1", "a2", "b1"] and sim.scheduler.num_preemptions == 1
+        assert sim.last_step == [("b1", 6)]
+        sim.step()
+        assert sim.last_step == [("a0", 1), ("a1", 1), ("a2", 1), ("b1", 1)]
     else:
         assert running == ["a0", "a1", "a2", "a3"] and sim.scheduler.num_preemptions == 0
+        assert [n for _, n in sim.last_step] == [1, 1, 1, 1]
     for _ in range(30):  # a keeps three slots and b one: no more preemptions
         sim.step()
     assert sim.scheduler.num_preemptions == (1 if policy == "fair" else 0)
