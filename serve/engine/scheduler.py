@@ -5,8 +5,9 @@ prefill runs in chunks of what budget is left. Then waiting requests are admitte
 cache allow; one whose adapter is not in a device slot yet is passed over. The admission order is the policy:
 `fcfs`, first come first served, or `fair`, the client (tenant or adapter) with the least weighted service first
 (virtual token counters, `fair_share`), first come first served within a client; and when every sequence slot is
-taken, a client with requests waiting and none running gets a slot from the client running the most, its prefill in
-a step of its own. KV blocks are
+taken, a client with requests waiting and none running gets a slot from the client running the most. On a backlogged
+server such a client's prefill runs in a step of its own, so its first token does not wait for the decodes of those
+being served. KV blocks are
 taken as tokens need them; when the cache runs dry, the newest running request is preempted (its blocks freed, its
 tokens recomputed later) so older ones finish.
 """
@@ -34,6 +35,7 @@ class Scheduler:
         # Blocks left free when admitting new work, so running requests can grow a little before preemption.
         self.watermark_blocks = max(1, cache.num_blocks // 100)
         self.num_preemptions = 0
+        self._last_step_alone = False  # the last step ran only a starved client's prefill
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -57,15 +59,16 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Request, int]]:
         """The next step: (request, number of its pending tokens to run)."""
-        if self.fair is not None and len(self.running) >= self.max_num_seqs:
-            starved = self._share_slots()
-            if starved is not None:
-                # The starved request's prefill runs alone: beside the running decodes its first token would wait
-                # for them too (on the CPU a 16-row decode step costs about what a short prefill does). The running
-                # streams lose one step, once per request that took a slot.
-                entries = self._admit([starved], self.max_batch_tokens)
-                if entries:
-                    return entries
+        if self.fair is not None and self.running and not self._last_step_alone:
+            starved = self._starved()
+            # Its prefill runs alone: beside the running decodes its first token would wait for them too (on the CPU
+            # a 16-row decode step costs about what a short prefill does). The running streams lose one step per
+            # starved arrival, and never two steps in a row.
+            entries = self._admit([starved], self.max_batch_tokens) if starved is not None else []
+            if entries:
+                self._last_step_alone = True
+                return entries
+        self._last_step_alone = False
         budget = self.max_batch_tokens
         entries: list[tuple[Request, int]] = []
         for request in list(self.running):
@@ -121,15 +124,24 @@ class Scheduler:
             if not queues[client]:
                 del queues[client]
 
-    def _share_slots(self) -> Request | None:
-        """Every slot is taken: the least-served client with requests waiting and none running takes a slot from the
-        client running the most, if that one runs two or more and has been served as much or more (a tie goes to the
-        client with nothing running, so the preempted request queues behind it); its newest request is preempted.
-        Returns the request of the starved client that takes the slot, None if none does. Counters order admission
-        only: without this a light client waits until one of a flooding client's requests ends, seconds when outputs
-        are long. Taking only from a client that keeps a slot means two backlogged clients never preempt each other
-        back and forth."""
+    def _starved(self) -> Request | None:
+        """The request of a client with requests waiting and none running that is owed a slot now on a backlogged
+        server, with the slot made free for it; None if there is none.
+
+        With a slot free: the first request in fair order, if its client runs nothing and more requests wait than
+        slots are free (without a backlog every request is admitted at once anyway). With every slot taken: the
+        least-served client with nothing running takes a slot from the client running the most, if that one runs two
+        or more and has been served as much or more (a tie goes to the client with nothing running, so the preempted
+        request queues behind it); its newest request is preempted. Counters order admission only: without this a
+        light client waits until one of a flooding client's requests ends, seconds when outputs are long. Taking
+        only from a client that keeps a slot means two backlogged clients never preempt each other back and forth."""
         held = Counter(request.client for request in self.running)
+        free = self.max_num_seqs - len(self.running)
+        if free > 0:
+            if len(self.waiting) <= free:
+                return None
+            first = next(self._admission_order(), None)
+            return first if first is not None and first.client not in held else None
         starved = next((r for r in self._admission_order() if r.client not in held), None)
         if starved is None:
             return None

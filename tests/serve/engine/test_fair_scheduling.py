@@ -133,6 +133,30 @@ def test_a_client_with_nothing_running_gets_a_slot_from_a_flooding_one(policy):
     assert sim.scheduler.num_preemptions == (1 if policy == "fair" else 0)
 
 
+def test_a_starved_prefill_runs_alone_only_on_a_backlogged_server():
+    """Four slots. With a slot free and nothing else waiting, b's prompt runs beside a's decodes. Once a's requests
+    queue, a newcomer's prompt runs alone in the step it arrives in, whether it takes a free slot or one of a's;
+    of two newcomers at once, the first gets such a step after a step of everyone's decodes (never two alone steps in
+    a row), and the second waits: every client now runs one request, and none is taken from a client's last slot."""
+    sim = Simulation("fair", max_num_seqs=4, outputs=60)
+    sim.step([make_request(f"a{i}", "a") for i in range(3)])
+    sim.step([make_request("b1", "b", prompt_len=5)])
+    assert sim.last_step == [("a0", 1), ("a1", 1), ("a2", 1), ("b1", 5)]
+    sim.step([make_request(f"a{i}", "a") for i in range(3, 8)])  # a queues: the server is backlogged
+    sim.scheduler.remove(next(r for r in sim.scheduler.running if r.request_id == "a0"))  # a slot comes free
+    sim.step([make_request("c1", "c", prompt_len=6)])
+    assert sim.last_step == [("c1", 6)]
+    sim.step([make_request("d1", "d", prompt_len=7), make_request("e1", "e", prompt_len=8)])
+    assert [n for _, n in sim.last_step] == [1, 1, 1, 1]  # no two alone steps in a row: d and e wait a step
+    sim.step()
+    assert sim.last_step == [("d1", 7)]
+    for _ in range(3):
+        sim.step()
+        assert len(sim.last_step) == 4 and all(n == 1 for _, n in sim.last_step)
+    assert sorted(r.client for r in sim.scheduler.running) == ["a", "b", "c", "d"]
+    assert sim.scheduler.num_preemptions == 1
+
+
 def test_backlogged_clients_holding_slots_never_preempt_each_other():
     """Two clients that always have requests waiting, one slot: each waits its turn, nothing is thrown away."""
     sim = Simulation("fair", max_num_seqs=1, outputs=4)
