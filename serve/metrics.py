@@ -169,7 +169,7 @@ _GAUGES: tuple[tuple[str, str, Callable[[EngineSnapshot], float]], ...] = (
     ("loradock_running_requests", "Requests in the running batch", lambda s: s.running),
     ("loradock_kv_cache_usage_ratio", "Share of KV cache blocks in use", lambda s: s.kv_cache_usage),
     ("loradock_kv_cache_blocks_total", "KV cache blocks", lambda s: s.kv_cache_blocks),
-    ("loradock_preemptions", "Requests preempted for KV space since start", lambda s: s.preemptions),
+    ("loradock_preemptions", "Requests preempted (for KV space, or paused for a starved client) since start", lambda s: s.preemptions),
     ("loradock_adapter_slots_used", "Device adapter slots holding an adapter", lambda s: s.slots_used),
     ("loradock_adapter_slots_total", "Device adapter slots", lambda s: s.slots_total),
     ("loradock_adapters_host_cached", "Adapters in the host cache", lambda s: s.host_cached),

@@ -5,11 +5,11 @@ prefill runs in chunks of what budget is left. Then waiting requests are admitte
 cache allow; one whose adapter is not in a device slot yet is passed over. The admission order is the policy:
 `fcfs`, first come first served, or `fair`, the client (tenant or adapter) with the least weighted service first
 (virtual token counters, `fair_share`), first come first served within a client; and when every sequence slot is
-taken, a client with requests waiting and none running gets a slot from the client running the most. On a backlogged
-server such a client's prefill runs in a step of its own, so its first token does not wait for the decodes of those
-being served. KV blocks are
-taken as tokens need them; when the cache runs dry, the newest running request is preempted (its blocks freed, its
-tokens recomputed later) so older ones finish.
+taken, a client with requests waiting and none running gets a slot from the client running the most (whose request
+is paused: it keeps its KV blocks unless the cache runs dry before it runs again). On a backlogged server such a
+client's prefill runs in a step of its own, so its first token does not wait for the decodes of those being served.
+KV blocks are taken as tokens need them; when the cache runs dry, paused requests give theirs up first, then the
+newest running request is preempted (its blocks freed, its tokens recomputed later) so older ones finish.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ class Scheduler:
             n = min(request.num_pending, budget)
             needed = self.cache.blocks_needed(request.num_computed + n) - len(request.blocks)
             reserve = self.watermark_blocks if self.running else 0
+            while needed + reserve > self.cache.allocator.num_free and self._drop_paused_blocks(keep=request):
+                pass
             if needed + reserve > self.cache.allocator.num_free:
                 break  # wait for running requests to free blocks
             self._grow(request, request.num_computed + n)
@@ -149,7 +151,7 @@ class Scheduler:
         counters = self.fair.counters
         if slots < 2 or counters[starved.client] > counters[lender]:
             return None
-        self._preempt(next(r for r in reversed(self.running) if r.client == lender))
+        self._pause(next(r for r in reversed(self.running) if r.client == lender))
         return starved
 
     def _charge(self, request: Request, n: int) -> None:
@@ -167,6 +169,8 @@ class Scheduler:
         """Give `request` blocks for `num_tokens`, preempting newer requests if needed. False if it was preempted."""
         needed = self.cache.blocks_needed(num_tokens) - len(request.blocks)
         while needed > self.cache.allocator.num_free:
+            if self._drop_paused_blocks():
+                continue
             victim = self.running[-1]
             self._preempt(victim)
             if victim is request:
@@ -180,10 +184,25 @@ class Scheduler:
             request.blocks.extend(self.cache.allocator.allocate(needed))
 
     def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
+        """Back to the front of the queue, its KV blocks freed: its tokens are recomputed when it runs again."""
+        self._pause(request)
         self._release(request)
+
+    def _pause(self, request: Request) -> None:
+        """Back to the front of the queue with its KV blocks kept: it resumes where it stopped, unless the cache runs
+        dry before it runs again (`_drop_paused_blocks`)."""
+        self.running.remove(request)
         self.waiting.appendleft(request)
         self.num_preemptions += 1
+
+    def _drop_paused_blocks(self, keep: Request | None = None) -> bool:
+        """Free the KV blocks of one paused request (other than `keep`): it will recompute its tokens. False if no
+        waiting request holds blocks."""
+        paused = next((r for r in self.waiting if r.blocks and r is not keep), None)
+        if paused is None:
+            return False
+        self._release(paused)
+        return True
 
     def _release(self, request: Request) -> None:
         self.cache.allocator.free(request.blocks)

@@ -133,6 +133,32 @@ def test_a_client_with_nothing_running_gets_a_slot_from_a_flooding_one(policy):
     assert sim.scheduler.num_preemptions == (1 if policy == "fair" else 0)
 
 
+def test_a_paused_request_resumes_where_it_stopped_unless_the_cache_runs_dry():
+    """The request b's slot was taken from keeps its KV blocks while it waits and resumes with one token, not its
+    whole context again. With a cache too small for everyone, a paused request gives its blocks up first (and
+    recomputes later), and every request still finishes."""
+    sim = Simulation("fair", max_num_seqs=4, outputs=6)
+    sim.step([make_request(f"a{i}", "a") for i in range(6)])
+    sim.step([make_request("b1", "b")])
+    paused = next(r for r in sim.scheduler.waiting if r.request_id == "a3")
+    assert paused.blocks and paused.num_computed == 4 + 1 - 1  # its prompt and first token, its second pending
+    while not any(request_id == "a3" for request_id, _ in sim.last_step):
+        sim.step()
+    assert ("a3", 1) in sim.last_step
+
+    cache = PagedKVCache(SHAPE, num_blocks=8, block_size=4, device=torch.device("cpu"))  # 32 tokens in all
+    sim.scheduler = Scheduler(cache, max_batch_tokens=256, max_num_seqs=3, policy="fair")
+    sim.step([make_request(f"c{i}", "c", prompt_len=6) for i in range(5)])
+    sim.step()
+    sim.step([make_request("d1", "d", prompt_len=6)])  # c2 paused; d1's prompt fits only in c2's blocks
+    c2 = next(r for r in sim.scheduler.waiting if r.request_id == "c2")
+    assert sim.last_step == [("d1", 6)] and not c2.blocks and c2.num_computed == 0
+    assert all(len(r.blocks) == 2 for r in sim.scheduler.running)
+    for _ in range(60):
+        sim.step()
+    assert not sim.scheduler.waiting and not sim.scheduler.running and cache.allocator.num_free == 8
+
+
 def test_a_starved_prefill_runs_alone_only_on_a_backlogged_server():
     """Four slots. With a slot free and nothing else waiting, b's prompt runs beside a's decodes. Once a's requests
     queue, a newcomer's prompt runs alone in the step it arrives in, whether it takes a free slot or one of a's;
