@@ -133,8 +133,8 @@ class Scheduler:
         With a slot free: the first request in fair order, if its client runs nothing and more requests wait than
         slots are free (without a backlog every request is admitted at once anyway). With every slot taken: the
         least-served client with nothing running takes a slot from the client running the most, if that one runs two
-        or more and has been served as much or more (a tie goes to the client with nothing running, so the preempted
-        request queues behind it); its newest request is preempted. Counters order admission only: without this a
+        or more and has been served as much or more (a tie goes to the client with nothing running, so the paused
+        request queues behind it); its newest request is paused. Counters order admission only: without this a
         light client waits until one of a flooding client's requests ends, seconds when outputs are long. Taking
         only from a client that keeps a slot means two backlogged clients never preempt each other back and forth."""
         held = Counter(request.client for request in self.running)
