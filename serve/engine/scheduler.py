@@ -137,11 +137,11 @@ class Scheduler:
         request queues behind it); its newest request is paused. Counters order admission only: without this a
         light client waits until one of a flooding client's requests ends, seconds when outputs are long. Taking
         only from a client that keeps a slot means two backlogged clients never preempt each other back and forth."""
-        held = Counter(request.client for request in self.running)
         free = self.max_num_seqs - len(self.running)
+        if free > 0 and len(self.waiting) <= free:
+            return None  # checked before anything is counted: the common step, with no backlog
+        held = Counter(request.client for request in self.running)
         if free > 0:
-            if len(self.waiting) <= free:
-                return None
             first = next(self._admission_order(), None)
             return first if first is not None and first.client not in held else None
         starved = next((r for r in self._admission_order() if r.client not in held), None)
