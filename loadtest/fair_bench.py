@@ -7,18 +7,23 @@ Each round, on each server (`loradock loadtest`'s own load, all on the base mode
 random token ids, answers of `--output-len` tokens, greedy, streamed; answers of one fixed length would all end
 in the same step, and the flood's slots would then free in waves):
 
-- **alone**: the light tenant sends `--light-requests` requests one at a time on the idle server: its TTFT alone;
+- **alone**: the light tenant sends `--light-requests` requests one at a time on the idle server: its TTFT alone
+  (its answers are `--light-output-len` tokens, short, so that a run under the flood holds a dozen of them);
 - **flood**: the flood tenant keeps `--flood-concurrency` (48) requests in flight while the light one sends one at a
-  time, for `--duration` s: the light tenant's TTFT (p50, and over its alone figure), and the output tokens/s of
-  both that came within the `--duration` s (not counting the drain after it, whose length the policy changes);
+  time, each the moment its last answer ends, for `--duration` s: the light tenant's TTFT (p50, and over its alone
+  figure), and the output tokens/s of both that came within the `--duration` s (not counting the drain after it,
+  whose length the policy changes);
+- **flood, light thinking**: the same, but the light tenant pauses a random time of mean `--light-think` s between
+  its requests. Sent back to back, its requests land just after an engine step has begun (its last answer ended
+  at a step's end), so each waits for a whole step of the flood; after a pause they land anywhere in one;
 - **pair**: tenants a and b, equal weights, both backlogged (a at `--flood-concurrency`, b at a third of it), for
   `--duration` s: each one's service while both were sending (prompt tokens of requests whose first token came
   in the window + 2 x output tokens that came in it), and a's over b's.
 
 The servers run `--max-num-seqs` (16) requests at once, so the 48 of the flood queue: without a queue every
 request is admitted at once and the admission order (what fcfs and fair change) does not matter.
-Targets (issue 19): fair keeps the light tenant's TTFT p50 within 2x of alone, total throughput at least 0.95 of
-fcfs's (paired per round), and a's service within 0.8-1.25x of b's.
+Targets (issue 19): fair keeps the light tenant's TTFT p50 within 2x of alone, total throughput (of both flood runs)
+at least 0.95 of fcfs's (paired per round), and a's service within 0.8-1.25x of b's.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,7 +63,7 @@ def tenant(name: str, concurrency: int) -> lt.TenantLoad:
 def server_for(policy: str, args, model: Path, tenants_file: Path, work: Path) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "loradock.serve.cli", "serve", "--model", str(model), "--port", str(port),
-            "--served-model-name", BASE, "--max-model-len", str(args.prompt_len[1] + args.output_len[1] + 16),
+            "--served-model-name", BASE, "--max-model-len", str(args.prompt_len[1] + max(args.output_len[1], args.light_output_len[1]) + 16),
             "--max-gpu-adapters", "0", "--max-num-seqs", str(args.max_num_seqs), "--tenants", str(tenants_file),
             "--scheduling", policy, "--max-queue", "4096", *args.serve_arg]
     return Server(policy, argv, port, None, work, Path.cwd(), startup_timeout=300)
@@ -88,23 +94,30 @@ def windowed_service(result: lt.RunResult, name: str, window: float) -> float:
 
 
 def run_round(args, server: Server, ordinary: list[int]) -> dict:
-    alone = asyncio.run(lt.run_load(spec(args, server.url, ordinary, [tenant("light", 1)],
-                                         requests=args.light_requests))).report()
-    flood = asyncio.run(lt.run_load(spec(args, server.url, ordinary, [tenant("flood", args.flood_concurrency),
-                                                                      tenant("light", 1)], duration=args.duration)))
+    light = replace(tenant("light", 1), output_len=args.light_output_len)
+    alone = asyncio.run(lt.run_load(spec(args, server.url, ordinary, [light], requests=args.light_requests))).report()
+    floods = [asyncio.run(lt.run_load(spec(args, server.url, ordinary, [tenant("flood", args.flood_concurrency),
+                                                                        replace(light, think=think)],
+                                           duration=args.duration)))
+              for think in (None, args.light_think)]
     pair = asyncio.run(lt.run_load(spec(args, server.url, ordinary, [tenant("a", args.flood_concurrency),
                                                                      tenant("b", max(1, args.flood_concurrency // 3))],
                                         duration=args.duration)))
-    flood_report = flood.report()
-    light = flood_report["per_tenant"]["light"]
+    flood_reports = [flood.report() for flood in floods]
+    back_to_back, thinking = (report["per_tenant"]["light"] for report in flood_reports)
+    alone_ttft = alone["latency_ms"]["ttft"]["p50"]
     service_a, service_b = (windowed_service(pair, name, args.duration) for name in ("a", "b"))
-    errors = sum(r["requests"] - r["ok"] for r in (alone, flood_report, pair.report()))
+    errors = sum(r["requests"] - r["ok"] for r in (alone, *flood_reports, pair.report()))
     return {
-        "light_ttft_alone_p50_ms": alone["latency_ms"]["ttft"]["p50"],
-        "light_ttft_flood_p50_ms": light["ttft_ms"]["p50"],
-        "light_ttft_over_alone": light["ttft_ms"]["p50"] / alone["latency_ms"]["ttft"]["p50"],
-        "light_requests_in_flood": light["ok"],
-        "flood_output_tokens_per_s": tokens_in_window(flood, args.duration) / args.duration,
+        "light_ttft_alone_p50_ms": alone_ttft,
+        "light_ttft_flood_p50_ms": back_to_back["ttft_ms"]["p50"],
+        "light_ttft_over_alone": back_to_back["ttft_ms"]["p50"] / alone_ttft,
+        "light_requests_in_flood": back_to_back["ok"],
+        "thinking_light_ttft_flood_p50_ms": thinking["ttft_ms"]["p50"],
+        "thinking_light_ttft_over_alone": thinking["ttft_ms"]["p50"] / alone_ttft,
+        "thinking_light_requests_in_flood": thinking["ok"],
+        # both flood runs: 2 x --duration s of the flood per server per round
+        "flood_output_tokens_per_s": sum(tokens_in_window(f, args.duration) for f in floods) / (2 * args.duration),
         "pair_service_a": service_a,
         "pair_service_b": service_b,
         "pair_a_over_b": service_a / service_b if service_b else float("inf"),
@@ -119,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of sending per flood and pair run")
     parser.add_argument("--flood-concurrency", type=int, default=48)
     parser.add_argument("--light-requests", type=int, default=16, help="requests of the light tenant alone")
+    parser.add_argument("--light-output-len", type=lt._range, default=(8, 24), help="the light tenant's answers")
+    parser.add_argument("--light-think", type=float, default=1.0,
+                        help="mean seconds the light tenant pauses before each request in the thinking run")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="the servers' running requests at once")
     parser.add_argument("--prompt-len", type=lt._range, default=(16, 64))
     parser.add_argument("--output-len", type=lt._range, default=(32, 96), help="new tokens per answer, MIN:MAX")
@@ -153,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                 rounds[policy].append(row)
                 print(f"round {index + 1} {policy}: light TTFT p50 alone {row['light_ttft_alone_p50_ms']:.0f} ms, "
                       f"under the flood {row['light_ttft_flood_p50_ms']:.0f} ms ({row['light_ttft_over_alone']:.2f}x, "
-                      f"{row['light_requests_in_flood']} requests); {row['flood_output_tokens_per_s']:.0f} tok/s; "
+                      f"{row['light_requests_in_flood']} requests), thinking "
+                      f"{row['thinking_light_ttft_flood_p50_ms']:.0f} ms ({row['thinking_light_ttft_over_alone']:.2f}x, "
+                      f"{row['thinking_light_requests_in_flood']}); {row['flood_output_tokens_per_s']:.0f} tok/s; "
                       f"pair a/b {row['pair_a_over_b']:.2f}; errors {row['errors']}", flush=True)
     finally:
         for server in started:
@@ -174,21 +192,26 @@ def summary(args, model: Path, rounds: dict[str, list[dict]]) -> str:
     lines = [f"\nmedians of {args.rounds} interleaved rounds ({model.name}, --max-num-seqs {args.max_num_seqs}, flood "
              f"at concurrency {args.flood_concurrency}, {args.output_len[0]}-{args.output_len[1]} new tokens, "
              f"{args.duration:g} s runs):",
-             f"{'':6}{'light TTFT alone':>18}{'under flood':>13}{'x alone':>9}{'tok/s':>8}{'pair a/b':>10}"]
+             f"{'':6}{'light TTFT alone':>18}{'under flood':>13}{'x alone':>9}{'thinking':>10}{'x alone':>9}"
+             + f"{'tok/s':>8}{'pair a/b':>10}"]
     for policy in POLICIES:
         lines.append(f"{policy:<6}{median(policy, 'light_ttft_alone_p50_ms'):>15.0f} ms"
                      f"{median(policy, 'light_ttft_flood_p50_ms'):>10.0f} ms"
                      f"{median(policy, 'light_ttft_over_alone'):>9.2f}"
+                     f"{median(policy, 'thinking_light_ttft_flood_p50_ms'):>7.0f} ms"
+                     f"{median(policy, 'thinking_light_ttft_over_alone'):>9.2f}"
                      f"{median(policy, 'flood_output_tokens_per_s'):>8.0f}{median(policy, 'pair_a_over_b'):>10.2f}")
     lines.append(f"fair / fcfs throughput, round by round: median {statistics.median(throughput):.3f}, "
                  f"{min(throughput):.3f}-{max(throughput):.3f}")
     fair_ttft, fair_pair = median("fair", "light_ttft_over_alone"), median("fair", "pair_a_over_b")
+    thinking_ttft = median("fair", "thinking_light_ttft_over_alone")
     kept = statistics.median(throughput)
 
     def met(ok: bool) -> str:
         return "met" if ok else "not met"
 
-    lines.append(f"targets: light TTFT within 2x of alone: {fair_ttft:.2f}x ({met(fair_ttft <= 2)}); throughput >= "
+    lines.append(f"targets: light TTFT within 2x of alone: {fair_ttft:.2f}x back to back ({met(fair_ttft <= 2)}), "
+                 f"{thinking_ttft:.2f}x thinking ({met(thinking_ttft <= 2)}); throughput >= "
                  f"0.95 of fcfs: {kept:.3f} ({met(kept >= 0.95)}); pair a/b in 0.8-1.25: {fair_pair:.2f} "
                  f"({met(0.8 <= fair_pair <= 1.25)})")
     return "\n".join(lines)

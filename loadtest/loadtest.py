@@ -12,12 +12,15 @@ What a run does:
   vocabulary, which both loradock and vLLM accept as `prompt`; without a tokenizer, random English words and the
   lengths count words), and asks for exactly `--max-tokens` tokens (`ignore_eos`, greedy), or a seeded number
   uniform in `--output-len MIN:MAX` (answers of one length all end in the same step: batches run in waves).
-- **Load**: `--concurrency C` keeps C requests in flight (closed loop); `--rate R` sends requests at Poisson
-  arrivals of mean rate R per second (open loop; with `--concurrency` too, at most C in flight). It stops after
+- **Load**: `--concurrency C` keeps C requests in flight (closed loop; with `--think S`, each of the C clients pauses
+  a seeded exponential time of mean S seconds between its requests, so its sends do not follow the server's
+  steps); `--rate R` sends requests at Poisson arrivals of mean rate R per second (open loop; with `--concurrency`
+  too, at most C in flight). It stops after
   `--requests N` or after `--duration S` seconds of sending, whichever comes first; each request has a timeout
   and the whole run a hard time limit, so every run ends by itself.
-- **Tenants**: each `--tenant name=N,key=K,concurrency=C|rate=R[,models=a+b]` is a load of its own, all at once:
-  its key, its load, its models (default: what `GET /v1/models` lists for its key), its own seeded workload;
+- **Tenants**: each `--tenant name=N,key=K,concurrency=C|rate=R[,think=S][,output_len=MIN:MAX][,models=a+b]` is a
+  load of its own, all at once: its key, its load, its answer lengths (default: the run's), its models (default:
+  what `GET /v1/models` lists for its key), its own seeded workload;
   `--requests` and `--duration` bound each tenant's stream.
 - **Report**: p50/p90/p99 (and mean) of time to first token (TTFT), time per output token after the first
   (TPOT), inter-token latency (ITL, the gaps between streamed chunks) and end-to-end latency; requests/s and
@@ -355,21 +358,28 @@ class TenantLoad:
     concurrency: int | None = None
     rate: float | None = None
     models: list[str] | None = None
+    think: float | None = None  # mean seconds each client pauses between its requests (closed loop)
+    output_len: tuple[int, int] | None = None  # its answers' lengths (None: the run's)
+
+
+TENANT_SYNTAX = "name=N,key=K[,concurrency=C][,rate=R][,think=S][,output_len=MIN:MAX][,models=a+b]"
 
 
 def parse_tenant(text: str) -> TenantLoad:
-    """'name=N,key=K[,concurrency=C][,rate=R][,models=a+b]' -> TenantLoad."""
+    """'name=N,key=K[,concurrency=C][,rate=R][,think=S][,output_len=MIN:MAX][,models=a+b]' -> TenantLoad."""
     fields = dict(item.partition("=")[::2] for item in text.split(",") if item)
-    unknown = set(fields) - {"name", "key", "concurrency", "rate", "models"}
+    unknown = set(fields) - {"name", "key", "concurrency", "rate", "think", "output_len", "models"}
     if unknown or not fields.get("name") or not fields.get("key"):
-        raise argparse.ArgumentTypeError(f"expected name=N,key=K[,concurrency=C][,rate=R][,models=a+b], not {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {TENANT_SYNTAX}, not {text!r}")
     try:
         concurrency = int(fields["concurrency"]) if "concurrency" in fields else None
         rate = float(fields["rate"]) if "rate" in fields else None
+        think = float(fields["think"]) if "think" in fields else None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: concurrency must be an integer and rate a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: concurrency must be an integer, rate and think numbers") from None
+    output_len = _range(fields["output_len"]) if "output_len" in fields else None
     models = [m for m in fields["models"].split("+") if m] if fields.get("models") else None
-    return TenantLoad(fields["name"], fields["key"], concurrency, rate, models)
+    return TenantLoad(fields["name"], fields["key"], concurrency, rate, models, think, output_len)
 
 
 @dataclass
@@ -390,6 +400,7 @@ class LoadSpec:
     api_key: str | None = None
     tenants: list[TenantLoad] = field(default_factory=list)  # streams of their own, all at once (see streams())
     output_len: tuple[int, int] | None = None  # max_tokens drawn per request (default: options.max_tokens)
+    think: float | None = None  # closed loop: mean seconds each client pauses between its requests (exponential)
 
     def __post_init__(self):
         if self.rate is None and self.concurrency is None:
@@ -400,6 +411,8 @@ class LoadSpec:
             raise ValueError("--concurrency must be at least 1")
         if self.rate is not None and not self.rate > 0:
             raise ValueError("--rate must be positive")
+        if self.think is not None and (self.rate is not None or not self.think > 0):
+            raise ValueError("--think must be positive, and is for the closed loop (--concurrency), not --rate")
         if self.requests is not None and not 1 <= self.requests <= MAX_REQUESTS:
             raise ValueError(f"--requests must lie in [1, {MAX_REQUESTS}]")
         if self.duration is not None and not self.duration > 0:
@@ -424,7 +437,8 @@ class LoadSpec:
         if not self.tenants:
             return [(None, self)]
         return [(t.name, replace(self, models=t.models or self.models, concurrency=t.concurrency, rate=t.rate,
-                                 api_key=t.api_key, seed=self.seed + i, tenants=[]))
+                                 think=t.think, output_len=t.output_len or self.output_len, api_key=t.api_key,
+                                 seed=self.seed + i, tenants=[]))
                 for i, t in enumerate(self.tenants)]
 
     def describe(self) -> dict:
@@ -515,11 +529,14 @@ async def _drive(session, url: str, spec: LoadSpec, clock, headers, progress) ->
     tasks: list[asyncio.Task] = []
     if spec.rate is None:  # closed loop: C workers, each sends its next request when its last one ends
 
-        async def worker() -> None:
+        async def worker(pauses: random.Random) -> None:
             while workload.count < spec.max_requests and clock() < send_until:
                 done(await send_request(session, url, workload.next(), spec.options, clock, headers))
+                if spec.think is not None:
+                    await asyncio.sleep(min(pauses.expovariate(1 / spec.think), max(send_until - clock(), 0.0)))
 
-        tasks = [asyncio.create_task(worker()) for _ in range(min(spec.concurrency, spec.max_requests))]
+        tasks = [asyncio.create_task(worker(random.Random(f"think-{spec.seed}-{i}")))
+                 for i in range(min(spec.concurrency, spec.max_requests))]
     else:  # open loop: Poisson arrivals, at most C in flight when C is given
         slot = asyncio.Semaphore(spec.concurrency) if spec.concurrency else None
         while workload.count < spec.max_requests:
@@ -668,7 +685,7 @@ def per_tenant(records: Sequence[RequestRecord], wall: float) -> dict:
 def format_report(report: dict) -> str:
     s = report["settings"]
     load = (f"rate {s['rate']}/s" + (f", at most {s['concurrency']} in flight" if s["concurrency"] else "")
-            if s["rate"] else f"concurrency {s['concurrency']}")
+            if s["rate"] else f"concurrency {s['concurrency']}" + (f", think {s['think']} s" if s["think"] else ""))
     lines = [
         (f"{s['url']}: {len(s['models'])} model(s), {s['distribution']}, {load}, prompts {s['prompt_len'][0]}-"
          f"{s['prompt_len'][1]} {'tokens' if s['prompts'] == 'token ids' else 'words'}, "
@@ -793,7 +810,7 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--adapters-dir", metavar="DIR", help="send to every adapter in DIR (its subfolder names)")
     target.add_argument("--api-key", help="bearer token, if the server wants one")
     target.add_argument("--tenant", action="append", type=parse_tenant, default=[],
-                        metavar="name=N,key=K,concurrency=C|rate=R[,models=a+b]",
+                        metavar=TENANT_SYNTAX,
                         help="a tenant's stream of its own, at once with the others (repeatable; --requests and "
                         "--duration bound each; models default to what /v1/models lists for its key)")
     target.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
@@ -801,6 +818,8 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--distribution", default="uniform", help="uniform | zipf:ALPHA | distinct (round robin)")
     load.add_argument("--rate", type=float, help="Poisson arrivals, mean requests per second (open loop)")
     load.add_argument("--concurrency", type=int, help="requests in flight (closed loop; with --rate: a cap)")
+    load.add_argument("--think", type=float, metavar="S",
+                      help="closed loop: each client pauses a random time of mean S seconds between its requests")
     load.add_argument("--requests", type=int, help="stop after this many requests")
     load.add_argument("--duration", type=float, help="stop sending after this many seconds")
     load.add_argument("--warmup", type=int, default=0, help="unmeasured short requests first, round robin over models")
@@ -849,6 +868,7 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
         requests=args.requests, duration=args.duration, prompt_len=args.prompt_len, seed=args.seed, options=options,
         ordinary_ids=ordinary_token_ids(args.tokenizer) if args.tokenizer else None, warmup=args.warmup,
         time_limit=args.time_limit, api_key=args.api_key, tenants=tenants, output_len=args.output_len,
+        think=args.think,
     )
 
 

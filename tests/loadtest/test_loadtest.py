@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import math
+import random
 import statistics
 from collections import Counter
 
@@ -196,6 +197,22 @@ def test_duration_bound_run_stops_by_itself(server, ordinary_ids):
     result, report = run(spec(server, ordinary_ids, requests=None, duration=0.3, concurrency=2, max_tokens=2))
     assert 1 <= report["requests"] < lt.MAX_REQUESTS and report["failed"] == 0
     assert not result.stopped_early
+
+
+def test_closed_loop_clients_pause_their_seeded_think_time_between_requests(server, ordinary_ids):
+    load = spec(server, ordinary_ids, concurrency=1, requests=4, think=0.05)
+    result, report = run(load)
+    assert report["ok"] == 4 and "concurrency 1, think 0.05 s" in lt.format_report(report)
+    pauses = random.Random(f"think-{load.seed}-0")
+    for before, after in itertools.pairwise(sorted(result.records, key=lambda r: r.start)):
+        assert after.start - before.end >= pauses.expovariate(1 / 0.05) - 1e-3  # the sleep may end a tick early
+
+
+def test_think_time_is_for_the_closed_loop_only(server, ordinary_ids):
+    with pytest.raises(ValueError, match="--think"):
+        spec(server, ordinary_ids, rate=5.0, think=0.1)
+    with pytest.raises(ValueError, match="--think"):
+        spec(server, ordinary_ids, think=0.0)
 
 
 def test_not_streamed(server, ordinary_ids):

@@ -255,7 +255,7 @@ def test_the_tenants_name_and_weight_count_in_the_fair_scheduler(server):
 
 def test_loadtest_sends_each_tenants_stream_with_its_key(server):
     tenants = [lt.parse_tenant("name=acme,key=acme-secret,concurrency=2,models=acme-chat"),
-               lt.parse_tenant("name=globex,key=globex-secret,concurrency=1,models=globex-sum+acme-chat")]
+               lt.parse_tenant("name=globex,key=globex-secret,concurrency=1,output_len=3:3,models=globex-sum+acme-chat")]
     spec = lt.LoadSpec(url=server.url, models=[], requests=6, prompt_len=(4, 8), ordinary_ids=list(range(40, 90)),
                        output_len=(2, 6), tenants=tenants)
     result = asyncio.run(lt.run_load(spec))
@@ -267,6 +267,7 @@ def test_loadtest_sends_each_tenants_stream_with_its_key(server):
     assert acme["service"] == acme["prompt_tokens"] + 2 * sum(asked)
     refused = sum(r.model == "acme-chat" for r in result.records if r.tenant == "globex")
     assert 0 < refused < 6 and globex["errors_by_status"] == {"404": refused} and globex["ok"] == 6 - refused
+    assert {r.max_tokens for r in result.records if r.tenant == "globex"} == {3}  # its own answer lengths
     assert "tenant acme: 6/6 ok" in lt.format_report(report)
 
 
