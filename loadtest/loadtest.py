@@ -15,9 +15,8 @@ What a run does:
 - **Load**: `--concurrency C` keeps C requests in flight (closed loop; with `--think S`, each of the C clients pauses
   a seeded exponential time of mean S seconds between its requests, so its sends do not follow the server's
   steps); `--rate R` sends requests at Poisson arrivals of mean rate R per second (open loop; with `--concurrency`
-  too, at most C in flight). It stops after
-  `--requests N` or after `--duration S` seconds of sending, whichever comes first; each request has a timeout
-  and the whole run a hard time limit, so every run ends by itself.
+  too, at most C in flight). It stops after `--requests N` or after `--duration S` seconds of sending, whichever
+  comes first; each request has a timeout and the whole run a hard time limit, so every run ends by itself.
 - **Tenants**: each `--tenant name=N,key=K,concurrency=C|rate=R[,think=S][,output_len=MIN:MAX][,models=a+b]` is a
   load of its own, all at once: its key, its load, its answer lengths (default: the run's), its models (default:
   what `GET /v1/models` lists for its key), its own seeded workload;
@@ -366,7 +365,7 @@ TENANT_SYNTAX = "name=N,key=K[,concurrency=C][,rate=R][,think=S][,output_len=MIN
 
 
 def parse_tenant(text: str) -> TenantLoad:
-    """'name=N,key=K[,concurrency=C][,rate=R][,think=S][,output_len=MIN:MAX][,models=a+b]' -> TenantLoad."""
+    """A `--tenant` value (TENANT_SYNTAX) -> TenantLoad."""
     fields = dict(item.partition("=")[::2] for item in text.split(",") if item)
     unknown = set(fields) - {"name", "key", "concurrency", "rate", "think", "output_len", "models"}
     if unknown or not fields.get("name") or not fields.get("key"):
