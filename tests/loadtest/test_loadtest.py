@@ -1,6 +1,7 @@
 """`loradock loadtest` against a real loradock server on 127.0.0.1 (a tiny model): counts, percentiles, errors by
-status, the model distributions and Poisson arrivals (seeded, checked statistically: no wall-clock asserts), and
-the JSON and PNG files."""
+status, the model distributions and Poisson arrivals (seeded, checked statistically: no wall-clock asserts), think
+time (a client's gaps are at least its seeded pauses: a lower bound a slow machine only widens), and the JSON and PNG
+files."""
 
 from __future__ import annotations
 
