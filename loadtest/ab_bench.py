@@ -51,7 +51,7 @@ def parse_variant(text: str) -> Variant:
 
 
 def server_for(variant: Variant, args, model: Path, adapter_dir: Path | None, work: Path) -> Server:
-    argv = [sys.executable, "-m", "loradock.serve.cli", "serve", "--model", str(model), "--port", str(free_port()),
+    argv = [sys.executable, "-m", "loradock", "serve", "--model", str(model), "--port", str(free_port()),
             "--served-model-name", BASE, "--max-model-len", str(args.prompt_len[1] + args.max_tokens + 16)]
     if adapter_dir is not None:
         argv += ["--adapters", str(adapter_dir), "--max-gpu-adapters", str(args.adapters), "--max-lora-rank",
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         name, _, flags = item.partition("=")
         next(v for v in args.variant if v.name == name).serve_args += [f for f in flags.split(",") if f]
 
-    from ..serve.model_source import resolve_model_path
+    from ..serve.models.source import resolve_model_path
     from .random_adapters import write_bench_adapters
 
     model = resolve_model_path(args.model)

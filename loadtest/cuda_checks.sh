@@ -39,14 +39,14 @@ http_check() {  # the headline workload over HTTP against `loradock serve` on th
     local adapters=/tmp/loradock-cuda-http-adapters port=8811
     [ -d "$adapters/adapter-7" ] ||
         python -m loradock.loadtest.random_adapters --model tiny-random --out "$adapters" --count 8 --rank 16
-    python -m loradock.serve.cli serve --model tiny-random --adapters "$adapters" --max-gpu-adapters 8 --port $port \
+    python -m loradock serve --model tiny-random --adapters "$adapters" --max-gpu-adapters 8 --port $port \
         >"$out/http-server.log" 2>&1 &
     local server=$!
     python -c "import time, urllib.request as u
 for _ in range(300):
     try: u.urlopen('http://127.0.0.1:$port/health', timeout=2); break
     except OSError: time.sleep(0.5)"
-    python -m loradock.serve.cli loadtest --url "http://127.0.0.1:$port" --adapters-dir "$adapters" \
+    python -m loradock loadtest --url "http://127.0.0.1:$port" --adapters-dir "$adapters" \
         --distribution distinct --concurrency 32 --requests 96 --max-tokens 64 --warmup 32 --quiet \
         --out "$out/http.json"
     local rc=$?

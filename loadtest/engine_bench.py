@@ -24,14 +24,14 @@ from transformers.utils import logging as hf_logging
 
 from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig, RequestError, SamplingParams
-from ..serve.model_loader import (
+from ..serve.models.loader import (
     ModelLoadError,
     default_dtype,
     default_quantize,
     load_model,
     resolve_device,
 )
-from ..serve.model_source import resolve_model_path
+from ..serve.models.source import resolve_model_path
 from .hardware import describe_hardware, format_hardware
 
 WARMUP_TOKENS = 4

@@ -62,7 +62,7 @@ def tenant(name: str, concurrency: int) -> lt.TenantLoad:
 
 def server_for(policy: str, args, model: Path, tenants_file: Path, work: Path) -> Server:
     port = free_port()
-    argv = [sys.executable, "-m", "loradock.serve.cli", "serve", "--model", str(model), "--port", str(port),
+    argv = [sys.executable, "-m", "loradock", "serve", "--model", str(model), "--port", str(port),
             "--served-model-name", BASE, "--max-model-len", str(args.prompt_len[1] + max(args.output_len[1], args.light_output_len[1]) + 16),
             "--max-gpu-adapters", "0", "--max-num-seqs", str(args.max_num_seqs), "--tenants", str(tenants_file),
             "--scheduling", policy, "--max-queue", "4096", *args.serve_arg]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
 
-    from ..serve.model_source import resolve_model_path
+    from ..serve.models.source import resolve_model_path
 
     model = resolve_model_path(args.model)
     work = Path(args.work_dir)

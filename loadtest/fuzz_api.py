@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if shutil.which("schemathesis") is None:
         raise SystemExit("schemathesis is not installed: pip install schemathesis")
-    from ..serve.demo_model import demo_model_path
+    from ..serve.models.tiny_random import demo_model_path
     from .random_adapters import write_random_adapter
 
     work = Path(tempfile.mkdtemp(prefix="loradock-fuzz-"))
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     port, token = free_port(), secrets.token_hex(8)
     url = f"http://127.0.0.1:{port}"
     log_path = work / "server.log"
-    command = [sys.executable, "-m", "loradock.serve.cli", "serve", "--port", str(port), "--admin-token", token,
+    command = [sys.executable, "-m", "loradock", "serve", "--port", str(port), "--admin-token", token,
                "--served-model-name", SERVED_NAME, "--adapters", str(adapters), "--max-model-len", "128",
                "--kv-cache-memory", "64MiB", "--max-queue", "4096", "--drain-timeout", "5"]
     if args.model:

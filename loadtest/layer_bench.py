@@ -26,7 +26,7 @@ from ..kernels.cpu_build import cpu_ops
 from ..kernels.cpu_lora import CpuBackend
 from ..kernels.lora import LoraMeta, LoraOperands, lora_operands
 from ..serve.engine.threads import use_serving_threads
-from ..serve.model_source import resolve_model_path
+from ..serve.models.source import resolve_model_path
 from .hardware import describe_hardware, format_hardware
 
 Layer = tuple[torch.nn.Linear, LoraOperands, torch.Tensor]  # base linear, slot buffers as operands, x [T, in]

@@ -22,8 +22,8 @@ from transformers.utils import logging as hf_logging
 
 from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig
-from ..serve.model_loader import default_dtype, default_quantize, load_model, resolve_device
-from ..serve.model_source import resolve_model_path, served_model_name
+from ..serve.models.loader import default_dtype, default_quantize, load_model, resolve_device
+from ..serve.models.source import resolve_model_path, served_model_name
 from .engine_bench import _left_padded, make_prompts, run_engine
 from .hardware import describe_hardware, format_hardware
 from .random_adapters import write_bench_adapters

@@ -272,7 +272,7 @@ class Setup:
 
     def loradock(self, label: str, slots: int, host_cache: int = 32) -> Server:
         port = free_port()
-        argv = [sys.executable, "-m", "loradock.serve.cli", "serve", "--model", str(self.model), "--port", str(port),
+        argv = [sys.executable, "-m", "loradock", "serve", "--model", str(self.model), "--port", str(port),
                 "--max-model-len", str(self.max_len), "--served-model-name", BASE, "--max-gpu-adapters", str(slots)]
         if slots:
             argv += ["--adapters", str(self.adapter_dir), "--max-lora-rank", str(self.rank),
@@ -359,7 +359,7 @@ def measure(spec: lt.LoadSpec, server: Server, everyone: list[Server], args, lor
 
 
 def prepare(args) -> Setup:
-    from ..serve.model_source import resolve_model_path, served_model_name
+    from ..serve.models.source import resolve_model_path, served_model_name
 
     model, model_name = resolve_model_path(args.model), served_model_name(args.model)
     work = Path(args.work_dir)
@@ -470,7 +470,7 @@ def peft_baselines(args, setup: Setup, prompts: list[list[int]], models: list[st
     import torch
     from peft import PeftModel
 
-    from ..serve.model_loader import load_model
+    from ..serve.models.loader import load_model
     from .lora_bench import peft_mixed, peft_sequential
 
     model, tokenizer = load_model(setup.model, "none", torch.float32, torch.device("cpu"))

@@ -43,7 +43,7 @@ def write_bench_adapters(base_path: Path, out_root: Path, indices, rank: int) ->
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from ..serve.model_source import resolve_model_path
+    from ..serve.models.source import resolve_model_path
 
     parser = argparse.ArgumentParser(prog="python -m loradock.loadtest.random_adapters",
                                      description="Write the benchmarks' random adapters (adapter-0 .. adapter-N-1).")

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ..serve.demo_model import write_random_model
+from ..serve.models.tiny_random import write_random_model
 
 # transformers LlamaConfig settings of each shape (from the published config.json files)
 SHAPES = {

@@ -240,14 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.adapters_count < 5 or not 1 <= args.slots < args.adapters_count:
         parser.error("--adapters-count must be at least 5 and --slots between 1 and adapters - 1")
 
-    from ..serve.model_source import resolve_model_path
+    from ..serve.models.source import resolve_model_path
 
     model = resolve_model_path(args.model)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     adapter_dir, tenants_file, churned = write_setup(work, model, args.adapters_count, args.rank)
     port = free_port()
-    argv_serve = [sys.executable, "-m", "loradock.serve.cli", "serve", "--model", str(model), "--port", str(port),
+    argv_serve = [sys.executable, "-m", "loradock", "serve", "--model", str(model), "--port", str(port),
                   "--served-model-name", BASE, "--max-model-len", "160", "--adapters", str(adapter_dir),
                   "--max-gpu-adapters", str(args.slots), "--max-lora-rank", str(args.rank), "--tenants",
                   str(tenants_file)]

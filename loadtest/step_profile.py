@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig
-from ..serve.model_source import resolve_model_path
+from ..serve.models.source import resolve_model_path
 from .engine_bench import _engine_pass, make_prompts, run_engine
 from .hardware import describe_hardware, format_hardware
 from .lora_bench import adapter_names

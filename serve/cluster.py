@@ -28,8 +28,8 @@ from .api.server import serve_until_signal
 from .api.state import ServerSettings, ServerState
 from .engine import EngineConfig
 from .metrics import ServerMetrics
-from .model_loader import load_tokenizer
-from .model_source import resolve_model_path
+from .models.loader import load_tokenizer
+from .models.source import resolve_model_path
 from .replica import replica_class
 from .replica_client import ClusterAdapter, ReplicaClient, RoutingCollector
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from lora_workload import mixed_workload, write_adapters
 
-from loradock.serve.demo_model import build_tokenizer, write_random_model
+from loradock.serve.models.tiny_random import build_tokenizer, write_random_model
 
 
 @pytest.fixture(autouse=True)

@@ -8,11 +8,11 @@ import json
 
 import openai
 
-from loradock.train.cli import add_eval_parser
+from loradock.train.commands import add_eval_parser
 
 
 def eval_cli(*argv: str) -> int:
-    """`loradock eval ARGV...` in this process (serve/cli.py wires the same parser); its exit status."""
+    """`loradock eval ARGV...` in this process (the `loradock` command wires the same parser); its exit status."""
     parser = argparse.ArgumentParser(prog="loradock")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["eval", *argv])

@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig
 
 from loradock.serve.engine import Engine, EngineConfig, SamplingParams
-from loradock.serve.model_loader import load_model
+from loradock.serve.models.loader import load_model
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 CPU = torch.device("cpu")

@@ -29,7 +29,7 @@ def test_a_top_level_folder_is_a_namespace_portion(folder):
 
 
 def test_the_cli_help_runs_from_the_root():
-    result = run_in_root("-m", "loradock.serve.cli", "--help")
+    result = run_in_root("-m", "loradock", "--help")
     assert result.returncode == 0, result.stderr
     assert "generate" in result.stdout and "serve" in result.stdout
 
@@ -42,7 +42,7 @@ def test_the_dependencies_and_our_subpackages_import_together_from_the_root():
 
 
 def test_generate_runs_from_the_root(model_dir):
-    result = run_in_root("-m", "loradock.serve.cli", "generate", "--model", str(model_dir("llama")),
+    result = run_in_root("-m", "loradock", "generate", "--model", str(model_dir("llama")),
                          "--prompt", "hello", "--max-tokens", "3", "--ignore-eos")
     assert result.returncode == 0, result.stderr
     assert "1 requests, 3 tokens" in result.stdout

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..serve.default_model import DEFAULT_MODEL_NAME
+from ..serve.models.default_model import DEFAULT_MODEL_NAME
 from ..serve.engine.threads import use_serving_threads
-from ..serve.model_source import resolve_model_path
+from ..serve.models.source import resolve_model_path
 from .config import TrainConfig
 from .demo_server import BASE_NAME, running_server
 from .forgetting import suite_prompts

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..adapters.peft_format import BaseModelInfo, read_adapter
-from ..serve.model_loader import default_dtype, default_quantize, eos_ids, load_model
+from ..serve.models.loader import default_dtype, default_quantize, eos_ids, load_model
 from .model import TrainableModel, training_device
 
 _ANY_RANK = 1 << 12  # the rank limit for the check: the server's --max-lora-rank is checked at export

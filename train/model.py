@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..adapters.peft_format import BaseModelInfo
-from ..serve.model_loader import default_dtype, default_quantize, eos_ids, load_model, resolve_device
+from ..serve.models.loader import default_dtype, default_quantize, eos_ids, load_model, resolve_device
 
 log = logging.getLogger("loradock.train")
 

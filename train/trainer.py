@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..serve.model_source import resolve_model_path
+from ..serve.models.source import resolve_model_path
 from .batching import ExampleDataset, make_collator
 from .config import TrainConfig
 from .data import (

@@ -31,8 +31,8 @@ from ...adapters.stats import BucketCounts
 from ...adapters.store import open_adapters
 from ...kernels.lora import LoraMeta, select_lora_backend
 from ...kernels.paged_decode import select_paged_decode
-from ..model_loader import DTYPES, default_dtype, default_quantize, eos_ids, load_model, resolve_device
-from ..model_source import resolve_model_path
+from ..models.loader import DTYPES, default_dtype, default_quantize, eos_ids, load_model, resolve_device
+from ..models.source import resolve_model_path
 from .config import EngineConfig
 from .decode_inputs import DecodeInputs
 from .graph_runner import CudaGraph, DecodeGraphs, EagerGraph, GraphFactory

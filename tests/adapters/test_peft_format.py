@@ -30,7 +30,7 @@ from loradock.adapters.peft_format import (
     _pattern_value,
     read_adapter,
 )
-from loradock.serve.model_loader import SUPPORTED_ARCHITECTURES, load_model
+from loradock.serve.models.loader import SUPPORTED_ARCHITECTURES, load_model
 from peft_adapters import PREFIX, Q0, V1, edit_config, edit_tensors, write_adapter
 
 CPU = torch.device("cpu")

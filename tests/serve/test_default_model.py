@@ -20,12 +20,12 @@ import torch
 from support import CPU, collect, hf_greedy, start_engine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loradock.serve import default_model
-from loradock.serve.default_model import MANIFEST_NAME, VERSION, default_model_path, locate_gguf
-from loradock.serve.demo_model import demo_model_path
+from loradock.serve.models import default_model
+from loradock.serve.models.default_model import MANIFEST_NAME, VERSION, default_model_path, locate_gguf
+from loradock.serve.models.tiny_random import demo_model_path
 from loradock.serve.engine import SamplingParams
-from loradock.serve.model_loader import ModelLoadError, load_model
-from loradock.serve.model_source import resolve_model_path
+from loradock.serve.models.loader import ModelLoadError, load_model
+from loradock.serve.models.source import resolve_model_path
 
 QUESTIONS = (
     "What is the capital of France?",

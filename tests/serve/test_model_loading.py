@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from loradock.serve.model_loader import ModelLoadError, load_model
-from loradock.serve.model_source import resolve_model_path
+from loradock.serve.models.loader import ModelLoadError, load_model
+from loradock.serve.models.source import resolve_model_path
 
 
 def test_a_hub_id_is_refused_with_a_clear_message(tmp_path, monkeypatch):
@@ -34,7 +34,7 @@ def test_quantized_loading_replaces_the_linear_layers(model_dir, quantize, layer
 
 def test_cli_generate_runs_the_engine(model_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "loradock.serve.cli", "generate", "--model", str(model_dir("qwen2")),
+        [sys.executable, "-m", "loradock", "generate", "--model", str(model_dir("qwen2")),
          "--prompt", "def main():", "--prompt", "hello", "--max-tokens", "5", "--ignore-eos"],
         capture_output=True, text=True, timeout=300,
     )
@@ -45,7 +45,7 @@ def test_cli_generate_runs_the_engine(model_dir):
 
 def test_cli_reports_a_missing_model_without_a_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "loradock.serve.cli", "generate", "--model", str(tmp_path / "nope")],
+        [sys.executable, "-m", "loradock", "generate", "--model", str(tmp_path / "nope")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2

@@ -12,7 +12,7 @@ import pytest
 from eval_support import write_jsonl
 from server_support import ADMIN_TOKEN, ServerThread
 
-from loradock.serve.cli import main
+from loradock.cli import main
 from loradock.train.gate import Condition, check_gate, failures, parse_gate
 
 WORDS = ["cat", "dog", "sun", "red", "map", "key", "one", "two"]

@@ -13,7 +13,7 @@ from server_support import MODEL_NAME, ServerThread
 from support import peft_greedy
 from transformers import AutoTokenizer
 
-from loradock.serve.model_source import resolve_model_path
+from loradock.serve.models.source import resolve_model_path
 from loradock.train.config import TrainConfig
 from loradock.train.tasks import TASKS, make_split, write_rows
 from loradock.train.trainer import train

@@ -14,10 +14,10 @@ import urllib.request
 import pytest
 import torch
 from loradock.adapters.peft_format import BaseModelInfo, read_adapter
-from loradock.serve.cli import apply_config_file, build_parser
-from loradock.serve.model_loader import load_model
+from loradock.cli import apply_config_file, build_parser
+from loradock.serve.models.loader import load_model
 from loradock.train.batching import ExampleDataset, PadCollator, make_collator
-from loradock.train.cli import train_config
+from loradock.train.commands import train_config
 from loradock.train.config import TrainConfig
 from loradock.train.data import RowEncoder
 from loradock.train.model import resolve_targets
@@ -190,7 +190,7 @@ def test_two_processes_with_torchrun_train_one_adapter(tmp_path, model_dir):
     """Distributed data parallel on two CPU processes (gloo), no code change: torchrun runs the same CLI."""
     write_rows(tmp_path / "train.jsonl", 32, seed=0)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               "-m", "loradock.serve.cli", "train", "--model", str(model_dir("llama")), "--data",
+               "-m", "loradock", "train", "--model", str(model_dir("llama")), "--data",
                str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "ddp"), "--max-steps", "2", "--batch-size", "4",
                "--lr", "1e-2", "--warmup", "0"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})

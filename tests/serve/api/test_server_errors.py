@@ -16,7 +16,7 @@ import torch
 
 from http_client import OpenStream, call
 from loradock.loadtest.random_adapters import write_random_adapter
-from loradock.serve.model_loader import load_model
+from loradock.serve.models.loader import load_model
 from peft_adapters import BAD_ADAPTERS, copy_adapter
 from server_support import MODEL_NAME, ServerThread
 from support import wait_until

@@ -120,7 +120,7 @@ def test_logprobs_and_stop_strings(server, prompts):
 def test_echo_scores_the_prompt_as_the_model_does(server, adapters, model_dir, prompts, stream):
     from peft import PeftModel
 
-    from loradock.serve.model_loader import load_model
+    from loradock.serve.models.loader import load_model
 
     prompt = prompts[3]  # token ids: echoed exactly
     model, tokenizer = load_model(model_dir("llama"), "none", torch.float32, torch.device("cpu"))
@@ -244,7 +244,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "LORADOCK_CACHE_DIR": str(tmp_path / "cache")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "loradock.serve.cli", "serve", "--model", str(model_dir("llama")), "--port", str(port),
+        [sys.executable, "-m", "loradock", "serve", "--model", str(model_dir("llama")), "--port", str(port),
          "--max-gpu-adapters", "0", "--drain-timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )

@@ -33,7 +33,7 @@ from loradock.serve.api.server import build_state
 from loradock.serve.api.state import ServerSettings
 from loradock.serve.api.tenants import Tenants, TenantsError, hash_key
 from loradock.serve.api.tenants import main as tenants_main
-from loradock.serve.cli import main as cli_main
+from loradock.cli import main as cli_main
 from loradock.serve.engine import EngineConfig
 from server_support import ADMIN_TOKEN, MODEL_NAME, ServerThread, free_port
 from support import wait_until
@@ -308,7 +308,7 @@ def test_sighup_reloads_the_tenants_without_dropping_requests(model_dir, tmp_pat
     path.write_text(tenants_yaml({"old": {"base_model": True}}, keys))
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "loradock.serve.cli", "serve", "--model", str(model_dir("llama")), "--port", str(port),
+        [sys.executable, "-m", "loradock", "serve", "--model", str(model_dir("llama")), "--port", str(port),
          "--served-model-name", MODEL_NAME, "--max-gpu-adapters", "0", "--tenants", str(path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ,
     )

@@ -18,7 +18,7 @@ from loradock.serve.engine.host_memory import HUGE_PAGE, huge_page_buffer, pack_
 from loradock.serve.engine.kv_cache import CacheShape, PagedKVCache
 from loradock.serve.engine.request import Request
 from loradock.serve.engine.sampling import SamplingParams
-from loradock.serve.model_loader import load_model
+from loradock.serve.models.loader import load_model
 
 
 @pytest.fixture(scope="module")

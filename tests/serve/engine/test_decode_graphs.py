@@ -20,7 +20,7 @@ from loradock.serve.engine import Engine, EngineConfig
 from loradock.serve.engine.graph_runner import EagerGraph, decode_buckets
 from loradock.serve.engine.request import Request
 from loradock.serve.engine.sampling import SamplingParams
-from loradock.serve.model_loader import load_model
+from loradock.serve.models.loader import load_model
 
 # ops that make the host wait for the device (item, tolist, bool of a tensor, data-dependent shapes)
 HOST_SYNCS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2",

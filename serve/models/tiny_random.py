@@ -35,9 +35,9 @@ from transformers import (
     Qwen3Config,
 )
 
-from ..kernels.cpu_build import cache_root
+from ...kernels.cpu_build import cache_root
 
-logger = logging.getLogger("loradock.demo_model")
+logger = logging.getLogger("loradock.tiny_random")
 
 # Bump whenever the demo model's tokenizer, config or weights change: it names the cache folder,
 # so a new version is built beside the old one instead of silently reusing it.

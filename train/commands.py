@@ -1,5 +1,5 @@
-"""`loradock train`, `loradock eval` and `loradock demo`: their argument parsers and handlers (serve/cli.py adds
-them)."""
+"""`loradock train`, `loradock eval` and `loradock demo`: their argument parsers and handlers (the `loradock` command
+module, cli.py at the package root, adds them)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ only; chat rows are rendered with the model's chat template exactly as /v1/chat/
 --method dpo trains on preference rows {"prompt" | "messages", "chosen", "rejected"} with TRL's DPOTrainer.
 After training, --eval-data rows are scored through an in-process server and --gate decides whether the adapter
 is registered (exit status 1 when it fails).
-Several GPUs (or CPU processes): `torchrun --nproc_per_node N -m loradock.serve.cli train ...` or, on GPUs,
-`accelerate launch --multi_gpu --num_processes N -m loradock.serve.cli train ...`; --batch-size is per process."""
+Several GPUs (or CPU processes): `torchrun --nproc_per_node N -m loradock train ...` or, on GPUs,
+`accelerate launch --multi_gpu --num_processes N -m loradock train ...`; --batch-size is per process."""
 
 
 def add_train_parser(commands) -> None:

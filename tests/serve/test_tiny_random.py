@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loradock.serve import demo_model
-from loradock.serve.demo_model import (
+from loradock.serve.models import tiny_random
+from loradock.serve.models.tiny_random import (
     DEMO_MODEL_VERSION,
     build_tokenizer,
     demo_model_path,
@@ -52,7 +52,7 @@ def _vocab_and_merges(tokenizer):
 
 def test_tokenizer_training_is_deterministic(tokenizer):
     # Bypass the per-process cache: train again from scratch.
-    retrained = json.loads(demo_model._trained_tokenizer_json.__wrapped__(2048))["model"]
+    retrained = json.loads(tiny_random._trained_tokenizer_json.__wrapped__(2048))["model"]
     vocab, merges = _vocab_and_merges(tokenizer)
     assert retrained["vocab"] == vocab
     assert retrained["merges"] == merges
@@ -200,7 +200,7 @@ def test_write_random_model_keeps_the_winner_of_a_race(tmp_path, tokenizer, monk
         (target / "theirs").write_text("x")
         real_rename(source, destination)
 
-    monkeypatch.setattr(demo_model.os, "rename", lose_the_race)
+    monkeypatch.setattr(tiny_random.os, "rename", lose_the_race)
     assert write_random_model(target, tokenizer=tokenizer) == target
     assert [p.name for p in target.iterdir()] == ["theirs"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # our staging folder is gone
@@ -208,22 +208,22 @@ def test_write_random_model_keeps_the_winner_of_a_race(tmp_path, tokenizer, monk
     def fail(source, destination):
         raise OSError(errno.EACCES, "denied")
 
-    monkeypatch.setattr(demo_model.os, "rename", fail)
+    monkeypatch.setattr(tiny_random.os, "rename", fail)
     with pytest.raises(PermissionError):
         write_random_model(tmp_path / "other", tokenizer=tokenizer)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-def test_demo_model_path_builds_once_and_matches_the_spec(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="loradock.demo_model"):
-        path = demo_model_path()
+def test_tiny_random_path_builds_once_and_matches_the_spec(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="loradock.tiny_random"):
+        path = tiny_random_path()
     assert path == tmp_path / "cache" / f"demo-model-v{DEMO_MODEL_VERSION}"
     assert "building" in caplog.text and str(path) in caplog.text
 
     stamps = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="loradock.demo_model"):
-        assert demo_model_path() == path
+    with caplog.at_level(logging.INFO, logger="loradock.tiny_random"):
+        assert tiny_random_path() == path
     assert caplog.text == ""
     assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == stamps
 
@@ -255,12 +255,12 @@ def test_demo_model_path_builds_once_and_matches_the_spec(tmp_path, caplog):
     assert len(set(output[0, input_ids.shape[1]:].tolist())) > 1
 
 
-def test_demo_model_path_locations(tmp_path, monkeypatch):
-    explicit = demo_model_path(tmp_path / "explicit")
+def test_tiny_random_path_locations(tmp_path, monkeypatch):
+    explicit = tiny_random_path(tmp_path / "explicit")
     assert explicit == tmp_path / "explicit" / f"demo-model-v{DEMO_MODEL_VERSION}"
     assert not (tmp_path / "cache").exists()
 
     monkeypatch.delenv("LORADOCK_CACHE_DIR")
     monkeypatch.setattr(platformdirs, "user_cache_dir", lambda app: str(tmp_path / app))
-    assert demo_model_path() == tmp_path / "loradock" / f"demo-model-v{DEMO_MODEL_VERSION}"
-    assert (demo_model_path() / "config.json").is_file()
+    assert tiny_random_path() == tmp_path / "loradock" / f"demo-model-v{DEMO_MODEL_VERSION}"
+    assert (tiny_random_path() / "config.json").is_file()

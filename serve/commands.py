@@ -1,24 +1,18 @@
-"""The `loradock` command line."""
+"""`loradock generate` and `loradock serve`: their argument parsers and handlers (the `loradock` command module,
+cli.py at the package root, adds them)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
-import sys
 import time
 import typing
 from collections.abc import Callable
 
-import transformers
-import yaml
-
-from ..adapters.manager import UnknownAdapter
-from .engine import Engine, EngineConfig, RequestError, SamplingParams
+from .engine import Engine, EngineConfig, SamplingParams
 from .engine.threads import use_serving_threads
-from .model_loader import ModelLoadError
-from .model_source import BUILTIN_MODELS, served_model_name
+from .models.source import BUILTIN_MODELS, served_model_name
 
 MODELS_NOTE = "--model takes a local Hugging Face model directory or a built-in model: " + "; ".join(
     f"{name}: {about}" for name, about in BUILTIN_MODELS.items()
@@ -71,13 +65,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.model_fields})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loradock", description="Serve many LoRA adapters on one quantized base model."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_generate_parser(commands) -> None:
     generate = commands.add_parser(
         "generate",
         help="run prompts through the engine, all at once in one continuous batch, and print the completions",
@@ -98,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--ignore-eos", action="store_true")
     generate.set_defaults(handler=run_generate)
 
+
+def add_serve_parser(commands) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve the OpenAI-compatible API, the adapter admin API and metrics over HTTP",
@@ -135,40 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "replicas (default: --max-num-seqs)")
     serve.add_argument("--config", metavar="FILE.yaml", help="options as YAML (keys like max-gpu-adapters); flags win")
     serve.set_defaults(handler=run_serve)
-    # Subcommands that live with their packages (imported here: those modules use this one's helpers).
-    from ..loadtest.loadtest import add_loadtest_parser
-    from ..train.cli import add_demo_parser, add_eval_parser, add_train_parser
-
-    add_train_parser(commands)
-    add_demo_parser(commands)
-    add_eval_parser(commands)
-    add_loadtest_parser(commands)
-    return parser
-
-
-def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse argv; if it names --config, use that YAML as defaults and parse again so flags win."""
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None) is None:
-        return args
-    subparser = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001 - argparse has no API
-    known = {option.lstrip("-").replace("-", "_"): action.dest for action in subparser._actions  # noqa: SLF001
-             for option in action.option_strings if option.startswith("--")}
-    try:
-        with open(args.config, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        parser.error(f"--config {args.config}: {exc}")
-    if not isinstance(values, dict):
-        parser.error(f"--config {args.config}: expected a mapping of option names to values")
-    defaults = {}
-    for key, value in values.items():
-        option = str(key).replace("-", "_")
-        if option not in known or option in ("config", "help"):
-            parser.error(f"--config {args.config}: unknown option {key!r}")
-        defaults[known[option]] = value
-    subparser.set_defaults(**defaults)
-    return parser.parse_args(argv)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -242,24 +198,3 @@ def run_replicas(args: argparse.Namespace, settings) -> None:
         threads=args.threads or max(1, int(args.replica_cpus)), max_ongoing_requests=args.max_ongoing_requests,
     )
     run_cluster(engine_config(args), settings, cluster, args.host, args.port)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = apply_config_file(build_parser(), argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if not args.verbose:
-        transformers.utils.logging.disable_progress_bar()
-        # bitsandbytes, imported on the CPU, tries to fetch a kernel from the Hub and warns when it cannot; it falls
-        # back to its own, and loradock never downloads: not worth a warning on every run
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    try:
-        return args.handler(args)
-    except (ModelLoadError, RequestError, UnknownAdapter, ValueError) as exc:
-        print(f"loradock: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ..kernels.cpu_build import cache_root
-from .model_loader import ModelLoadError
+from ...kernels.cpu_build import cache_root
+from .loader import ModelLoadError
 
 logger = logging.getLogger("loradock.default_model")
 
