@@ -28,6 +28,8 @@ class AdapterError(ValueError):
     rank_too_large   a module's rank exceeds the server's --max-lora-rank
     bad_dtype        a tensor that is not float16, bfloat16, float32 or float64
     non_finite       a tensor holds NaN or Inf
+
+    And ``missing_extra``: an object-store URL whose filesystem package is not installed (s3://: loradock[s3]).
     """
 
     def __init__(self, message: str, code: str = "invalid_adapter"):

@@ -15,7 +15,8 @@ An adapter folder as ``PeftModel.save_pretrained`` writes it (peft 0.21; earlier
 ``read_adapter`` reads the config with plain ``json`` and the weights with ``safetensors.deserialize`` (no
 pickle, no peft model), refuses anything the server cannot serve exactly as peft would (``AdapterError``, codes
 listed in ``errors.py``), and returns the weights as CPU tensors. Which modules the config targets, and each
-module's rank and alpha, follow peft's matching rules, restated in ``_is_targeted`` and ``_pattern_value``.
+module's rank and alpha, come from peft's own matching functions (``check_target_module_exists``,
+``get_pattern_key``) applied to the parsed config.
 
 The weights file is read into memory whole, once its size is checked against the largest adapter the base
 model and the rank limit allow. So the hash and the tensors come from the same bytes, and there is no memory
@@ -432,6 +433,8 @@ def _check_architecture(base_model: object, model_type: str) -> None:
 
 def _targeted_modules(config: _LoraConfig, base: BaseModelInfo) -> list[str]:
     """The base modules the config adapts, in the base model's order. Refuses embedding and head targets."""
+    from peft.tuners.tuners_utils import check_target_module_exists  # seconds to import: only when reading adapters
+
     if isinstance(config.target_modules, tuple):
         # peft fails only when no entry matches; an entry naming no linear layer (a generic list) is noted.
         names = base.linear_modules
@@ -442,13 +445,13 @@ def _targeted_modules(config: _LoraConfig, base: BaseModelInfo) -> list[str]:
         # What peft's _maybe_include_all_linear_layers does before matching: every linear layer but the head.
         config = replace(config, target_modules=tuple(base.linear_modules))
     for module in sorted(base.embedding_modules):
-        if _is_targeted(config, module):
+        if check_target_module_exists(config, module):
             raise AdapterError(
                 f"target_modules {_show(config.target_modules)} selects {module}: LoRA on the embeddings or the "
                 f"output head is not supported",
                 "embedding_target",
             )
-    targeted = [module for module in base.linear_modules if _is_targeted(config, module)]
+    targeted = [module for module in base.linear_modules if check_target_module_exists(config, module)]
     if not targeted:
         raise AdapterError(
             f"target_modules {_show(config.target_modules)} matches no linear layer of the base model "
@@ -456,57 +459,6 @@ def _targeted_modules(config: _LoraConfig, base: BaseModelInfo) -> list[str]:
             "missing_module",
         )
     return targeted
-
-
-def _is_targeted(config: _LoraConfig, key: str) -> bool:
-    """Whether peft adapts the module named `key`: peft.tuners.tuners_utils.check_target_module_exists (0.21).
-
-    exclude_modules wins: a regex string must match the whole name, a list entry the whole name or a suffix
-    after a dot. target_modules as a string: a regex matching the whole name. As a list: the whole name is an
-    entry (then layers_to_transform is not consulted, as in peft), or the name ends with "." + an entry and,
-    when layers_to_transform is given, the module sits in one of those layers.
-    """
-    excluded = config.exclude_modules
-    if isinstance(excluded, str):
-        if re.fullmatch(excluded, key):
-            return False
-    elif key in excluded or any(key.endswith(f".{name}") for name in excluded):
-        return False
-
-    targets = config.target_modules
-    if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    if key in targets:
-        return True
-    if not any(key.endswith(f".{name}") for name in targets):
-        return False
-    if config.layers_to_transform is None:
-        return True
-    index = _layer_index(key, config.layers_pattern)
-    return index is not None and index in config.layers_to_transform
-
-
-def _layer_index(key: str, layers_pattern: tuple[str, ...]) -> int | None:
-    """The layer number in a module name, found as peft finds it: the first number that is a whole name part
-    (after any one part, or after one of layers_pattern), not a later one such as an expert's index."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        for pattern in layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    return None if match is None else int(match["idx"])
-
-
-def _pattern_value(patterns: dict, key: str, default):
-    """rank_pattern / alpha_pattern lookup: peft.utils.other.get_pattern_key (0.21). The first pattern, in the
-    config's order, that matches the end of the module name at a name-part boundary wins: the pattern is a
-    regex and must match either the whole name or everything after some ".". No match: the default."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
 
 
 # ---- the tensors ---------------------------------------------------------------------------------------------
@@ -561,8 +513,10 @@ def _module_weights(
     tensors: dict[str, dict], module: str, keys: dict[str, str], config: _LoraConfig, base: BaseModelInfo, max_rank: int
 ) -> LoraModuleWeights:
     """One module's pair, checked against the config's rank and the base layer's shape."""
-    rank = _pattern_value(config.rank_pattern, module, config.r)
-    alpha = _pattern_value(config.alpha_pattern, module, config.alpha)
+    from peft.utils.other import get_pattern_key  # seconds to import: only when reading adapters
+
+    rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, module), config.alpha)
     if rank > max_rank:
         raise AdapterError(
             f"{module} has rank {rank}, above the server's limit of {max_rank}: restart the server with "

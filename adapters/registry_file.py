@@ -18,10 +18,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
-
 from .errors import AdapterError
-from .store import is_url
+from .store import is_url, object_store
 
 FORMAT = 1
 
@@ -62,16 +60,21 @@ class RegistryFile:
     def load(self) -> RegistryState:
         """The saved state; empty if there is none yet."""
         try:
-            with fsspec.open(self.location, "r", encoding="utf-8") as f:
+            with self._open("r") as f:
                 return RegistryState.from_json(f.read(), self.location)
         except FileNotFoundError:
             return RegistryState()
+
+    def _open(self, mode: str):
+        """The registry file, on this machine or in an object store."""
+        fs, path = object_store(self.location)
+        return fs.open(path, mode, encoding="utf-8")
 
     def save(self, state: RegistryState) -> None:
         """Replace the saved state with `state` (callers save one at a time: the last save wins)."""
         text = state.to_json()
         if is_url(self.location):
-            with fsspec.open(self.location, "w", encoding="utf-8") as f:
+            with self._open("w") as f:
                 f.write(text)
             return
         path = Path(self.location)

@@ -33,12 +33,25 @@ def is_url(source: object) -> bool:
     return isinstance(source, str) and "://" in source and not source.startswith("file://")
 
 
+def object_store(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of an object-store URL; AdapterError (missing_extra) naming what to install when
+    the protocol's filesystem package is absent (s3fs comes with loradock's s3 extra)."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as error:
+        protocol = url.split("://", 1)[0]
+        install = ("pip install 'loradock[s3]'" if protocol in ("s3", "s3a")
+                   else f"install the fsspec filesystem for {protocol}:// ({error})")
+        raise AdapterError(f"{url}: {protocol}:// needs a package that is not installed: {install}",
+                           "missing_extra") from None
+
+
 class AdapterStore:
     """AdapterDirectory's twin for a URL: the same questions (names, holds, path, contains), asked of the store."""
 
     def __init__(self, url: str):
         self.root = url.rstrip("/")
-        self.fs, self._path = fsspec.core.url_to_fs(self.root)
+        self.fs, self._path = object_store(self.root)
         self.protocol = self.root.split("://", 1)[0]
 
     def path(self, name: str) -> str:
@@ -80,7 +93,7 @@ def fetch_adapter(url: str, name: str, cache_dir: Path, weights_limit: Callable[
 
 
 def _fetch(url: str, cache_dir: Path, weights_limit: Callable[[dict], int]) -> Path:
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = object_store(url)
     fs.invalidate_cache(path)
     try:
         objects = {PurePosixPath(entry["name"]).name: entry for entry in fs.ls(path, detail=True)}

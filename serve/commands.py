@@ -190,7 +190,13 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_replicas(args: argparse.Namespace, settings) -> None:
     import torch
 
-    from .cluster import ClusterSettings, run_cluster
+    try:
+        from .cluster import ClusterSettings, run_cluster
+    except ModuleNotFoundError as error:
+        if error.name != "ray" and not (error.name or "").startswith("ray."):
+            raise
+        raise ValueError("--replicas runs the engines on Ray Serve, which is not installed: "
+                         "pip install 'loradock[cluster]'") from None
 
     gpus = args.replica_gpus if args.replica_gpus is not None else float(torch.cuda.is_available())
     cluster = ClusterSettings(

@@ -9,7 +9,7 @@ from pathlib import Path
 import grimp
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("loradock.kernels", "loradock.adapters", "loradock.serve", "loradock.train", "loradock.loadtest")
+PACKAGES = ("loradock", "loradock.kernels", "loradock.adapters", "loradock.serve", "loradock.train", "loradock.loadtest")
 
 
 def test_the_import_contract_holds():

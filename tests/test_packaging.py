@@ -56,3 +56,34 @@ def test_hugging_faces_kernels_wins_the_bare_name_from_the_root():
     result = run_in_root("-c", "import kernels, transformers.integrations.hub_kernels; print(kernels.__file__)")
     assert result.returncode == 0, result.stderr
     assert not Path(result.stdout.strip()).resolve().is_relative_to(ROOT)
+
+
+def without(package: str, *argv: str) -> subprocess.CompletedProcess:
+    """`loradock ARGV...` from the root in a Python where `package` cannot be imported (as without its extra)."""
+    code = (f"import sys; sys.modules[{package!r}] = None; from loradock.cli import main; "
+            f"sys.exit(main({list(argv)!r}))")
+    return run_in_root("-c", code)
+
+
+def test_replicas_without_ray_name_the_cluster_extra(model_dir):
+    result = without("ray", "serve", "--model", str(model_dir("llama")), "--replicas", "1", "--port", "1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "loradock: error: --replicas runs the engines on Ray Serve, which is not installed: "
+        "pip install 'loradock[cluster]'"
+    ]
+
+
+def test_s3_adapters_without_s3fs_name_the_s3_extra(model_dir):
+    result = without("s3fs", "generate", "--model", str(model_dir("llama")), "--adapters", "s3://bucket/adapters",
+                     "--prompt", "hi", "--max-tokens", "1")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == ("loradock: error: s3://bucket/adapters: s3:// needs a package that is not installed: "
+                    "pip install 'loradock[s3]'"), result.stderr
+
+
+def test_the_command_module_runs_as_python_m_loradock():
+    result = run_in_root("-m", "loradock", "--help")
+    assert result.returncode == 0, result.stderr
+    assert all(name in result.stdout for name in ("generate", "serve", "train", "eval", "demo", "loadtest"))
