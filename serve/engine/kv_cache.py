@@ -111,3 +111,7 @@ class PagedKVCache:
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def blocks_to_grow(self, blocks: list[int], num_tokens: int) -> int:
+        """How many blocks to add to `blocks` for them to hold `num_tokens` tokens."""
+        return max(0, self.blocks_needed(num_tokens) - len(blocks))

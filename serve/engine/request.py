@@ -35,11 +35,10 @@ class Request:
     adapter_slot: int | None = -1
     # With params.prompt_logprobs: those of prompt tokens 1.. so far (token 0 has none), sent with the first token.
     prompt_logprobs: list[Logprobs] = field(default_factory=list)
-    # Fair scheduling: whose share this request's service counts against (a tenant, or an adapter's name, "" for
-    # the base model), that client's weight, and whether its prompt was charged (once, at its first admission).
+    # Fair admission: whose share this request's service counts against (a tenant, or an adapter's name, "" for the
+    # base model), and that client's weight.
     client: str = ""
     weight: float = 1.0
-    prompt_charged: bool = False
 
     @property
     def all_ids(self) -> list[int]:

@@ -243,7 +243,7 @@ def test_per_tenant_metrics_count_requests_tokens_and_rejections(server):
 
 
 def test_the_tenants_name_and_weight_count_in_the_fair_scheduler(server):
-    counters = server.engine.scheduler.fair.counters
+    counters = server.engine.scheduler.policy.counters
     assert complete(server, "acme", "acme-chat", max_tokens=4, ignore_eos=True).status == 200
     before = counters["acme"]
     assert complete(server, "acme", "acme-sql", max_tokens=4, ignore_eos=True).status == 200
