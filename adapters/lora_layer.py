@@ -3,8 +3,9 @@
 Every targeted linear of the base model is replaced by a LoraLinear that owns preallocated, stacked slot
 buffers `A[slots, r_max, in]`, `B[slots, out, r_max]`, `scales[slots]` and `ranks[slots]`, laid out as the LoRA
 backend reads them fastest. Loading an adapter into a slot is a copy into those buffers; no shapes change. Which
-slot each token uses comes from the step's LoraMeta, rewritten in place once per step and shared by every layer
-through the LoraContext, which also holds the one backend chosen at engine start.
+slot each token uses comes from the step's LoraMeta, shared by every layer through the LoraContext, which also holds
+the one backend chosen at engine start. The LoraMeta is one object for the engine's life, rewritten in place once
+per step on every path; the LoraContext is frozen: nothing is swapped into it between calls.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from torch import nn
 from ..kernels.lora import LoraBackend, LoraMeta, lora_operands
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraContext:
-    """Shared by all LoRA layers of a model: the backend, and the step's metadata (the model runner updates it)."""
+    """Shared by all LoRA layers of a model: the backend, and the step's metadata (rewritten in place each step)."""
 
     backend: LoraBackend
     meta: LoraMeta

@@ -7,10 +7,11 @@ request uses the same adapter) share this one format.
 
 The device tensors are allocated once, sized from the engine's limits (`max_tokens` a step, `max_slots` device
 slots), and rewritten in place from one host staging buffer by one copy a step (the metadata's own, or, inside a
-caller's packed buffers, the caller's one copy of all its step inputs): every step reads the same tensors,
-so the kernels' launch shapes depend only on those limits and a captured CUDA graph stays valid when the mix of
-adapters changes. Padding segments have length 0 (kernels exit early on them). The host copies (`segments`,
-`order`) serve the host-side plans of the CPU and torch paths without device->host syncs.
+caller's packed buffers, that of its own part or the caller's one copy of all its step inputs): every step reads
+the same tensors, so the kernels' launch shapes depend only on the step's token count and `max_slots`, and a
+captured CUDA graph stays valid when the mix of adapters changes. Padding segments have length 0 (kernels exit
+early on them). The host copies (`segments`, `order`) serve the host-side plans of the CPU and torch paths without
+device->host syncs.
 """
 
 from __future__ import annotations
@@ -36,17 +37,14 @@ class LoraMeta:
     def __init__(self, max_tokens: int, max_slots: int, device: torch.device | str,
                  storage: tuple[torch.Tensor, torch.Tensor] | None = None):
         """storage: (host, device) int32 tensors of `size(max_tokens, max_slots)` elements inside a caller's packed
-        buffers, whose one copy a step the caller makes (`write`); None: this object owns them and copies them
-        itself (`update`)."""
+        buffers: `write` fills the host part for the caller's one copy of all its inputs, `update` fills and copies
+        this part alone. None: this object owns its buffers."""
         self.max_tokens, self.max_slots = max_tokens, max_slots
         self.device = torch.device(device)
         if storage is None:
             on_cuda = self.device.type == "cuda"
             host = torch.empty(self.size(max_tokens, max_slots), dtype=torch.int32, pin_memory=on_cuda)
             storage = (host, host.to(self.device) if on_cuda else host)  # the CPU reads the host buffer itself
-            self._copy = on_cuda
-        else:
-            self._copy = False
         self._staging, packed = storage
         self._host = self._staging.numpy()  # the staging buffer as numpy: fast bulk writes from lists
         fields = packed.split([max_tokens, max_tokens, max_slots, max_slots, max_slots])
@@ -81,7 +79,7 @@ class LoraMeta:
         -1 = base model. One copy (non-blocking from pinned memory on CUDA: the previous step's copy has completed,
         since every step ends with the sampled tokens' transfer to the host)."""
         active = self.write(token_slots)
-        if self._copy:
+        if self._packed is not self._staging:
             self._packed.copy_(self._staging, non_blocking=True)
         return active
 

@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig
+from ..serve.engine.batch import is_decode
 from ..serve.models.source import resolve_model_path
 from .engine_bench import _engine_pass, make_prompts, run_engine
 from .hardware import describe_hardware, format_hardware
@@ -70,7 +71,7 @@ def step_breakdown(engine: Engine):
         if cuda:
             events[1].record()
         result.logits.sum().item()  # the step's end, as sampling would wait for it
-        rows.append((time.perf_counter() - started, events, all(n == 1 for _, n in entries)))
+        rows.append((time.perf_counter() - started, events, all(is_decode(r, n) for r, n in entries)))
         return result
 
     engine.runner.run = timed_run

@@ -1,25 +1,29 @@
 """Attention against the paged KV cache, plugged into transformers' attention-function registry.
 
-The HF modelling code computes q/k/v (and RoPE at each token's own position) for the flat batch, then
-calls this function. It writes the step's new keys and values into the cache, then attends each group of
-queries to its gathered context. The model runs with `attn_implementation=ATTENTION_NAME`, and the step's
-metadata travels down the model's forward kwargs as `loradock_step`.
+The HF modelling code computes q/k/v (and RoPE at each token's own position) for the flat batch, then calls
+`paged_attention`. It writes the step's new keys and values into the cache, then the step's attention metadata
+attends. The model runs with `attn_implementation=ATTENTION_NAME`, and the step's `ForwardContext` (the cache and the
+metadata) travels down the model's forward kwargs as `loradock_context`. The metadata comes in two kinds:
 
-Decode tokens on the CPU in float32 go through the compiled decode attention (`kernels/cpu_attention.cpp`), which
-reads the cache in place; a decode step run from the persistent decode inputs (`DecodeStep`, the CUDA graphs'
-path) through the paged decode attention (`kernels/paged_decode.py`), which reads it in place through the block
-tables; everything else (prefill chunks, mixed steps, other dtypes) through torch's SDPA over contexts gathered from
-the cache.
+- `GroupedAttention`, an eager step's (prefill chunks, mixed steps, decodes outside the graphs): each group of
+  queries against copies of its contexts gathered from the cache, through torch's SDPA; the decode group on the CPU
+  in float32 through the compiled decode attention (`kernels/cpu_attention.cpp`), which reads the cache in place.
+- `PagedDecodeAttention`, a decode step's from the persistent decode inputs (the CUDA graphs' path): one query per
+  sequence through the paged decode attention (`kernels/paged_decode.py`), which reads the cache in place through
+  the block tables.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .batch import AttentionGroup, StepBatch
-from .decode_inputs import DecodeStep
+from ...kernels.paged_decode import PagedDecode
+from .forward_context import ForwardContext
 
 ATTENTION_NAME = "loradock_paged"
 
@@ -33,42 +37,103 @@ def paged_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
-    loradock_step: StepBatch | DecodeStep | None = None,
+    loradock_context: ForwardContext | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    if loradock_step is None:
+    if loradock_context is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside the loradock engine")
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping is not supported")
-    step = loradock_step
-    k_cache = step.kv_cache.keys[module.layer_idx]  # [slots, Hkv, D]
-    v_cache = step.kv_cache.values[module.layer_idx]
-    k_cache.index_copy_(0, step.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.index_copy_(0, step.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
-
+    attention, cache = loradock_context.attention, loradock_context.kv_cache
+    k_cache = cache.keys[module.layer_idx]  # [slots, Hkv, D]
+    v_cache = cache.values[module.layer_idx]
+    k_cache.index_copy_(0, attention.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(0, attention.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
     q = query[0].transpose(0, 1)  # [T, H, D]
-    if isinstance(step, DecodeStep):  # one query per sequence, against the cache in place through block tables
+    return attention.attend(q, k_cache, v_cache, scaling, sliding_window)[None], None  # [1, T, H, D]
+
+
+# Key position given to padding in a gathered context: larger than any query position, so the causal
+# test `key_pos <= query_pos` masks it out.
+PAD_POS = torch.iinfo(torch.int32).max
+
+
+@dataclass
+class AttentionGroup:
+    """Queries `rows` of the flat batch attending to gathered cache slots; B sequences, Q queries, L keys each."""
+
+    rows: slice  # the group's tokens are contiguous in the flat batch
+    kv_index: torch.Tensor  # [B, L] cache slot of each context token (padding: the query's own slot)
+    query_pos: torch.Tensor  # [B, Q] absolute position of each query token
+    key_pos: torch.Tensor  # [B, L] absolute position of each context token (padding: PAD_POS)
+    decode: bool = False  # one query per sequence, and column j of kv_index is position j
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.kv_index.shape[0]
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, Q, L] bool, True where the query may attend. Built once per step per window size."""
+        if sliding_window not in self._masks:
+            q = self.query_pos[:, :, None]
+            k = self.key_pos[:, None, :]
+            allowed = k <= q
+            if sliding_window is not None:
+                allowed &= k > q - sliding_window
+            self._masks[sliding_window] = allowed[:, None]
+        return self._masks[sliding_window]
+
+
+@dataclass
+class GroupedAttention:
+    """An eager step's attention: its T queries in groups, each against its contexts gathered from the cache."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot each token's K/V is written to
+    groups: list[AttentionGroup]  # the decode group (if any) first, then one group per prefill chunk
+    # the compiled CPU decode attention (`decode_attention` of the CPU ops) for the decode group, or None: SDPA
+    decode_kernel: Callable | None
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scaling: float | None,
+               sliding_window: int | None) -> torch.Tensor:
+        """q: [T, H, D] -> [T, H, D]; the decode group through the compiled kernel when it reads these dtypes."""
+        out = q.new_empty(q.shape) if len(self.groups) > 1 else None
+        for group in self.groups:
+            if group.decode and self.decode_kernel is not None and q.dtype == k_cache.dtype == torch.float32:
+                attended = out[group.rows] if out is not None else q.new_empty(q.shape)  # [B, H, D]
+                scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+                self.decode_kernel(
+                    attended, q[group.rows], k_cache, v_cache, group.kv_index, group.query_pos.view(-1), scale,
+                    sliding_window or 0,
+                )
+            else:
+                attended = _sdpa(q, group, k_cache, v_cache, scaling, sliding_window)  # [B*Q, H, D]
+                if out is not None:
+                    out[group.rows] = attended
+            if out is None:
+                return attended
+        return out
+
+
+@dataclass(frozen=True)
+class PagedDecodeAttention:
+    """A decode step's attention, views of the first B rows of the persistent decode inputs: one query per sequence
+    against its context, read in place through its block table."""
+
+    slot_mapping: torch.Tensor  # [B] int64: cache slot each new token's K/V is written to
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32: tokens each query attends to, itself included
+    block_size: int
+    kernel: PagedDecode  # the paged decode attention for the device
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scaling: float | None,
+               sliding_window: int | None) -> torch.Tensor:
+        """q: [B, H, D] -> [B, H, D]."""
         out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, H, D]
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        step.attend(out, q.to(k_cache.dtype), k_cache, v_cache, step.block_tables, step.context_lens,
-                    step.kv_cache.block_size, scale, sliding_window or 0)
-        return out.to(q.dtype)[None], None
-    out = q.new_empty(q.shape) if len(step.groups) > 1 else None
-    for group in step.groups:
-        if group.decode and step.decode_kernel is not None and q.dtype == k_cache.dtype == torch.float32:
-            attended = out[group.rows] if out is not None else q.new_empty(q.shape)  # [B, H, D]
-            scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-            step.decode_kernel(
-                attended, q[group.rows], k_cache, v_cache, group.kv_index, group.query_pos.view(-1), scale,
-                sliding_window or 0,
-            )
-        else:
-            attended = _sdpa(q, group, k_cache, v_cache, scaling, sliding_window)  # [B*Q, H, D]
-            if out is not None:
-                out[group.rows] = attended
-        if out is None:
-            return attended[None], None
-    return out[None], None  # [1, T, H, D]
+        self.kernel(out, q.to(k_cache.dtype), k_cache, v_cache, self.block_tables, self.context_lens, self.block_size,
+                    scale, sliding_window or 0)
+        return out.to(q.dtype)
 
 
 def _sdpa(

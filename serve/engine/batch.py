@@ -1,68 +1,71 @@
 """The flat token batch of one engine step and the metadata every layer reads.
 
-A step is the concatenation of single-token entries (decodes, first) and multi-token prefill chunks of many
-requests, run as one sequence of T tokens through the HF model. Built once per step, read by every layer:
-where each token's K/V goes in the paged cache, which cached tokens each query attends to, which rows need
-logits, and the adapter slot of each token.
+A step is the concatenation of decodes (first) and prefill chunks of many requests, run as one sequence of T tokens
+through the HF model. Built once per step, read by every layer: where each token's K/V goes in the paged cache,
+which cached tokens each query attends to, which rows need logits, and the adapter slot of each token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from .attention import PAD_POS, AttentionGroup, GroupedAttention
 from .kv_cache import PagedKVCache
 from .request import Request
 
-# Key position given to padding in a gathered context: larger than any query position, so the causal
-# test `key_pos <= query_pos` masks it out.
-_PAD_POS = torch.iinfo(torch.int32).max
+
+def completes(request: Request, n: int) -> bool:
+    """Whether running `n` pending tokens of `request` reaches its last: the step samples its next token."""
+    return request.num_computed + n == request.num_tokens
 
 
-@dataclass
-class AttentionGroup:
-    """Queries `rows` of the flat batch attending to gathered cache slots; B sequences, Q queries, L keys each."""
+def is_decode(request: Request, n: int) -> bool:
+    """Whether running `n` tokens of `request` is a decode: its one pending token, whose logits are sampled."""
+    return n == 1 and completes(request, n)
 
-    rows: slice  # the group's tokens are contiguous in the flat batch
-    kv_index: torch.Tensor  # [B, L] cache slot of each context token (padding: the query's own slot)
-    query_pos: torch.Tensor  # [B, Q] absolute position of each query token
-    key_pos: torch.Tensor  # [B, L] absolute position of each context token (padding: _PAD_POS)
-    decode: bool = False  # one query per sequence, and column j of kv_index is position j
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def num_seqs(self) -> int:
-        return self.kv_index.shape[0]
+@dataclass(frozen=True)
+class StepRows:
+    """The rows of a step's flat batch whose logits it computes: N rows sampled, then P prompt rows scored."""
 
-    def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, 1, Q, L] bool, True where the query may attend. Built once per step per window size."""
-        if sliding_window not in self._masks:
-            q = self.query_pos[:, :, None]
-            k = self.key_pos[:, None, :]
-            allowed = k <= q
-            if sliding_window is not None:
-                allowed &= k > q - sliding_window
-            self._masks[sliding_window] = allowed[:, None]
-        return self._masks[sliding_window]
+    indices: list[int]  # [N + P] rows of the flat batch
+    sampled: list[Request]  # [N] the requests due a token, in the order of the rows
+    prompt_rows: list[tuple[Request, int]]  # [P] (request, prompt position) whose next prompt token is scored
+
+
+def step_rows(entries: list[tuple[Request, int]]) -> StepRows:
+    """The logits rows of a step of `entries` (request, tokens run), in the order of its flat batch: a request's last
+    token when it completes the request, and the prompt positions whose next token's log-probability is asked for
+    and not scored yet."""
+    sampled_rows: list[int] = []
+    sampled: list[Request] = []
+    prompt_indices: list[int] = []
+    prompt_rows: list[tuple[Request, int]] = []
+    row0 = 0
+    for request, n in entries:
+        start = request.num_computed
+        if completes(request, n):
+            sampled_rows.append(row0 + n - 1)
+            sampled.append(request)
+        if request.params.prompt_logprobs is not None:
+            for position in range(max(start, len(request.prompt_logprobs)), min(start + n, len(request.prompt_ids) - 1)):
+                prompt_rows.append((request, position))
+                prompt_indices.append(row0 + position - start)
+        row0 += n
+    return StepRows(sampled_rows + prompt_indices, sampled, prompt_rows)
 
 
 @dataclass
 class StepBatch:
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    slot_mapping: torch.Tensor  # [T] cache slot each token's K/V is written to
-    logits_rows: torch.Tensor  # [N + P] rows of the flat batch: N whose next token is sampled, then P prompt rows
     adapter_slots: list[int]  # [T] adapter slot per token, -1 = base model
-    groups: list[AttentionGroup]
-    kv_cache: PagedKVCache
-    # the compiled CPU decode attention (`decode_attention` of the CPU ops) for the decode group, or None: SDPA
-    decode_kernel: Callable | None
-    # the requests due a token, in the order of logits_rows
-    sampled: list[Request]
-    # the P prompt rows' (request, prompt position) whose next prompt token's log-probability is asked for
-    prompt_rows: list[tuple[Request, int]]
+    attention: GroupedAttention
+    rows: StepRows
+    logits_rows: torch.Tensor  # [N + P] rows.indices on the device
 
 
 def _slots(blocks: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -76,24 +79,20 @@ def build_step(
     device: torch.device,
     decode_kernel: Callable | None = None,
 ) -> StepBatch:
-    """entries: (request, number of its pending tokens to run now). Decode entries (1 token) go first.
+    """entries: (request, number of its pending tokens to run now). Decodes go first.
     decode_kernel: the decode group's attention kernel (None: SDPA for every group)."""
-    entries = sorted(entries, key=lambda e: e[1] != 1)  # stable: keeps the scheduler's order within each kind
+    entries = sorted(entries, key=lambda e: not is_decode(*e))  # stable: keeps the scheduler's order within each kind
     bs = cache.block_size
     token_ids: list[int] = []
     positions: list[torch.Tensor] = []
     slot_parts: list[torch.Tensor] = []
-    logits_rows: list[int] = []
-    sampled: list[Request] = []
-    prompt_rows: list[tuple[Request, int]] = []
-    prompt_logits_rows: list[int] = []
     adapter_slots: list[int] = []
     groups: list[AttentionGroup] = []
 
-    decodes = [(r, n) for r, n in entries if n == 1]
+    decodes = [request for request, n in entries if is_decode(request, n)]
     if decodes:
-        blocks = _block_table([r.blocks for r, _ in decodes])
-        ctx = torch.tensor([r.num_computed + 1 for r, _ in decodes])  # [B] context length incl. the new token
+        blocks = _block_table([r.blocks for r in decodes])
+        ctx = torch.tensor([r.num_computed + 1 for r in decodes])  # [B] context length incl. the new token
         query_pos = (ctx - 1)[:, None]  # [B, 1]
         key_pos = torch.arange(int(ctx.max()))[None, :].expand(len(decodes), -1)  # [B, L]
         valid = key_pos < ctx[:, None]
@@ -101,7 +100,7 @@ def build_step(
         kv_index = _slots(blocks, torch.minimum(key_pos, query_pos), bs)
         groups.append(
             AttentionGroup(
-                slice(0, len(decodes)), kv_index, query_pos, torch.where(valid, key_pos, _PAD_POS), decode=True
+                slice(0, len(decodes)), kv_index, query_pos, torch.where(valid, key_pos, PAD_POS), decode=True
             )
         )
         positions.append(query_pos[:, 0])
@@ -110,16 +109,9 @@ def build_step(
     for request, n in entries:
         start = request.num_computed
         row0 = len(token_ids)
-        token_ids.extend(request.all_ids[start : start + n] if n > 1 else [request.all_ids[start]])
+        token_ids.extend(request.all_ids[start : start + n])
         adapter_slots.extend([request.adapter_slot] * n)
-        if start + n == request.num_tokens:
-            logits_rows.append(row0 + n - 1)
-            sampled.append(request)
-        if request.params.prompt_logprobs is not None:  # positions whose next prompt token is not scored yet
-            for position in range(max(start, len(request.prompt_logprobs)), min(start + n, len(request.prompt_ids) - 1)):
-                prompt_rows.append((request, position))
-                prompt_logits_rows.append(row0 + position - start)
-        if n == 1:
+        if is_decode(request, n):
             continue
         blocks = torch.tensor(request.blocks)
         key_pos = torch.arange(start + n)  # [L] the whole context, the new chunk included
@@ -134,17 +126,14 @@ def build_step(
 
     for g in groups:
         g.kv_index, g.query_pos, g.key_pos = on_device(g.kv_index), on_device(g.query_pos), on_device(g.key_pos)
+    rows = step_rows(entries)
     return StepBatch(
         input_ids=on_device(torch.tensor(token_ids)[None]),
         position_ids=on_device(torch.cat(positions)[None]),
-        slot_mapping=on_device(torch.cat(slot_parts)),
-        logits_rows=on_device(torch.tensor(logits_rows + prompt_logits_rows, dtype=torch.long)),
         adapter_slots=adapter_slots,
-        groups=groups,
-        kv_cache=cache,
-        decode_kernel=decode_kernel,
-        sampled=sampled,
-        prompt_rows=prompt_rows,
+        attention=GroupedAttention(on_device(torch.cat(slot_parts)), groups, decode_kernel),
+        rows=rows,
+        logits_rows=on_device(torch.tensor(rows.indices, dtype=torch.long)),
     )
 
 

@@ -6,39 +6,32 @@ block tables and context lengths the paged decode attention reads, and the LoRA 
 are int32 views of one device buffer, filled from one pinned host buffer by one copy. Rows past the batch, up to
 the bucket, are padding: token 0 at position 0, written to a reserved scratch block of the KV cache and attending
 to it alone, adapter slot -1.
+
+The LoRA metadata is the forward context's, read by eager steps too: sized for the larger of a step and a bucket, it
+copies its own part of the buffer to the device on an eager step (`LoraMeta.update`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from ...kernels.lora import LoraMeta
 from ...kernels.paged_decode import PagedDecode
+from .attention import PagedDecodeAttention
 from .kv_cache import PagedKVCache
 from .request import Request
 
 
-@dataclass(frozen=True)
-class DecodeStep:
-    """What the attention of a decode step reads (views of the persistent buffers, B rows of a bucket)."""
-
-    kv_cache: PagedKVCache
-    slot_mapping: torch.Tensor  # [B] int64: cache slot each new token's K/V is written to
-    block_tables: torch.Tensor  # [B, max_blocks] int32
-    context_lens: torch.Tensor  # [B] int32: tokens each query attends to, itself included
-    attend: PagedDecode  # the paged decode attention for the device
-
-
 class DecodeInputs:
-    def __init__(self, max_seqs: int, cache: PagedKVCache, max_model_len: int, num_slots: int,
-                 device: torch.device, attend: PagedDecode):
-        self.max_seqs, self.cache, self.device, self.attend = max_seqs, cache, device, attend
+    def __init__(self, max_seqs: int, cache: PagedKVCache, max_model_len: int, device: torch.device,
+                 kernel: PagedDecode, num_slots: int, lora_tokens: int):
+        """kernel: the paged decode attention for the device; num_slots: adapter slots (0: no LoRA metadata);
+        lora_tokens: tokens the LoRA metadata holds, >= max_seqs."""
+        self.max_seqs, self.cache, self.kernel = max_seqs, cache, kernel
         self.max_blocks = cache.blocks_needed(max_model_len)
         self.scratch_block = cache.allocator.allocate(1)[0]  # padding rows write and read here, never a request
         sizes = [max_seqs] * 4 + [max_seqs * self.max_blocks]
-        lora_size = LoraMeta.size(max_seqs, num_slots) if num_slots else 0
+        lora_size = LoraMeta.size(lora_tokens, num_slots) if num_slots else 0
         on_cuda = device.type == "cuda"
         self._staging = torch.zeros(sum(sizes) + lora_size, dtype=torch.int32, pin_memory=on_cuda)
         self._packed = self._staging.to(device) if on_cuda else self._staging.clone()  # copied like the device's
@@ -50,7 +43,7 @@ class DecodeInputs:
         self.lora_meta = None
         if num_slots:
             start = sum(sizes)
-            self.lora_meta = LoraMeta(max_seqs, num_slots, device,
+            self.lora_meta = LoraMeta(lora_tokens, num_slots, device,
                                       storage=(self._staging[start:], self._packed[start:]))
 
     def write(self, requests: list[Request], bucket: int) -> bool:
@@ -82,9 +75,10 @@ class DecodeInputs:
         if self._packed is not self._staging:
             self._packed.copy_(self._staging, non_blocking=True)
 
-    def step(self, bucket: int) -> DecodeStep:
-        return DecodeStep(self.cache, self.slot_mapping_long[:bucket], self.block_tables[:bucket],
-                          self.context_lens[:bucket], self.attend)
+    def attention(self, bucket: int) -> PagedDecodeAttention:
+        """What the attention of a decode step of `bucket` rows reads: views of the buffers' first rows."""
+        return PagedDecodeAttention(self.slot_mapping_long[:bucket], self.block_tables[:bucket],
+                                    self.context_lens[:bucket], self.cache.block_size, self.kernel)
 
     def widen_slot_mapping(self, bucket: int) -> None:
         """slot_mapping as int64, on the device (the first op of a decode forward, inside its graph)."""

@@ -35,6 +35,7 @@ from ..models.loader import DTYPES, default_dtype, default_quantize, eos_ids, lo
 from ..models.source import resolve_model_path
 from .config import EngineConfig
 from .decode_inputs import DecodeInputs
+from .forward_context import ForwardContext
 from .graph_runner import CudaGraph, DecodeGraphs, EagerGraph, GraphFactory
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .host_memory import pack_into_huge_pages
@@ -153,14 +154,15 @@ class Engine:
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_num_seqs, config.scheduling)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self.adapters: AdapterManager | None = None
-        self.lora: LoraContext | None = None
+        decode_graph = decode_graph or default_decode_graph(device, config)
+        decode_inputs = self._decode_inputs() if decode_graph is not None else None
+        self.context = self._forward_context(decode_inputs)
         if config.max_gpu_adapters > 0:
             self.adapters = self._attach_adapters(model, config, shape.dtype)
         if device.type == "cpu":
             log.info("weights on huge pages: %.1f MiB", pack_into_huge_pages(model) / 2**20)
-        decode_graph = decode_graph or default_decode_graph(device, config)
-        graphs = self._decode_graphs(model, decode_graph) if decode_graph is not None else None
-        self.runner = ModelRunner(model, self.cache, device, lora=self.lora, decode_graphs=graphs)
+        graphs = self._decode_graphs(model, decode_inputs, decode_graph) if decode_inputs is not None else None
+        self.runner = ModelRunner(model, self.context, device, decode_graphs=graphs)
         if graphs is not None:
             started = time.perf_counter()
             graphs.capture()
@@ -190,9 +192,8 @@ class Engine:
         backend = select_lora_backend(self.device)
         backend.prepare()
         log.info("LoRA backend: %s", backend.name)
-        meta = LoraMeta(config.max_batch_tokens, config.max_gpu_adapters, self.device)
-        self.lora = LoraContext(backend, meta)
-        layers = attach_lora_layers(model, names, self.lora, config.max_gpu_adapters, config.max_lora_rank, dtype)
+        lora = LoraContext(backend, self.context.lora)
+        layers = attach_lora_layers(model, names, lora, config.max_gpu_adapters, config.max_lora_rank, dtype)
         directory = open_adapters(config.adapters_dir) if config.adapters_dir is not None else None
         registry_file = RegistryFile(config.adapter_registry) if config.adapter_registry is not None else None
         manager = AdapterManager(
@@ -213,11 +214,24 @@ class Engine:
             log.info("adapters in %s: %s", directory.root, ", ".join(found) or "none")
         return manager
 
-    def _decode_graphs(self, model: torch.nn.Module, graph: GraphFactory) -> DecodeGraphs:
-        inputs = DecodeInputs(self.config.max_num_seqs, self.cache, self.max_model_len, self.config.max_gpu_adapters,
-                              self.device, select_paged_decode(self.device))
+    def _decode_inputs(self) -> DecodeInputs:
+        """The decode graphs' persistent inputs. Their packed buffer holds the LoRA metadata of every step, eager ones
+        included: sized for the larger of a step and a bucket (buckets pad up to max_num_seqs rows)."""
+        config = self.config
+        return DecodeInputs(config.max_num_seqs, self.cache, self.max_model_len, self.device,
+                            select_paged_decode(self.device), num_slots=config.max_gpu_adapters,
+                            lora_tokens=max(config.max_batch_tokens, config.max_num_seqs))
+
+    def _forward_context(self, decode_inputs: DecodeInputs | None) -> ForwardContext:
+        """The one forward context of every step; its LoRA metadata inside the decode inputs' buffer when given."""
+        slots = self.config.max_gpu_adapters
+        if decode_inputs is not None:
+            return ForwardContext(self.cache, decode_inputs.lora_meta)
+        return ForwardContext(self.cache, LoraMeta(self.config.max_batch_tokens, slots, self.device) if slots else None)
+
+    def _decode_graphs(self, model: torch.nn.Module, inputs: DecodeInputs, graph: GraphFactory) -> DecodeGraphs:
         pool = torch.cuda.graph_pool_handle() if graph is CudaGraph else None
-        return DecodeGraphs(model, inputs, self.lora, graph, pool)
+        return DecodeGraphs(model, self.context, inputs, graph, pool)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Decode steps replayed from graphs captured per batch-size bucket, with and without adapter tokens.
 
-    graphs = DecodeGraphs(model, inputs, lora, CudaGraph)   # inputs: the persistent DecodeInputs
-    graphs.capture()                                         # every bucket, largest first, one memory pool
-    logits = graphs.run(requests)                            # [B, vocab]: fill the inputs, one copy, one replay
+    graphs = DecodeGraphs(model, context, inputs, CudaGraph)  # the ForwardContext, the persistent DecodeInputs
+    graphs.capture()                                          # every bucket, largest first, one memory pool
+    logits = graphs.run(requests)                             # [B, vocab]: fill the inputs, one copy, one replay
 
 A step of B decode tokens runs the smallest bucket >= B (1, 2, 4, 8, then steps of 8 up to max-num-seqs); its
 rows past B are padding (`DecodeInputs`). Host time per step is then the inputs' copy and one replay, whatever the
@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from ...adapters.lora_layer import LoraContext
 from .decode_inputs import DecodeInputs
+from .forward_context import ForwardContext
 from .request import Request
 
 
@@ -67,10 +67,12 @@ GraphFactory = Callable[[object], CudaGraph | EagerGraph]  # (memory pool) -> gr
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, inputs: DecodeInputs, lora: LoraContext | None,
-                 graph: GraphFactory, pool=None):
-        self.model, self.inputs, self.lora = model, inputs, lora
+    def __init__(self, model: torch.nn.Module, context: ForwardContext, inputs: DecodeInputs, graph: GraphFactory,
+                 pool=None):
+        """context: the model's forward context, whose LoRA metadata is `inputs.lora_meta`."""
+        self.model, self.context, self.inputs = model, context, inputs
         self.buckets = decode_buckets(inputs.max_seqs)
+        self._attention = {bucket: inputs.attention(bucket) for bucket in self.buckets}  # made once, read in place
         self._graph, self._pool = graph, pool
         self._captured: dict[tuple[int, bool], tuple[CudaGraph | EagerGraph, torch.Tensor]] = {}
 
@@ -93,8 +95,7 @@ class DecodeGraphs:
     def run(self, requests: list[Request]) -> torch.Tensor:
         """The next-token logits [B, vocab] of B decode requests (each due one token, its blocks allocated)."""
         bucket = self.bucket(len(requests))
-        adapters = self._use_inputs(self.inputs.write(requests, bucket))
-        graph, logits = self._captured[bucket, adapters]
+        graph, logits = self._captured[bucket, self.inputs.write(requests, bucket)]
         graph.replay()
         return logits[: len(requests)]
 
@@ -102,24 +103,12 @@ class DecodeGraphs:
         """The decode forward over the persistent inputs' first `bucket` rows: logits [bucket, vocab]."""
         inputs = self.inputs
         inputs.widen_slot_mapping(bucket)
-        output = self.model(
-            input_ids=inputs.input_ids[None, :bucket],
-            position_ids=inputs.positions[None, :bucket],
-            use_cache=False,
-            loradock_step=inputs.step(bucket),
-        )
-        return output.logits[0]
+        return self.context.forward(self.model, self._attention[bucket], inputs.input_ids[None, :bucket],
+                                    inputs.positions[None, :bucket])
 
     def _write_dummy(self, bucket: int, adapters: bool) -> None:
-        """Padding in every row (adapter slot 0 for every row when `adapters`), then point the LoRA layers at it."""
+        """Padding in every row, with adapter slot 0 for every row when `adapters`."""
         self.inputs.write([], bucket)
         if adapters:
             self.inputs.lora_meta.write([0] * bucket)
             self.inputs.copy()
-        self._use_inputs(adapters)
-
-    def _use_inputs(self, adapters: bool) -> bool:
-        """Point the LoRA layers at the decode inputs' metadata (they read it in the forward); returns `adapters`."""
-        if self.lora is not None:
-            self.lora.meta = self.inputs.lora_meta
-        return adapters

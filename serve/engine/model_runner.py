@@ -7,12 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ...adapters.lora_layer import LoraContext
 from ...kernels.cpu_build import cpu_ops
 from .attention import ATTENTION_NAME
-from .batch import build_step
+from .batch import StepBatch, build_step, is_decode, step_rows
+from .forward_context import ForwardContext
 from .graph_runner import DecodeGraphs
-from .kv_cache import PagedKVCache
 from .request import Request
 
 
@@ -35,49 +34,40 @@ class StepResult:
 
 
 class ModelRunner:
-    """Runs a step: from the decode graphs when every entry is a decode token and a bucket holds them, else eagerly
-    from a flat batch built for the step."""
+    """Runs a step: from the decode graphs when every entry is a decode and a bucket holds them, else eagerly from a
+    flat batch built for the step; both through the one forward context."""
 
     def __init__(
         self,
         model: torch.nn.Module,
-        cache: PagedKVCache,
+        context: ForwardContext,
         device: torch.device,
-        lora: LoraContext | None = None,
         decode_graphs: DecodeGraphs | None = None,
     ):
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model
-        self.cache = cache
+        self.context = context
         self.device = device
-        self.lora = lora
-        self.eager_meta = lora.meta if lora is not None else None
         self.decode_graphs = decode_graphs
-        self.decode_kernel = cpu_decode_attention(device, cache.shape.dtype)
-
-    def run(self, entries: list[tuple[Request, int]]) -> StepResult:
-        """entries: (request, tokens to run)."""
-        requests = [request for request, n in entries]
-        graphs = self.decode_graphs
-        if (
-            graphs is not None
-            and all(n == 1 and request.num_computed + 1 == request.num_tokens for request, n in entries)
-            and graphs.bucket(len(entries)) is not None
-        ):
-            return StepResult(graphs.run(requests), requests, [], len(requests))
-        return self._run_eager(entries)
+        self.decode_kernel = cpu_decode_attention(device, context.kv_cache.shape.dtype)
 
     @torch.inference_mode()
-    def _run_eager(self, entries: list[tuple[Request, int]]) -> StepResult:
-        step = build_step(entries, self.cache, self.device, self.decode_kernel)
-        if self.lora is not None:
-            self.lora.meta = self.eager_meta
-            self.eager_meta.update(step.adapter_slots)
-        output = self.model(
-            input_ids=step.input_ids,
-            position_ids=step.position_ids,
-            use_cache=False,
-            logits_to_keep=step.logits_rows,
-            loradock_step=step,
-        )
-        return StepResult(output.logits[0], step.sampled, step.prompt_rows, step.input_ids.shape[1])
+    def run(self, entries: list[tuple[Request, int]]) -> StepResult:
+        """entries: (request, tokens to run)."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.bucket(len(entries)) is not None and all(is_decode(r, n) for r, n in entries):
+            rows = step_rows(entries)  # every decode is sampled: rows 0..B-1, the graph's
+            logits = graphs.run(rows.sampled)
+        else:
+            step = build_step(entries, self.context.kv_cache, self.device, self.decode_kernel)
+            rows = step.rows
+            logits = self._run_eager(step)
+        return StepResult(logits, rows.sampled, rows.prompt_rows, sum(n for _, n in entries))
+
+    def _run_eager(self, step: StepBatch) -> torch.Tensor:
+        """The step's logits [N + P, vocab]: its LoRA metadata written in place, then the model over its flat batch."""
+        context = self.context
+        if context.lora is not None:
+            context.lora.update(step.adapter_slots)
+        return context.forward(self.model, step.attention, step.input_ids, step.position_ids,
+                               logits_to_keep=step.logits_rows)

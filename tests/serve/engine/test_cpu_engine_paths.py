@@ -14,6 +14,7 @@ from support import CPU, collect, hf_greedy, start_engine, varied_prompts
 from loradock.kernels.cpu_build import cpu_ops
 from loradock.serve.engine.attention import paged_attention
 from loradock.serve.engine.batch import build_step
+from loradock.serve.engine.forward_context import ForwardContext
 from loradock.serve.engine.host_memory import HUGE_PAGE, huge_page_buffer, pack_into_huge_pages
 from loradock.serve.engine.kv_cache import CacheShape, PagedKVCache
 from loradock.serve.engine.request import Request
@@ -66,6 +67,13 @@ def reference_decode(query, cache, requests, scale, window):
     return torch.stack(out)  # [B, H, D]
 
 
+def eager_context(cache: PagedKVCache, step) -> ForwardContext:
+    """The forward context as an eager forward of `step` sets it."""
+    context = ForwardContext(cache, lora=None)
+    context.attention = step.attention
+    return context
+
+
 @pytest.mark.parametrize("threads", [1, 2])  # 2: a sequence's kv heads split over work items
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (4, 4, 32), (6, 3, 40), (10, 5, 16), (6, 1, 24)])
 @pytest.mark.parametrize("window", [None, 5])
@@ -90,7 +98,8 @@ def test_decode_attention_matches_the_written_out_attention(compiled, heads, kv_
     torch.set_num_threads(threads)
     try:
         attended, _ = paged_attention(
-            module, query, key, value, None, scaling=scale, sliding_window=window, loradock_step=step
+            module, query, key, value, None, scaling=scale, sliding_window=window,
+            loradock_context=eager_context(cache, step),
         )  # also writes this step's key and value into the cache
     finally:
         torch.set_num_threads(previous)
@@ -108,14 +117,15 @@ def test_decode_attention_and_sdpa_give_the_same_mixed_step(compiled):
         prefill = Request("p", list(range(10, 30)), SamplingParams(), None)
         prefill.blocks = [b for b in range(cache.num_blocks) if all(b not in r.blocks for r in decodes)][:3]
         step = build_step([(prefill, 20), *[(r, 1) for r in decodes]], cache, CPU, kernel)
-        assert [g.decode for g in step.groups] == [True, False]
+        assert [g.decode for g in step.attention.groups] == [True, False]
         generator = torch.Generator().manual_seed(2)
         query = torch.randn(1, 4, 23, 16, generator=generator)
         key = torch.randn(1, 2, 23, 16, generator=generator)
         value = torch.randn(1, 2, 23, 16, generator=generator)
         module = torch.nn.Module()
         module.layer_idx = 0
-        outputs.append(paged_attention(module, query, key, value, None, scaling=0.25, loradock_step=step)[0])
+        context = eager_context(cache, step)
+        outputs.append(paged_attention(module, query, key, value, None, scaling=0.25, loradock_context=context)[0])
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 
 

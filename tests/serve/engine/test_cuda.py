@@ -4,8 +4,8 @@ request for request; the graphs' replays equal the same decode path run eagerly 
 with an adapter swapped into the slot a graph reads between replays.
 
 CI has no GPU, so these are skipped there; run them where there is one (`pytest tests/serve/engine/test_cuda.py`).
-The Triton kernels' own compiled tests are in test_kernels.py, QLoRA training on the GPU in test_train.py
-(the trainer takes the GPU when there is one)."""
+The Triton kernels' own compiled tests are in tests/kernels/ (test_triton_lora.py, test_paged_decode.py), QLoRA
+training on the GPU in tests/train/test_train.py (the trainer takes the GPU when there is one)."""
 
 from __future__ import annotations
 

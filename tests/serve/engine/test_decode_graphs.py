@@ -64,6 +64,10 @@ def test_graph_decode_equals_peft_with_mixed_adapters(model_dir, adapter_dir, to
     finally:
         engine.shutdown()
     assert len(replays) > 5  # the decode steps came from the graphs
+    # the eager and the graph steps ran one forward context: every LoRA layer reads its one LoraMeta
+    meta = engine.context.lora
+    assert meta is engine.runner.decode_graphs.inputs.lora_meta
+    assert all(layer.context.meta is meta for layer in engine.adapters.layers.values())
 
 
 def test_an_adapter_swapped_between_replays(model_dir, adapter_dir, tokenizer):
@@ -129,7 +133,7 @@ def decode_requests(engine: Engine, lengths: list[int], slots: list[int], seed: 
 def record_forward(engine: Engine, requests: list[Request], bucket: int) -> Recorder:
     graphs = engine.runner.decode_graphs
     inputs = graphs.inputs
-    assert graphs._use_inputs(inputs.write(requests, bucket))  # adapter tokens: the graph with LoRA layers
+    assert inputs.write(requests, bucket)  # adapter tokens: the graph with LoRA layers
     persistent = {t.untyped_storage().data_ptr() for t in [*engine.runner.model.parameters(),
                                                            *engine.runner.model.buffers()]}
     persistent |= {inputs.block_tables.untyped_storage().data_ptr(), inputs.slot_mapping_long.untyped_storage().data_ptr(),
