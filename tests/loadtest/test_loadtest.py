@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 from loradock.loadtest import loadtest as lt
 from loradock.loadtest.random_adapters import write_random_adapter
-from loradock.serve import cli
+from loradock import cli
 from server_support import MODEL_NAME, ServerThread, free_port
 
 MAX_TOKENS = 5
