@@ -214,16 +214,16 @@ def test_write_random_model_keeps_the_winner_of_a_race(tmp_path, tokenizer, monk
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-def test_tiny_random_path_builds_once_and_matches_the_spec(tmp_path, caplog):
+def test_demo_model_path_builds_once_and_matches_the_spec(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="loradock.tiny_random"):
-        path = tiny_random_path()
+        path = demo_model_path()
     assert path == tmp_path / "cache" / f"demo-model-v{DEMO_MODEL_VERSION}"
     assert "building" in caplog.text and str(path) in caplog.text
 
     stamps = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="loradock.tiny_random"):
-        assert tiny_random_path() == path
+        assert demo_model_path() == path
     assert caplog.text == ""
     assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == stamps
 
@@ -255,12 +255,12 @@ def test_tiny_random_path_builds_once_and_matches_the_spec(tmp_path, caplog):
     assert len(set(output[0, input_ids.shape[1]:].tolist())) > 1
 
 
-def test_tiny_random_path_locations(tmp_path, monkeypatch):
-    explicit = tiny_random_path(tmp_path / "explicit")
+def test_demo_model_path_locations(tmp_path, monkeypatch):
+    explicit = demo_model_path(tmp_path / "explicit")
     assert explicit == tmp_path / "explicit" / f"demo-model-v{DEMO_MODEL_VERSION}"
     assert not (tmp_path / "cache").exists()
 
     monkeypatch.delenv("LORADOCK_CACHE_DIR")
     monkeypatch.setattr(platformdirs, "user_cache_dir", lambda app: str(tmp_path / app))
-    assert tiny_random_path() == tmp_path / "loradock" / f"demo-model-v{DEMO_MODEL_VERSION}"
-    assert (tiny_random_path() / "config.json").is_file()
+    assert demo_model_path() == tmp_path / "loradock" / f"demo-model-v{DEMO_MODEL_VERSION}"
+    assert (demo_model_path() / "config.json").is_file()
