@@ -16,6 +16,7 @@ once and registered again at start (`restore`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from .stats import AdapterStats
 from .store import AdapterStore, fetch_adapter, is_url
 
 log = logging.getLogger("loradock.adapters")
+_READS = itertools.count(1)  # numbers the reads of adapter weights in this process
 
 
 def as_source(path: str | Path) -> str | Path:
@@ -86,9 +88,14 @@ class AdapterVersion:
     retired: bool = False  # unregistered or replaced (set by the engine thread): freed when the last pin goes
     registered_at: float = field(default_factory=time.time)
     loaded_at: float | None = None  # wall-clock time its weights were last read from disk
+    read_id: int = 0  # the read that gave its weights, never the same number twice in a process (prefix cache keys)
     requests_served: int = 0
     version: int = 1  # 1 when the name is first registered, one more at each replacement (reload)
     from_directory: bool = False  # registered on first use from the adapter directory, not by name
+
+    def hold(self, weights: AdapterWeights) -> None:
+        """Keep `weights`, just read."""
+        self.weights, self.loaded_at, self.read_id = weights, time.time(), next(_READS)
 
     @property
     def tier(self) -> str:
@@ -142,9 +149,9 @@ class AdapterManager:
         """Make `name` resolve to the adapter at `path`: read on first use, or already read (`weights`).
         Returns the new version and the one it replaced, which the engine thread must then `retire`.
         `version_number` defaults to one more than the replaced version's."""
-        version = AdapterVersion(check_name(name), as_source(path), weights=weights)
+        version = AdapterVersion(check_name(name), as_source(path))
         if weights is not None:
-            version.loaded_at = time.time()
+            version.hold(weights)
         return version, self.registry.add(version, replace, version_number)
 
     def unregister(self, name: str) -> AdapterVersion:
@@ -240,8 +247,7 @@ class AdapterManager:
             log.warning("adapter %s refused: %s", version.name, version.error)
             return version.error
         if version.pins or not version.retired:  # retired while being read: kept only for the requests waiting on it
-            version.weights = future.result()
-            version.loaded_at = time.time()
+            version.hold(future.result())
             self._cache_on_host(version)
         return None
 

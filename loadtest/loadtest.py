@@ -12,6 +12,11 @@ What a run does:
   vocabulary, which both loradock and vLLM accept as `prompt`; without a tokenizer, random English words and the
   lengths count words), and asks for exactly `--max-tokens` tokens (`ignore_eos`, greedy), or a seeded number
   uniform in `--output-len MIN:MAX` (answers of one length all end in the same step: batches run in waves).
+- **Shared prefix**: with `--shared-prefix N` every request is a chat (`/v1/chat/completions`): a system prompt of N
+  seeded random words, one per model (and per tenant: each has a seed of its own), then a user turn of
+  `--prompt-len` random words, different each time, as apps built on an adapter send them. Common words are about
+  one token each; the report gives the prompt tokens the server counted and the share it found cached
+  (`usage.prompt_tokens_details.cached_tokens`, when the server reports it).
 - **Load**: `--concurrency C` keeps C requests in flight (closed loop; with `--think S`, each of the C clients pauses
   a seeded exponential time of mean S seconds between its requests, so its sends do not follow the server's
   steps); `--rate R` sends requests at Poisson arrivals of mean rate R per second (open loop; with `--concurrency`
@@ -26,7 +31,7 @@ What a run does:
   output tokens/s over the run; errors by HTTP status (or `timeout`, `connection_error`, `stream_error`); TTFT of
   each model's first request in the run (a cold adapter) against the rest; the load generator's own CPU use;
   with tenants, each tenant's requests, errors, TTFT, tokens and service (prompt + 2 x output tokens, the unit
-  of fair scheduling).
+  of fair scheduling); the prompt tokens the server counted, and how many of them it found cached.
   `--out` writes it all as JSON (with per-request records and a throughput time series), `--plot` as a PNG.
 
 Traffic goes only to loopback addresses unless `--allow-remote` is given.
@@ -161,13 +166,29 @@ def ordinary_token_ids(tokenizer_path: str) -> list[int]:
     return [t for t in range(len(tokenizer)) if t not in special]
 
 
+class SystemPrompts:
+    """With a shared prefix: each model's system prompt, `words` seeded random words (seeded by the run and the
+    model)."""
+
+    def __init__(self, words: int, seed: int):
+        self.words, self.seed = words, seed
+        self._prompts: dict[str, str] = {}
+
+    def of(self, model: str) -> str:
+        if model not in self._prompts:
+            rng = random.Random(f"system-{self.seed}-{model}")
+            self._prompts[model] = " ".join(rng.choices(WORDS, k=self.words))
+        return self._prompts[model]
+
+
 @dataclass
 class PlannedRequest:
     index: int
     model: str
-    prompt: str | list[int]
+    prompt: str | list[int]  # with `system`, the user's turn of a chat
     send_at: float | None  # seconds after the start (open loop); None: as soon as a slot is free
     max_tokens: int | None = None  # None: the run's --max-tokens
+    system: str | None = None  # a chat request: this system prompt, then `prompt` as the user's turn
 
 
 class Workload:
@@ -175,9 +196,10 @@ class Workload:
 
     def __init__(self, models: Sequence[str], distribution: str, prompt_len: tuple[int, int], seed: int,
                  rate: float | None = None, ordinary_ids: Sequence[int] | None = None,
-                 output_len: tuple[int, int] | None = None):
+                 output_len: tuple[int, int] | None = None, systems: SystemPrompts | None = None):
         self.picker = ModelPicker(models, distribution, seed)
-        self.prompts = PromptMaker(prompt_len, seed, ordinary_ids)
+        self.prompts = PromptMaker(prompt_len, seed, ordinary_ids if systems is None else None)
+        self.systems = systems
         self.arrivals = poisson_offsets(rate, seed) if rate else None
         self.output_len = output_len
         self.output_rng = random.Random(f"outputs-{seed}")
@@ -188,7 +210,9 @@ class Workload:
         self.count += 1
         send_at = next(self.arrivals) if self.arrivals is not None else None
         max_tokens = self.output_rng.randint(*self.output_len) if self.output_len else None
-        return PlannedRequest(index, self.picker.pick(index), self.prompts.make(), send_at, max_tokens)
+        model = self.picker.pick(index)
+        system = self.systems.of(model) if self.systems is not None else None
+        return PlannedRequest(index, model, self.prompts.make(), send_at, max_tokens, system)
 
     def take(self, n: int) -> list[PlannedRequest]:
         return [self.next() for _ in range(n)]
@@ -216,6 +240,8 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)  # arrival of each token-bearing chunk (streaming)
     tenant: str | None = None  # whose key sent it (--tenant)
     max_tokens: int | None = None  # asked for
+    prompt_tokens: int | None = None  # as the server counted them (usage)
+    cached_tokens: int | None = None  # of them, found in its prefix cache (usage.prompt_tokens_details)
 
     @property
     def ok(self) -> bool:
@@ -248,8 +274,12 @@ class RequestOptions:
     extra_body: dict = field(default_factory=dict)
     hang_up_after: int | None = None  # streamed tokens after which the client closes the connection (status hung_up)
 
-    def body(self, model: str, prompt: str | list[int], max_tokens: int | None = None) -> dict:
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens or self.max_tokens,
+    def body(self, model: str, prompt: str | list[int], max_tokens: int | None = None,
+             system: str | None = None) -> dict:
+        """A completion of `prompt`, or with `system` a chat: the system prompt, then `prompt` as the user's turn."""
+        text = {"prompt": prompt} if system is None else \
+            {"messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}]}
+        body = {"model": model, **text, "max_tokens": max_tokens or self.max_tokens,
                 "temperature": self.temperature, "stream": self.stream}
         if self.stream:
             body["stream_options"] = {"include_usage": True}
@@ -268,7 +298,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, planned: Planne
                            max_tokens=planned.max_tokens or options.max_tokens)
     try:
         async with asyncio.timeout(options.timeout):
-            body = options.body(planned.model, planned.prompt, planned.max_tokens)
+            body = options.body(planned.model, planned.prompt, planned.max_tokens, planned.system)
             async with session.post(url, json=body, headers=headers) as resp:
                 if resp.status != 200:
                     record.status = str(resp.status)
@@ -306,9 +336,11 @@ async def _read_stream(resp: aiohttp.ClientResponse, record: RequestRecord, cloc
             return
         if chunk.get("usage"):
             usage_tokens = chunk["usage"].get("completion_tokens")
+            _read_prompt_usage(chunk["usage"], record)
         for choice in chunk.get("choices") or ():
             ids = choice.get("token_ids")
-            n = len(ids) if ids is not None else (1 if choice.get("text") else 0)
+            n = len(ids) if ids is not None else (1 if choice.get("text") or (choice.get("delta") or {}).get("content")
+                                                  else 0)
             if n:
                 now = clock()
                 if record.ttft is None:
@@ -332,6 +364,13 @@ def _read_whole(body: dict, record: RequestRecord) -> None:
     usage = body.get("usage") or {}
     ids = choice.get("token_ids")
     record.output_tokens = usage.get("completion_tokens", len(ids) if ids is not None else 0)
+    _read_prompt_usage(usage, record)
+
+
+def _read_prompt_usage(usage: dict, record: RequestRecord) -> None:
+    """The prompt tokens the server counted, and those it found cached if it says."""
+    record.prompt_tokens = usage.get("prompt_tokens")
+    record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
 
 
 def _error_message(text: str) -> str:
@@ -400,6 +439,7 @@ class LoadSpec:
     tenants: list[TenantLoad] = field(default_factory=list)  # streams of their own, all at once (see streams())
     output_len: tuple[int, int] | None = None  # max_tokens drawn per request (default: options.max_tokens)
     think: float | None = None  # closed loop: mean seconds each client pauses between its requests (exponential)
+    shared_prefix: int | None = None  # chat requests after a system prompt of this many words per model
 
     def __post_init__(self):
         if self.rate is None and self.concurrency is None:
@@ -420,15 +460,24 @@ class LoadSpec:
             raise ValueError("--prompt-len needs 1 <= MIN <= MAX")
         if self.output_len is not None and not 1 <= self.output_len[0] <= self.output_len[1]:
             raise ValueError("--output-len needs 1 <= MIN <= MAX")
+        if self.shared_prefix is not None and self.shared_prefix < 1:
+            raise ValueError("--shared-prefix must be at least 1 word")
         parse_distribution(self.distribution)
 
     @property
     def max_requests(self) -> int:
         return self.requests if self.requests is not None else MAX_REQUESTS
 
+    @property
+    def endpoint(self) -> str:
+        return "/v1/chat/completions" if self.shared_prefix is not None else "/v1/completions"
+
+    def system_prompts(self) -> SystemPrompts | None:
+        return SystemPrompts(self.shared_prefix, self.seed) if self.shared_prefix is not None else None
+
     def workload(self) -> Workload:
         return Workload(self.models, self.distribution, self.prompt_len, self.seed, self.rate, self.ordinary_ids,
-                        self.output_len)
+                        self.output_len, self.system_prompts())
 
     def streams(self) -> list[tuple[str | None, LoadSpec]]:
         """The run's streams of requests: this spec alone, or one per tenant (name, its spec: its key, load,
@@ -442,7 +491,7 @@ class LoadSpec:
 
     def describe(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("ordinary_ids", "api_key", "tenants")}
-        out["prompts"] = "token ids" if self.ordinary_ids is not None else "words"
+        out["prompts"] = "token ids" if self.ordinary_ids is not None and self.shared_prefix is None else "words"
         if self.tenants:
             out["tenants"] = [{k: v for k, v in asdict(t).items() if k != "api_key"} for t in self.tenants]
         return out
@@ -464,7 +513,7 @@ async def run_load(spec: LoadSpec, progress: Callable[[RequestRecord], None] | N
     """Send the workload and wait for every answer (or its timeout, or the run's hard limit)."""
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-    url = spec.url.rstrip("/") + "/v1/completions"
+    url = spec.url.rstrip("/") + spec.endpoint
     streams = spec.streams()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for _, stream in streams:
@@ -496,11 +545,12 @@ def _auth(api_key: str | None) -> dict | None:
 
 
 async def _warmup(session, url: str, spec: LoadSpec, headers) -> None:
-    """A few short requests, one model after another (loads adapters, fills caches); not measured."""
+    """A few short requests, one model after another (loads adapters, fills caches: with a shared prefix, each
+    model's system prompt); not measured."""
     options = RequestOptions(**{**asdict(spec.options), "max_tokens": min(4, spec.options.max_tokens),
                                 "timeout": spec.options.timeout})
-    prompts = PromptMaker(spec.prompt_len, spec.seed + 10_007, spec.ordinary_ids)
-    planned = [PlannedRequest(i, spec.models[i % len(spec.models)], prompts.make(), None) for i in range(spec.warmup)]
+    planned = Workload(spec.models, "distinct", spec.prompt_len, spec.seed + 10_007, ordinary_ids=spec.ordinary_ids,
+                       systems=spec.system_prompts()).take(spec.warmup)
     width = spec.concurrency or DEFAULT_CONCURRENCY
     for i in range(0, len(planned), width):
         await asyncio.gather(*(send_request(session, url, p, options, time.perf_counter, headers)
@@ -647,6 +697,7 @@ def summarize(result: RunResult) -> dict:
         "output_tokens": out_tokens,
         "output_tokens_per_s": out_tokens / wall,
         "prompt_len_mean": sum(r.prompt_len for r in records) / len(records) if records else math.nan,
+        "prompt_cache": prompt_cache(ok),
         "latency_ms": {
             "ttft": distribution_ms([r.ttft for r in ok if r.ttft is not None]),
             "tpot": distribution_ms([r.tpot for r in ok if r.tpot is not None]),
@@ -661,6 +712,17 @@ def summarize(result: RunResult) -> dict:
         "stopped_early": result.stopped_early,
         "timeseries": time_series(records, wall),
     }
+
+
+def prompt_cache(records: Sequence[RequestRecord]) -> dict:
+    """The prompt tokens of answered requests as the server counted them, and those it reported found cached (None
+    when it reports nothing)."""
+    counted = [r for r in records if r.prompt_tokens is not None]
+    reported = [r for r in counted if r.cached_tokens is not None]
+    prompt, cached = sum(r.prompt_tokens for r in counted), sum(r.cached_tokens for r in reported)
+    return {"prompt_tokens_mean": prompt / len(counted) if counted else None,
+            "cached_tokens": cached if reported else None,
+            "cached_share": cached / sum(r.prompt_tokens for r in reported) if reported else None}
 
 
 def per_tenant(records: Sequence[RequestRecord], wall: float) -> dict:
@@ -687,8 +749,9 @@ def format_report(report: dict) -> str:
             if s["rate"] else f"concurrency {s['concurrency']}" + (f", think {s['think']} s" if s["think"] else ""))
     lines = [
         (f"{s['url']}: {len(s['models'])} model(s), {s['distribution']}, {load}, prompts {s['prompt_len'][0]}-"
-         f"{s['prompt_len'][1]} {'tokens' if s['prompts'] == 'token ids' else 'words'}, "
-         f"max_tokens {'{}-{}'.format(*s['output_len']) if s['output_len'] else s['options']['max_tokens']}, "
+         f"{s['prompt_len'][1]} {'tokens' if s['prompts'] == 'token ids' else 'words'}"
+         + (f" after a system prompt of {s['shared_prefix']} words per model (chat), " if s["shared_prefix"] else ", ")
+         + f"max_tokens {'{}-{}'.format(*s['output_len']) if s['output_len'] else s['options']['max_tokens']}, "
          f"{'streamed' if s['options']['stream'] else 'not streamed'}"),
         f"requests {report['requests']}: ok {report['ok']}, failed {report['failed']}"
         + (f"  errors by status: {report['errors_by_status']}" if report["errors_by_status"] else "")
@@ -697,6 +760,10 @@ def format_report(report: dict) -> str:
          f"{report['output_tokens_per_s']:.1f} output tokens/s   (load generator CPU {report['client_cpu_share']:.0%} "
          "of one core)"),
     ]
+    cache = report["prompt_cache"]
+    if cache["prompt_tokens_mean"] is not None:
+        lines.append(f"prompt tokens (the server's count) mean {cache['prompt_tokens_mean']:.1f}" +
+                     (f", found cached {cache['cached_share']:.1%}" if cache["cached_share"] is not None else ""))
     if report["short_outputs"]:
         lines.append(f"warning: {report['short_outputs']} answers did not have exactly max_tokens tokens")
     header = f"{'ms':<6}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}{'max':>10}"
@@ -822,6 +889,9 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--requests", type=int, help="stop after this many requests")
     load.add_argument("--duration", type=float, help="stop sending after this many seconds")
     load.add_argument("--warmup", type=int, default=0, help="unmeasured short requests first, round robin over models")
+    load.add_argument("--shared-prefix", type=int, metavar="N",
+                      help="chat requests: a system prompt of N random words per model (and tenant), then a user "
+                      "turn of --prompt-len random words")
     load.add_argument("--time-limit", type=float, default=3600.0, help="hard limit on the whole run, s (default 3600)")
     req = parser.add_argument_group("requests")
     req.add_argument("--prompt-len", type=_range, default=(16, 64), help="prompt length MIN:MAX (default 16:64)")
@@ -867,7 +937,7 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
         requests=args.requests, duration=args.duration, prompt_len=args.prompt_len, seed=args.seed, options=options,
         ordinary_ids=ordinary_token_ids(args.tokenizer) if args.tokenizer else None, warmup=args.warmup,
         time_limit=args.time_limit, api_key=args.api_key, tenants=tenants, output_len=args.output_len,
-        think=args.think,
+        think=args.think, shared_prefix=args.shared_prefix,
     )
 
 

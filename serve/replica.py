@@ -46,6 +46,7 @@ class ReplicaCall:
     request_id: str
     client: str | None = None  # whose fair share the request counts against (default: the adapter)
     weight: float = 1.0
+    cache_salt: str | None = None  # cached prompt blocks are shared only within one salt
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class _EngineReplica:
             try:
                 async for output in self.engine.generate(call.prompt_ids, call.params, adapter=adapter,
                                                          request_id=call.request_id, client=call.client,
-                                                         weight=call.weight):
+                                                         weight=call.weight, cache_salt=call.cache_salt):
                     queue.put_nowait(output)
                 queue.put_nowait(_END)
             except _ENGINE_ERRORS as error:

@@ -96,15 +96,15 @@ class ReplicaClient:
         return self.adapters
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None,
-                       request_id: str | None = None, client: str | None = None,
-                       weight: float = 1.0) -> AsyncIterator[GenerationOutput]:
+                       request_id: str | None = None, client: str | None = None, weight: float = 1.0,
+                       cache_salt: str | None = None) -> AsyncIterator[GenerationOutput]:
         """The engine's `generate`, run on a replica. EngineLost if the replica dies before the request ends."""
         params = params or SamplingParams()
         prompt_ids = self.tokenize(prompt)
         self.check_fits(prompt_ids, params)
         version = self.resolve_adapter(adapter) if adapter is not None else None
         call = ReplicaCall(prompt_ids, params, version.ref() if version else None, request_id or uuid.uuid4().hex,
-                           client, weight)
+                           client, weight, cache_salt)
         stream = routed(self.handle, adapter).generate.remote(call)
         if version is not None:
             version.requests_served += 1

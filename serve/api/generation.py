@@ -36,6 +36,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     tenant: Tenant | None = None  # with --tenants: whose limits, fair share and metrics the request counts in
+    cache_salt: str | None = None  # the caller's own salt of the prefix cache
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -44,12 +45,22 @@ class Job:
     text: list[str] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # (token id, Logprobs) per generated token, when asked
     prompt_logprobs: tuple = ()  # Logprobs of prompt tokens 1.., when asked (echo)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
     finish_reason: str | None = None
 
     @property
     def usage(self) -> dict:
         n = len(self.token_ids)
-        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": n, "total_tokens": len(self.prompt_ids) + n}
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": n, "total_tokens": len(self.prompt_ids) + n,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    @property
+    def prefix_salt(self) -> str | None:
+        """The request's salt in the prefix cache: its tenant's name and the caller's own salt, so that neither two
+        tenants nor two salts of one tenant share cached blocks."""
+        if self.tenant is None and self.cache_salt is None:
+            return None
+        return json.dumps([self.tenant.name if self.tenant is not None else None, self.cache_salt])
 
 
 def resolve_model(state: ServerState, name: str, tenant: Tenant | None = None) -> str | None:
@@ -110,7 +121,7 @@ def sampling_params(state: ServerState, body: _SamplingFields, prompt_len: int, 
 
 
 def admit(state: ServerState, model: str, adapter: str | None, prompt_ids: list[int], params: SamplingParams,
-          tenant: Tenant | None = None) -> Job:
+          tenant: Tenant | None = None, cache_salt: str | None = None) -> Job:
     """Check the request fits the context, the queue and the tenant's limits; count it in."""
     if state.shutting_down:
         raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
@@ -133,7 +144,7 @@ def admit(state: ServerState, model: str, adapter: str | None, prompt_ids: list[
             state.metrics.requests.labels(model, "rejected").inc()
             state.metrics.tenant_rejections.labels(tenant.name, exc.reason).inc()
             raise RetryLater(exc) from None
-    return Job(state, model, adapter, prompt_ids, params, tenant)
+    return Job(state, model, adapter, prompt_ids, params, tenant, cache_salt)
 
 
 def tokenize(state: ServerState, prompt: str | list[int]) -> list[int]:
@@ -248,7 +259,7 @@ async def _outputs(job: Job) -> AsyncIterator[GenerationOutput]:
     try:
         async for output in engine.generate(job.prompt_ids, job.params, adapter=job.adapter, request_id=job.request_id,
                                             client=tenant.name if tenant else None,
-                                            weight=tenant.weight if tenant else 1.0):
+                                            weight=tenant.weight if tenant else 1.0, cache_salt=job.prefix_salt):
             now = time.perf_counter()
             if job.first_token_at is None:
                 job.first_token_at = now
@@ -259,6 +270,8 @@ async def _outputs(job: Job) -> AsyncIterator[GenerationOutput]:
                 job.logprobs.append((output.token_id, output.logprobs))
             if output.prompt_logprobs is not None:
                 job.prompt_logprobs = output.prompt_logprobs
+            if output.cached_tokens is not None:
+                job.cached_tokens = output.cached_tokens
             if output.finish_reason is not None:
                 job.finish_reason = output.finish_reason.value
             yield output

@@ -105,7 +105,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt_ids = tokenize(state, body.prompt)
     params = sampling_params(state, body, len(prompt_ids), body.max_tokens, body.logprobs,
                              body.logprobs if body.echo else None)
-    job = admit(state, body.model, adapter, prompt_ids, params, tenant)
+    job = admit(state, body.model, adapter, prompt_ids, params, tenant, body.cache_salt)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await run(request, job, CompletionShape(job, body.return_token_ids, body.echo), body.stream, include_usage)
 
@@ -120,7 +120,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(state, body, len(prompt_ids), max_tokens, top)
-    job = admit(state, body.model, adapter, prompt_ids, params, tenant)
+    job = admit(state, body.model, adapter, prompt_ids, params, tenant, body.cache_salt)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await run(request, job, ChatShape(job, body.return_token_ids), body.stream, include_usage)
 

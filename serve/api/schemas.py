@@ -35,6 +35,10 @@ class _SamplingFields(BaseModel):
     ignore_eos: StrictBool = False
     return_token_ids: StrictBool = Field(default=False, description="add token_ids to each choice")
     n: StrictInt = Field(default=1, ge=1, le=1, description="only 1 is supported")
+    cache_salt: StrictStr | None = Field(
+        default=None, min_length=1, description="requests share cached prompt blocks only with requests of the same "
+        "salt (vLLM's field); with tenants each tenant has its own salt besides",
+    )
 
     @model_validator(mode="after")
     def _check_stop(self):

@@ -6,7 +6,9 @@ which waiting request is owed a slot now. The scheduler asks; it moves, pauses a
 `fair`: virtual token counters (S-LoRA's VTC, "Fairness in Serving Large Language Models", OSDI 2024). Each client
 (a tenant, or an adapter without tenants) has a counter of the service it received, weighted:
 
-    counter[c] += (PROMPT_COST · prompt tokens + OUTPUT_COST · output tokens) / weight[c]
+    counter[c] += (PROMPT_COST · prompt tokens computed + OUTPUT_COST · output tokens) / weight[c]
+
+(prompt tokens found in the prefix cache are not computed, and not charged).
 
 Admission serves the client with the smallest counter first. A client with no request in the engine that submits
 one has its counter lifted to the smallest counter of the clients that have requests in the engine (or, when none
@@ -117,11 +119,11 @@ class FairShare:
                 del queues[client]
 
     def charge(self, request: Request, n: int) -> None:
-        """Its prompt at its first admission, and one output token when these `n` tokens complete it (the step
-        samples its next token)."""
+        """Its prompt tokens not found cached at its first admission, and one output token when these `n` tokens
+        complete it (the step samples its next token)."""
         if request not in self._prompt_charged:
             self._prompt_charged.add(request)
-            self._charge(request, PROMPT_COST * len(request.prompt_ids))
+            self._charge(request, PROMPT_COST * (len(request.prompt_ids) - request.num_cached_tokens))
         if completes(request, n):
             self._charge(request, OUTPUT_COST)
 

@@ -1,8 +1,9 @@
 """The paged KV cache: fixed-size blocks of token slots, handed out to requests on demand.
 
 Per layer, keys and values live in one flat tensor of `num_blocks * block_size` token slots; a request
-owns a list of blocks and token `p` of it sits in slot `blocks[p // block_size] * block_size + p % block_size`.
-The whole cache is allocated once from a memory budget; requests that do not fit wait in the scheduler.
+holds a list of blocks and token `p` of it sits in slot `blocks[p // block_size] * block_size + p % block_size`.
+The whole cache is allocated once from a memory budget; requests that do not fit wait in the scheduler. Requests
+may share full blocks of a common prefix (`prefix_cache`); the allocator counts their holders.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .block_allocator import BlockAllocator
 from .host_memory import huge_page_empty
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -49,28 +51,6 @@ class CacheShape:
     def bytes_per_token(self) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
-
-
-class BlockAllocator:
-    """Free list of block ids. O(1) allocate and free."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise MemoryError(f"asked for {count} KV blocks, {len(self._free)} free")
-        taken = self._free[-count:] if count else []
-        del self._free[len(self._free) - count :]
-        return taken
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
 
 
 class PagedKVCache:

@@ -39,6 +39,10 @@ class Request:
     # base model), and that client's weight.
     client: str = ""
     weight: float = 1.0
+    # Prefix caching: requests share cached blocks only with requests of the same salt (the tenant's and the caller's).
+    cache_salt: str | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # of its leading full blocks, as far as computed yet
+    num_cached_tokens: int | None = None  # prompt tokens found cached at its first admission
 
     @property
     def all_ids(self) -> list[int]:
@@ -63,3 +67,4 @@ class TokenEvent:
     error: Exception | None = None  # raised to the caller
     logprobs: Logprobs | None = None
     prompt_logprobs: tuple[Logprobs, ...] | None = None  # with the first token, when asked
+    cached_tokens: int | None = None  # with the first token: prompt tokens found in the prefix cache

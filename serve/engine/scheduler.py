@@ -9,7 +9,9 @@ taken, a client with requests waiting and none running gets a slot from the clie
 is paused: it keeps its KV blocks unless the cache runs dry before it runs again). On a backlogged server such a
 client's prefill runs in a step of its own, so its first token does not wait for the decodes of those being served.
 KV blocks are taken as tokens need them; when the cache runs dry, paused requests give theirs up first, then the
-newest running request is preempted (its blocks freed, its tokens recomputed later) so older ones finish.
+newest running request is preempted (its blocks freed, its tokens recomputed later) so older ones finish. A request
+admitted without blocks (new, or preempted) first takes the full blocks of its leading tokens that are cached
+(`prefix_cache`), and computes only the rest; the blocks a step fills become findable.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from typing import Literal
 
 from .admission import POLICIES
 from .kv_cache import PagedKVCache
+from .prefix_cache import PrefixCache
 from .request import Request
 
 
 class Scheduler:
     def __init__(self, cache: PagedKVCache, max_batch_tokens: int, max_num_seqs: int,
-                 policy: Literal["fcfs", "fair"] = "fcfs"):
+                 policy: Literal["fcfs", "fair"] = "fcfs", prefix_caching: bool = True):
         self.cache = cache
+        self.prefix = PrefixCache(cache, prefix_caching)
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
         self.policy = POLICIES[policy]()
@@ -54,6 +58,13 @@ class Scheduler:
             return
         self._release(request)
         self.policy.leave(request)
+
+    def advance(self, entries: list[tuple[Request, int]]) -> None:
+        """A step ran `entries`: `n` more tokens of each request are in the cache, and the blocks they filled are
+        findable."""
+        for request, n in entries:
+            request.num_computed += n
+            self.prefix.publish(request, request.num_computed - n)
 
     def schedule(self) -> list[tuple[Request, int]]:
         """The next step: (request, number of its pending tokens to run)."""
@@ -94,27 +105,37 @@ class Scheduler:
 
     def _admit(self, candidates: Iterable[Request], budget: int) -> list[tuple[Request, int]]:
         """Move waiting requests, in the order given, to running while the step's token budget, the sequence slots
-        and the KV cache allow; the entries of their first prefill chunks."""
+        and the KV cache allow; the entries of their first prefill chunks (after the tokens found cached)."""
         entries: list[tuple[Request, int]] = []
         for request in candidates:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             if request.adapter_slot is None:
                 continue  # its adapter is not in a device slot yet: let others pass
-            n = min(request.num_pending, budget)
-            needed = self.cache.blocks_to_grow(request.blocks, request.num_computed + n)
+            cached = [] if request.blocks else self.prefix.find(request)
+            computed = request.num_computed + len(cached) * self.cache.block_size
+            n = min(request.num_tokens - computed, budget)
             reserve = self.watermark_blocks if self.running else 0
-            while needed + reserve > self.cache.allocator.num_free and self._drop_paused_blocks(keep=request):
+            allocator = self.cache.allocator
+            while ((needed := self._blocks_taken(request, cached, computed + n)) + reserve > allocator.num_free
+                   and self._drop_paused_blocks(keep=request)):
                 pass
-            if needed + reserve > self.cache.allocator.num_free:
+            if needed + reserve > allocator.num_free:
                 break  # wait for running requests to free blocks
-            request.blocks += self.cache.allocator.allocate(needed)
+            if not request.blocks:
+                self.prefix.take(request, cached)
+            request.blocks += allocator.allocate(self.cache.blocks_to_grow(request.blocks, computed + n))
             self.waiting.remove(request)
             self.running.append(request)
             entries.append((request, n))
             self.policy.charge(request, n)
             budget -= n
         return entries
+
+    def _blocks_taken(self, request: Request, cached: list[int], num_tokens: int) -> int:
+        """Free blocks that admitting `request` for `num_tokens` tokens takes: the blocks to add, and the `cached`
+        blocks found for it that nobody holds."""
+        return self.cache.blocks_to_grow(request.blocks + cached, num_tokens) + self.cache.allocator.num_idle(cached)
 
     def _grow_or_preempt(self, request: Request, num_tokens: int) -> bool:
         """Give `request` blocks for `num_tokens`, preempting newer requests if needed. False if it was preempted."""

@@ -12,6 +12,7 @@ import math
 import random
 import statistics
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from loradock.loadtest import loadtest as lt
@@ -244,6 +245,28 @@ def test_models_default_to_the_servers_list_and_words_prompts(server, capsys):
                      "--prompt-len", "3:6", "--quiet"])
     assert code == 0
     assert "3 model(s)" in capsys.readouterr().out  # base + a + b from /v1/models
+
+
+def test_shared_prefix_chats_send_each_models_seeded_system_prompt_and_find_it_cached(server, capsys):
+    """Chat requests, one system prompt per model (the same each time, seeded) and a different user turn each time;
+    after the warm-up (one request per model) every request finds its model's system prompt in the prefix cache."""
+    load = spec(server, None, distribution="distinct", shared_prefix=60, prompt_len=(3, 8), requests=9,
+                concurrency=1, warmup=3)
+    plans = load.workload().take(9)
+    systems = {model: {p.system for p in plans if p.model == model} for model in load.models}
+    assert all(len(prompts) == 1 for prompts in systems.values()) and len(set.union(*systems.values())) == 3
+    assert all(len(p.system.split()) == 60 and 3 <= len(p.prompt.split()) <= 8 for p in plans)
+    assert len({p.prompt for p in plans}) == 9
+    assert [p.system for p in load.workload().take(9)] == [p.system for p in plans]  # seeded
+    assert replace(load, seed=4).workload().next().system != plans[0].system
+    result, report = run(load)
+    assert report["ok"] == 9 and report["output_tokens"] == 9 * MAX_TOKENS and report["short_outputs"] == 0
+    assert all(r.prompt_tokens > 60 and 0 < r.cached_tokens < r.prompt_tokens for r in result.records)
+    assert 0 < report["prompt_cache"]["cached_share"] < 1
+    assert "found cached" in lt.format_report(report) and "system prompt of 60 words" in lt.format_report(report)
+    tenants = [lt.TenantLoad("t1", "k1", concurrency=1), lt.TenantLoad("t2", "k2", concurrency=1)]
+    streams = replace(load, tenants=tenants).streams()
+    assert len({stream.workload().next().system for _, stream in streams}) == 2  # each tenant its own
 
 
 def test_only_loopback_targets_unless_allowed():

@@ -80,7 +80,8 @@ def test_the_families_and_their_types(server):
 def test_a_request_moves_the_request_token_and_latency_metrics(server):
     before = Scrape(server)
     body = completion(server, max_tokens=5, ignore_eos=True)
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11}
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 5, "total_tokens": 11,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     after = Scrape(server)
     model = {"model": MODEL_NAME}
     delta = lambda name, **labels: after(name, **labels) - before(name, **labels)  # noqa: E731

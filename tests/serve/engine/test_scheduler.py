@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from loradock.serve.engine.kv_cache import BlockAllocator, CacheShape, PagedKVCache, parse_size
+from loradock.serve.engine.block_allocator import BlockAllocator
+from loradock.serve.engine.kv_cache import CacheShape, PagedKVCache, parse_size
 from loradock.serve.engine.request import Request
 from loradock.serve.engine.sampling import SamplingParams
 from loradock.serve.engine.scheduler import Scheduler
