@@ -1,5 +1,5 @@
 """The compiled CPU ops (`cpu_ops.cpp`: the gathered-LoRA kernel of `cpu_lora.cpp` and the decode attention of
-`cpu_attention.cpp`), built on first use and cached.
+`cpu_attention.cpp`, each for float32 and bfloat16 tensors), built on first use and cached.
 
 They are compiled with torch's extension loader (needs a C++ compiler and ninja; about half a minute on an idle
 2-core machine) for this machine's CPU (`-march=native`), and cached under `$LORADOCK_CACHE_DIR` or the user cache
@@ -20,9 +20,13 @@ from types import ModuleType
 import torch
 import platformdirs
 
+from .cpu_features import cpu_flags_line
+
 log = logging.getLogger("loradock.kernels")
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_lora.cpp", "cpu_attention.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_element.h")]  # included by the sources: part of the build's key
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the tensors' dtypes the compiled ops take
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs in parallel (torch's libgomp)
 
 _lock = threading.Lock()
@@ -45,18 +49,10 @@ def cache_root() -> Path:
 
 def build_directory() -> Path:
     """Where this machine's build lives: one per source, torch version and CPU (its flags)."""
-    digest = hashlib.sha256((platform.machine() + _cpu_flags() + " ".join(CFLAGS)).encode())
-    for source in SOURCES:
+    digest = hashlib.sha256((platform.machine() + cpu_flags_line() + " ".join(CFLAGS)).encode())
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     return cache_root() / "cpu-ops" / f"torch-{torch.__version__}-{digest.hexdigest()[:16]}"
-
-
-def _cpu_flags() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
 
 
 def _build() -> ModuleType | None:

@@ -1,4 +1,4 @@
-// The gathered-LoRA op compiled for the CPU (fp32): the engine's LoRA path when it serves on the CPU.
+// The gathered-LoRA op compiled for the CPU (float32 or bfloat16): the engine's LoRA path when it serves on the CPU.
 //
 // For each segment of the step's metadata (a run of tokens sharing slot s, read through sorted_tokens) shorter
 // than max_length tokens (longer ones, prefill chunks, go through torch's BLAS on the Python side):
@@ -16,6 +16,11 @@
 // is a whole LoRA layer, the base linear plus the deltas, with the kernel running on a helper thread while the
 // caller runs the base GEMM (TileHelper below), so the step's adapter weights stream in during the GEMM instead
 // of after it. Figures for each of these choices: loadtest/RESULTS.md, "The CPU kernels' design figures".
+//
+// Element types: x, A and B are all float32 or all bfloat16 (T below); y is T too, or float32 for lora_linear's
+// scratch. Every sum is accumulated in float32: in bfloat16 the shrink's dot products are AVX512-BF16 `vdpbf16ps`
+// where the compiler targets it (pairs of bfloat16 products summed into float32 lanes), bfloat16 -> float32
+// conversions and FMAs elsewhere; a bfloat16 y is rounded once per token, after all of the token's ranks.
 //
 // Layout it needs (checked by the Python side, which otherwise uses the torch path): x, y, A rows and B's out
 // dimension with unit stride, i.e. A [S, R, in] with in innermost and B [S, out, R] with out innermost.
@@ -35,82 +40,128 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+#include "cpu_element.h"
 
 namespace {
 
 constexpr int kTile = 4;         // tokens per work item
 constexpr int64_t kRankChunk = 64;  // ranks shrunk (into registers / stack) before their expand
 
+using loradock::BFloat16;
+using loradock::kLine;
+using loradock::narrow;
+using loradock::widen;
+using loradock::with_element_type;
+
+// dst[c] += delta[c] for c < n, rounded once into dst's type
+template <typename Y>
+void add_row(Y* __restrict dst, const float* __restrict delta, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) dst[c] = narrow<Y>(widen(dst[c]) + delta[c]);
+}
+
+template <typename T>
 struct NextWeights {  // the next segment's weights, to prefetch; nullptr: none
-  const float* A = nullptr;
-  const float* B = nullptr;
+  const T* A = nullptr;
+  const T* B = nullptr;
 };
 
+template <typename T>
 struct SlotWeights {
-  const float* A;        // A[s, 0, 0]
+  const T* A;            // A[s, 0, 0]
   int64_t a_rank_stride;  // elements between A[s, k] and A[s, k + 1]
-  const float* B;        // B[s, 0, 0]
+  const T* B;            // B[s, 0, 0]
   int64_t b_rank_stride;  // elements between B[s, :, k] and B[s, :, k + 1]
   int64_t out;
   int64_t rank;          // r
   float scale;
 };
 
-// h[k][j] = scale * x_j . A[k0 + k] for the TL tokens x_j, k < count
-template <int TL>
-void shrink(float (*h)[kTile], const float* const* xs, const SlotWeights& w, int64_t in, int64_t k0, int64_t count,
-            const NextWeights& next) {
-  for (int64_t k = 0; k < count; ++k) {
-    const float* __restrict a = w.A + (k0 + k) * w.a_rank_stride;
-    if (next.A != nullptr)  // one 64-byte line per prefetch, into L2
-      for (int64_t c = 0; c < in; c += 16) __builtin_prefetch(next.A + (k0 + k) * w.a_rank_stride + c, 0, 2);
-    float acc[kTile] = {0.f, 0.f, 0.f, 0.f};
-    if constexpr (TL == kTile) {
-      const float* __restrict x0 = xs[0];
-      const float* __restrict x1 = xs[1];
-      const float* __restrict x2 = xs[2];
-      const float* __restrict x3 = xs[3];
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+// dots[j] = x_j . a for the TL rows x_j, summed in float32
+template <int TL, typename T>
+void dot_rows(float (&dots)[kTile], const T* const* xs, const T* __restrict a, int64_t in) {
+  if constexpr (TL == kTile) {
+    const T* __restrict x0 = xs[0];
+    const T* __restrict x1 = xs[1];
+    const T* __restrict x2 = xs[2];
+    const T* __restrict x3 = xs[3];
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t c = 0; c < in; ++c) {
-        const float weight = a[c];
-        s0 += x0[c] * weight;
-        s1 += x1[c] * weight;
-        s2 += x2[c] * weight;
-        s3 += x3[c] * weight;
-      }
-      acc[0] = s0, acc[1] = s1, acc[2] = s2, acc[3] = s3;
-    } else {
-      for (int j = 0; j < TL; ++j) {
-        const float* __restrict xj = xs[j];
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t c = 0; c < in; ++c) s += xj[c] * a[c];
-        acc[j] = s;
-      }
+    for (int64_t c = 0; c < in; ++c) {
+      const float weight = widen(a[c]);
+      s0 += widen(x0[c]) * weight;
+      s1 += widen(x1[c]) * weight;
+      s2 += widen(x2[c]) * weight;
+      s3 += widen(x3[c]) * weight;
     }
-    for (int j = 0; j < TL; ++j) h[k][j] = acc[j] * w.scale;
+    dots[0] = s0, dots[1] = s1, dots[2] = s2, dots[3] = s3;
+  } else {
+    for (int j = 0; j < TL; ++j) {
+      const T* __restrict xj = xs[j];
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t c = 0; c < in; ++c) s += widen(xj[c]) * widen(a[c]);
+      dots[j] = s;
+    }
   }
 }
 
-// y_j += sum_k h[k][j] * B[k0 + k] for the TL token rows y_j, k < count, four ranks per pass over y. A full tile
-// updates its four rows together: each vector of the four B rows is loaded once for the four tokens.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// The same in bfloat16 with vdpbf16ps: 32 products per instruction, each pair summed into a float32 lane (the
+// products are exact in float32); the row's tail through a masked load, whose zeros add nothing.
 template <int TL>
-void expand(float* const* ys, const float (*h)[kTile], const SlotWeights& w, int64_t k0, int64_t count,
-            const NextWeights& next) {
+void dot_rows(float (&dots)[kTile], const BFloat16* const* xs, const BFloat16* __restrict a, int64_t in) {
+  __m512 sums[TL];
+  for (int j = 0; j < TL; ++j) sums[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < in; c += 32) {
+    const __mmask32 lanes = in - c >= 32 ? ~__mmask32{0} : (__mmask32{1} << (in - c)) - 1;
+    const __m512bh weight = (__m512bh)_mm512_maskz_loadu_epi16(lanes, a + c);
+    for (int j = 0; j < TL; ++j)
+      sums[j] = _mm512_dpbf16_ps(sums[j], (__m512bh)_mm512_maskz_loadu_epi16(lanes, xs[j] + c), weight);
+  }
+  for (int j = 0; j < TL; ++j) dots[j] = _mm512_reduce_add_ps(sums[j]);
+}
+#endif
+
+// h[k][j] = scale * x_j . A[k0 + k] for the TL tokens x_j, k < count
+template <int TL, typename T>
+void shrink(float (*h)[kTile], const T* const* xs, const SlotWeights<T>& w, int64_t in, int64_t k0, int64_t count,
+            const NextWeights<T>& next) {
+  for (int64_t k = 0; k < count; ++k) {
+    const T* __restrict a = w.A + (k0 + k) * w.a_rank_stride;
+    if (next.A != nullptr)  // one 64-byte line per prefetch, into L2
+      for (int64_t c = 0; c < in; c += kLine<T>)
+        __builtin_prefetch(next.A + (k0 + k) * w.a_rank_stride + c, 0, 2);
+    float dots[kTile];
+    dot_rows<TL>(dots, xs, a, in);
+    for (int j = 0; j < TL; ++j) h[k][j] = dots[j] * w.scale;
+  }
+}
+
+// y_j += sum_k h[k][j] * B[k0 + k] for the TL float32 rows y_j, k < count, four ranks per pass over y. A full tile
+// updates its four rows together: each vector of the four B rows is loaded once for the four tokens.
+template <int TL, typename T>
+void expand(float* const* ys, const float (*h)[kTile], const SlotWeights<T>& w, int64_t k0, int64_t count,
+            const NextWeights<T>& next) {
   auto prefetch_rows = [&](int64_t k, int64_t n) {
     if (next.B != nullptr)
       for (int64_t q = k0 + k; q < k0 + k + n; ++q)
-        for (int64_t o = 0; o < w.out; o += 16) __builtin_prefetch(next.B + q * w.b_rank_stride + o, 0, 2);
+        for (int64_t o = 0; o < w.out; o += kLine<T>) __builtin_prefetch(next.B + q * w.b_rank_stride + o, 0, 2);
   };
   int64_t k = 0;
   for (; k + 4 <= count; k += 4) {
     prefetch_rows(k, 4);
-    const float* __restrict b0 = w.B + (k0 + k) * w.b_rank_stride;
-    const float* __restrict b1 = b0 + w.b_rank_stride;
-    const float* __restrict b2 = b1 + w.b_rank_stride;
-    const float* __restrict b3 = b2 + w.b_rank_stride;
+    const T* __restrict b0 = w.B + (k0 + k) * w.b_rank_stride;
+    const T* __restrict b1 = b0 + w.b_rank_stride;
+    const T* __restrict b2 = b1 + w.b_rank_stride;
+    const T* __restrict b3 = b2 + w.b_rank_stride;
     if constexpr (TL == kTile) {
       float* __restrict y0 = ys[0];
       float* __restrict y1 = ys[1];
@@ -122,7 +173,7 @@ void expand(float* const* ys, const float (*h)[kTile], const SlotWeights& w, int
       const float h30 = h[k + 3][0], h31 = h[k + 3][1], h32 = h[k + 3][2], h33 = h[k + 3][3];
 #pragma omp simd
       for (int64_t o = 0; o < w.out; ++o) {
-        const float v0 = b0[o], v1 = b1[o], v2 = b2[o], v3 = b3[o];
+        const float v0 = widen(b0[o]), v1 = widen(b1[o]), v2 = widen(b2[o]), v3 = widen(b3[o]);
         y0[o] += h00 * v0 + h10 * v1 + h20 * v2 + h30 * v3;
         y1[o] += h01 * v0 + h11 * v1 + h21 * v2 + h31 * v3;
         y2[o] += h02 * v0 + h12 * v1 + h22 * v2 + h32 * v3;
@@ -133,24 +184,26 @@ void expand(float* const* ys, const float (*h)[kTile], const SlotWeights& w, int
         float* __restrict y = ys[j];
         const float h0 = h[k][j], h1 = h[k + 1][j], h2 = h[k + 2][j], h3 = h[k + 3][j];
 #pragma omp simd
-        for (int64_t o = 0; o < w.out; ++o) y[o] += h0 * b0[o] + h1 * b1[o] + h2 * b2[o] + h3 * b3[o];
+        for (int64_t o = 0; o < w.out; ++o)
+          y[o] += h0 * widen(b0[o]) + h1 * widen(b1[o]) + h2 * widen(b2[o]) + h3 * widen(b3[o]);
       }
     }
   }
   for (; k < count; ++k) {
     prefetch_rows(k, 1);
-    const float* __restrict b = w.B + (k0 + k) * w.b_rank_stride;
+    const T* __restrict b = w.B + (k0 + k) * w.b_rank_stride;
     for (int j = 0; j < TL; ++j) {
       float* __restrict y = ys[j];
       const float hk = h[k][j];
 #pragma omp simd
-      for (int64_t o = 0; o < w.out; ++o) y[o] += hk * b[o];
+      for (int64_t o = 0; o < w.out; ++o) y[o] += hk * widen(b[o]);
     }
   }
 }
 
-template <int TL>
-void apply_tile(const float* const* xs, float* const* ys, const SlotWeights& w, int64_t in, const NextWeights& next) {
+template <int TL, typename T>
+void apply_tile(const T* const* xs, float* const* ys, const SlotWeights<T>& w, int64_t in,
+                const NextWeights<T>& next) {
   float h[kRankChunk][kTile];
   for (int64_t k0 = 0; k0 < w.rank; k0 += kRankChunk) {
     const int64_t count = std::min(kRankChunk, w.rank - k0);
@@ -159,24 +212,42 @@ void apply_tile(const float* const* xs, float* const* ys, const SlotWeights& w, 
   }
 }
 
+// What the helper thread runs: numbered tiles that any thread may run, each once.
+class Tiles {
+ public:
+  virtual ~Tiles() = default;
+  virtual int64_t num_tiles() const = 0;
+  virtual void run_tile(int64_t tile) const = 0;
+
+  // Every tile, spread over torch's intra-op threads.
+  void run_all() const {
+    at::parallel_for(0, num_tiles(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) run_tile(tile);
+    });
+  }
+};
+
 // One call's operands as raw pointers, and its work: tiles of up to four tokens of one segment. Tiles write
-// disjoint rows of y, so any thread may run any tile.
-class LoraCall {
+// disjoint rows of y, so any thread may run any tile. T: the element type of x, A and B; Y: y's. The expand adds
+// into float32 rows: y's own when Y is float, else a tile's float32 rows, added into y's once at the tile's end.
+template <typename T, typename Y>
+class LoraCall final : public Tiles {
+  static constexpr bool kStaged = !std::is_same_v<Y, float>;
+
  public:
   LoraCall(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& scales,
            const at::Tensor& ranks, const at::Tensor& sorted_tokens, const at::Tensor& segment_slots,
            const at::Tensor& segment_starts, const at::Tensor& segment_lengths, int64_t num_segments,
            int64_t max_length, bool overwrite)
-      : x_(x.data_ptr<float>()), x_row_(x.stride(0)), y_(y.data_ptr<float>()), y_row_(y.stride(0)),
-        A_(A.data_ptr<float>()), a_slot_(A.stride(0)), a_rank_(A.stride(1)), in_(A.size(2)),
-        B_(B.data_ptr<float>()), b_slot_(B.stride(0)), b_rank_(B.stride(2)), out_(B.size(1)),
+      : x_(x.data_ptr<T>()), x_row_(x.stride(0)), y_(y.data_ptr<Y>()), y_row_(y.stride(0)),
+        A_(A.data_ptr<T>()), a_slot_(A.stride(0)), a_rank_(A.stride(1)), in_(A.size(2)),
+        B_(B.data_ptr<T>()), b_slot_(B.stride(0)), b_rank_(B.stride(2)), out_(B.size(1)),
         scales_(scales.data_ptr<float>()), ranks_(ranks.data_ptr<int32_t>()),
         tokens_(sorted_tokens.data_ptr<int32_t>()), slots_(segment_slots.data_ptr<int32_t>()),
         starts_(segment_starts.data_ptr<int32_t>()), lengths_(segment_lengths.data_ptr<int32_t>()),
         max_length_(max_length), first_tile_(num_segments + 1, 0), overwrite_(overwrite) {
-    TORCH_CHECK(x.dtype() == at::kFloat && y.dtype() == at::kFloat && A.dtype() == at::kFloat &&
-                    B.dtype() == at::kFloat,
-                "the CPU LoRA kernel takes float32");
+    static_assert(!kStaged || std::is_same_v<Y, T>, "a y of another type than x is float32 scratch");
+    TORCH_CHECK(!(kStaged && overwrite), "the CPU LoRA kernel overwrites float32 scratch only");
     TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && A.stride(2) == 1 && B.stride(1) == 1,
                 "the CPU LoRA kernel needs unit strides along x/y columns, A's in and B's out");
     TORCH_CHECK(num_segments <= segment_slots.size(0), "more segments than the metadata holds");
@@ -184,25 +255,33 @@ class LoraCall {
       first_tile_[g + 1] = first_tile_[g] + (mine(g) ? (lengths_[g] + kTile - 1) / kTile : 0);
   }
 
-  int64_t num_tiles() const { return first_tile_.back(); }
+  int64_t num_tiles() const override { return first_tile_.back(); }
   int64_t num_segments() const { return static_cast<int64_t>(first_tile_.size()) - 1; }
 
-  void run_tile(int64_t tile) const {
+  void run_tile(int64_t tile) const override {
     const int64_t g = std::upper_bound(first_tile_.begin(), first_tile_.end(), tile) - first_tile_.begin() - 1;
     const int64_t slot = slots_[g];
     const int64_t first = (tile - first_tile_[g]) * kTile;
     const int count = static_cast<int>(std::min<int64_t>(kTile, lengths_[g] - first));
     const int32_t* rows = tokens_ + starts_[g] + first;
-    const float* xs[kTile];
+    const SlotWeights<T> w{A_ + slot * a_slot_, a_rank_, B_ + slot * b_slot_, b_rank_, out_, ranks_[slot],
+                           scales_[slot]};
+    const T* xs[kTile];
     float* ys[kTile];
     for (int j = 0; j < count; ++j) {
       xs[j] = x_ + rows[j] * x_row_;
-      ys[j] = y_ + rows[j] * y_row_;
-      if (overwrite_) std::fill(ys[j], ys[j] + out_, 0.f);
+      if constexpr (!kStaged) {
+        ys[j] = y_ + rows[j] * y_row_;
+        if (overwrite_) std::fill(ys[j], ys[j] + out_, 0.f);
+      }
     }
-    const SlotWeights w{A_ + slot * a_slot_, a_rank_, B_ + slot * b_slot_, b_rank_, out_, ranks_[slot], scales_[slot]};
     if (w.rank == 0) return;
-    NextWeights next;
+    if constexpr (kStaged) {
+      thread_local std::vector<float> staged;  // [count, out]: the tile's float32 rows, kept for the next tile
+      staged.assign(count * out_, 0.f);
+      for (int j = 0; j < count; ++j) ys[j] = staged.data() + j * out_;
+    }
+    NextWeights<T> next;
     if (first + kTile >= lengths_[g]) {  // the segment's last tile: prefetch the next segment the kernel runs
       int64_t h = g + 1;
       while (h < num_segments() && !mine(h)) ++h;
@@ -214,41 +293,32 @@ class LoraCall {
       case 2: apply_tile<2>(xs, ys, w, in_, next); break;
       default: apply_tile<1>(xs, ys, w, in_, next); break;
     }
+    if constexpr (kStaged)
+      for (int j = 0; j < count; ++j) add_row(y_ + rows[j] * y_row_, ys[j], out_);
   }
 
-  // Every tile, spread over torch's intra-op threads.
-  void run_all() const {
-    at::parallel_for(0, num_tiles(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) run_tile(tile);
-    });
-  }
-
-  // dst[t] += y[t] for the tokens of the kernel's segments (y written with overwrite)
+  // dst[t] += y[t] for the tokens of the kernel's segments (y written with overwrite), rounded once into T
   void add_rows_into(at::Tensor& dst) const {
     TORCH_CHECK(dst.stride(1) == 1, "the LoRA deltas are added into rows with unit column stride");
-    float* d = dst.data_ptr<float>();
+    T* d = dst.data_ptr<T>();
     const int64_t d_row = dst.stride(0);
     for (int64_t g = 0; g < num_segments(); ++g) {
       if (!mine(g)) continue;
-      for (int64_t e = starts_[g]; e < starts_[g] + lengths_[g]; ++e) {
-        float* __restrict out = d + tokens_[e] * d_row;
-        const float* __restrict delta = y_ + tokens_[e] * y_row_;
-#pragma omp simd
-        for (int64_t c = 0; c < out_; ++c) out[c] += delta[c];
-      }
+      for (int64_t e = starts_[g]; e < starts_[g] + lengths_[g]; ++e)
+        add_row(d + tokens_[e] * d_row, y_ + tokens_[e] * y_row_, out_);
     }
   }
 
  private:
   bool mine(int64_t g) const { return lengths_[g] < max_length_; }  // longer segments go through BLAS
 
-  const float* x_;
+  const T* x_;
   int64_t x_row_;
-  float* y_;
+  Y* y_;
   int64_t y_row_;
-  const float* A_;  // [S, R, in]
+  const T* A_;  // [S, R, in]
   int64_t a_slot_, a_rank_, in_;
-  const float* B_;  // [S, out, R], out innermost
+  const T* B_;  // [S, out, R], out innermost
   int64_t b_slot_, b_rank_, out_;
   const float* scales_;  // [S]
   const int32_t* ranks_;  // [S]
@@ -286,7 +356,7 @@ class TileHelper {
 
   // Runs call's tiles, part on the helper, while `meanwhile` runs on the caller; returns once all are done.
   template <typename F>
-  void run_alongside(const LoraCall& call, F&& meanwhile) {
+  void run_alongside(const Tiles& call, F&& meanwhile) {
     std::unique_lock<std::mutex> caller(caller_, std::try_to_lock);
     const int64_t tiles = call.num_tiles();
     if (!caller.owns_lock() || forked_ || tiles == 0 || tiles > kMaxTiles) {  // e.g. another caller has it
@@ -390,7 +460,7 @@ class TileHelper {
   static constexpr std::chrono::microseconds kCallerSpin{20};
   static inline bool forked_ = false;
   std::mutex caller_;  // one caller at a time owns the job slot
-  const LoraCall* job_ = nullptr;  // published by the release of state_, valid until done_ reaches its tiles
+  const Tiles* job_ = nullptr;  // published by the release of state_, valid until done_ reaches its tiles
   std::atomic<uint64_t> state_{0};
   std::atomic<int64_t> done_{0};
   std::mutex mutex_;  // guards the sleeps below
@@ -407,22 +477,35 @@ int64_t usable_cpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// The element type of x, A and B: float32 or bfloat16, the same for the three.
+at::ScalarType element_type(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B) {
+  const at::ScalarType type = x.scalar_type();
+  TORCH_CHECK((type == at::kFloat || type == at::kBFloat16) && A.scalar_type() == type && B.scalar_type() == type,
+              "the CPU LoRA kernel takes x, A and B all float32 or all bfloat16");
+  return type;
+}
+
 }  // namespace
 
 // y [T, out] += the LoRA deltas of the step's segments shorter than max_length; see the header comment.
 void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales, at::Tensor ranks,
                 at::Tensor sorted_tokens, at::Tensor segment_slots, at::Tensor segment_starts,
                 at::Tensor segment_lengths, int64_t num_segments, int64_t max_length) {
-  const LoraCall call(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths,
-                      num_segments, max_length, /*overwrite=*/false);
-  call.run_all();
+  const at::ScalarType type = element_type(x, A, B);
+  TORCH_CHECK(y.scalar_type() == type, "the CPU LoRA kernel adds into a y of x's dtype");
+  with_element_type(type, [&](auto element) {
+    using T = decltype(element);
+    const LoraCall<T, T> call(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts,
+                              segment_lengths, num_segments, max_length, /*overwrite=*/false);
+    call.run_all();
+  });
 }
 
 // linear(x, weight, bias) [T, out] plus the LoRA deltas of the step's segments shorter than max_length. The deltas
-// are computed on the helper thread while the caller runs the GEMM, into a scratch buffer the caller then adds.
-// Where torch's threads already take every CPU the caller may run on (no core left for the helper), and for calls
-// whose scratch would exceed kMaxDelta (long prefill chunks of a wide model), it runs the GEMM, then the kernel, as
-// lora_apply does.
+// are computed on the helper thread while the caller runs the GEMM, into a float32 scratch buffer the caller then
+// adds. Where torch's threads already take every CPU the caller may run on (no core left for the helper), and for
+// calls whose scratch would exceed kMaxDelta (long prefill chunks of a wide model), it runs the GEMM, then the
+// kernel, as lora_apply does.
 at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias, at::Tensor A, at::Tensor B,
                        at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
                        at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
@@ -430,6 +513,8 @@ at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(1) == A.size(2) &&
                   weight.size(0) == B.size(1),
               "lora_linear: expected x [T, in], weight [out, in], A [S, R, in] and B [S, out, R]");
+  const at::ScalarType type = element_type(x, A, B);
+  TORCH_CHECK(weight.scalar_type() == type, "lora_linear: the base weight must have x's dtype");
   constexpr int64_t kMaxDelta = int64_t{1} << 22;  // floats (16 MB)
   static const int64_t cpus = usable_cpus();  // those of the first caller, the engine thread
   const int64_t needed = x.size(0) * weight.size(0);
@@ -440,12 +525,15 @@ at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor
     return y;
   }
   thread_local at::Tensor scratch;  // [>= T * out] float32, kept between calls (a fresh one would page-fault)
-  if (!scratch.defined() || scratch.numel() < needed) scratch = at::empty({needed}, x.options());
+  if (!scratch.defined() || scratch.numel() < needed) scratch = at::empty({needed}, x.options().dtype(at::kFloat));
   at::Tensor delta = scratch.narrow(0, 0, needed).view({x.size(0), weight.size(0)});  // [T, out]
-  const LoraCall call(delta, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths,
-                      num_segments, max_length, /*overwrite=*/true);
   at::Tensor y;
-  TileHelper::instance().run_alongside(call, [&] { y = at::linear(x, weight, bias); });
-  call.add_rows_into(y);
+  with_element_type(type, [&](auto element) {
+    using T = decltype(element);
+    const LoraCall<T, float> call(delta, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts,
+                                  segment_lengths, num_segments, max_length, /*overwrite=*/true);
+    TileHelper::instance().run_alongside(call, [&] { y = at::linear(x, weight, bias); });
+    call.add_rows_into(y);
+  });
   return y;
 }

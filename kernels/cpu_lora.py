@@ -5,11 +5,12 @@ the arithmetic of a decode step; the kernel walks the step's segments in one cal
 LONG_SEGMENT tokens (prefill chunks) go through torch's BLAS, one matmul pair each, where BLAS is the faster.
 
 A LoRA layer (`linear`) is one call, `lora_linear`: the base GEMM on the calling thread while a helper thread runs
-the kernel, so the adapter weights stream in from memory during the GEMM. It applies to float32 `nn.Linear` bases;
-others run the base, then the kernel.
+the kernel, so the adapter weights stream in from memory during the GEMM. It applies to `nn.Linear` bases of the
+adapters' dtype; others run the base, then the kernel.
 
-The kernel is one of the compiled CPU ops (`cpu_build`), built on first use. When they cannot be built, or the
-operands do not suit the kernel (not float32, or another memory layout), the torch path serves instead.
+The kernel takes float32 or bfloat16 (x, weights and y of one dtype) and sums in float32. It is one of the compiled
+CPU ops (`cpu_build`), built on first use. When they cannot be built, or the operands do not suit the kernel (another
+dtype, or another memory layout), the torch path serves instead.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class CpuBackend(LoraBackend):
             compiled is None
             or not self.overlap
             or type(base) is not torch.nn.Linear
-            or base.weight.dtype != torch.float32
+            or base.weight.dtype != ops.A.dtype
             or not _kernel_reads(ops, x_2d)
         ):
             return super().linear(base, x, ops, meta)
@@ -86,8 +87,9 @@ class CpuBackend(LoraBackend):
 
 
 def _kernel_reads(ops: LoraOperands, x: torch.Tensor) -> bool:
-    """Whether the kernel takes these operands: float32 weights in its layout, x of the weights' dtype, unit stride."""
-    return ops.cpu_kernel_layout and x.dtype == torch.float32 and x.stride(1) == 1
+    """Whether the kernel takes these operands: weights of a kernel dtype in its layout, x of the weights' dtype with
+    unit column stride."""
+    return ops.cpu_kernel_layout and x.dtype == ops.A.dtype and x.stride(1) == 1
 
 
 def _kernel_operands(ops: LoraOperands, meta: LoraMeta) -> tuple:

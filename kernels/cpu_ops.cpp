@@ -20,11 +20,12 @@ void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Like torch's own ops they run without the GIL: the server's event loop thread goes on meanwhile.
-  m.def("lora_apply", &lora_apply, "y += gathered LoRA deltas of the step's segments (float32, CPU)",
+  m.def("lora_apply", &lora_apply, "y += gathered LoRA deltas of the step's segments (float32 or bfloat16, CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_linear", &lora_linear,
         "linear(x, weight, bias) plus the gathered LoRA deltas, computed on a helper thread during the GEMM",
         py::call_guard<py::gil_scoped_release>());
-  m.def("decode_attention", &decode_attention, "decode queries against the paged KV cache, in place (float32, CPU)",
+  m.def("decode_attention", &decode_attention,
+        "decode queries against the paged KV cache, in place (float32 or bfloat16, CPU)",
         py::call_guard<py::gil_scoped_release>());
 }

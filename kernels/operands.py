@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from .cpu_build import KERNEL_DTYPES
+
 
 class LoraOperands(NamedTuple):
     """A LoRA layer's slot buffers, checked, and whether the compiled CPU kernel can read them."""
@@ -18,7 +20,7 @@ class LoraOperands(NamedTuple):
     B: torch.Tensor  # [S, out, R]: expand weights per slot; any strides
     scales: torch.Tensor  # [S] float32
     ranks: torch.Tensor  # [S] int32: real rank per slot, <= R
-    cpu_kernel_layout: bool  # float32 CPU weights with A's in and B's out innermost: the CPU kernel reads them
+    cpu_kernel_layout: bool  # float32 or bfloat16 CPU weights, A's in and B's out innermost: the CPU kernel reads them
 
 
 def lora_operands(A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor) -> LoraOperands:
@@ -39,7 +41,7 @@ def lora_operands(A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor, ranks:
         raise ValueError("scales and ranks must be contiguous")
     if len({t.device for t in (A, B, scales, ranks)}) != 1:
         raise ValueError("all LoRA operands must be on one device")
-    cpu_kernel_layout = A.device.type == "cpu" and A.dtype == torch.float32 and A.stride(2) == 1 and B.stride(1) == 1
+    cpu_kernel_layout = A.device.type == "cpu" and A.dtype in KERNEL_DTYPES and A.stride(2) == 1 and B.stride(1) == 1
     return LoraOperands(A, B, scales, ranks, cpu_kernel_layout)
 
 

@@ -24,9 +24,9 @@ from transformers.utils import logging as hf_logging
 
 from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig, RequestError, SamplingParams
+from ..serve.models.dtype import choose_dtype
 from ..serve.models.loader import (
     ModelLoadError,
-    default_dtype,
     default_quantize,
     load_model,
     resolve_device,
@@ -216,8 +216,8 @@ def bench(args: argparse.Namespace) -> None:
     use_serving_threads(args.threads)  # the engine as it serves
     device = resolve_device(args.device)
     quantize = args.quantize or default_quantize(device)
-    dtype = default_dtype(device)
-    dtype_name = str(dtype).removeprefix("torch.")
+    choice = choose_dtype("auto", device)  # the server's default, for the engine and the HF side alike
+    dtype, dtype_name = choice.dtype, choice.name
     path = resolve_model_path(args.model)
     hardware = describe_hardware(device)
     print(format_hardware(hardware), flush=True)
@@ -233,6 +233,7 @@ def bench(args: argparse.Namespace) -> None:
         EngineConfig(
             model=str(path),
             quantize=quantize,
+            dtype=dtype_name,
             device=str(device),
             max_num_seqs=max(args.concurrency),
             max_model_len=args.prompt_len[1] + args.max_tokens,

@@ -8,6 +8,12 @@ import platform
 import torch
 import transformers
 
+from ..kernels.cpu_features import cpu_flags
+from ..serve.models.dtype import choose_dtype
+
+# the CPU flags that decide loradock's dtype and kernels: bfloat16 matrix instructions, vector widths
+NOTABLE_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma", "asimd", "bf16")
+
 
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo, else whatever the platform module knows."""
@@ -22,9 +28,11 @@ def cpu_model() -> str:
 
 
 def describe_hardware(device: torch.device) -> dict[str, str]:
-    """CPU, cores, torch threads, current load, GPU (if `device` is CUDA) and library versions, as strings."""
+    """CPU (model and notable flags), cores, torch threads, current load, GPU (if `device` is CUDA), the server's
+    default dtype there and library versions, as strings."""
     info = {
         "cpu": cpu_model(),
+        "cpu_flags": " ".join(flag for flag in NOTABLE_FLAGS if flag in cpu_flags()) or "none notable",
         "cpu_cores": f"{len(os.sched_getaffinity(0))} usable of {os.cpu_count()} logical",
         "torch_threads": str(torch.get_num_threads()),
         # other work on the machine skews CPU timings badly: a load near the core count means a busy host
@@ -34,6 +42,7 @@ def describe_hardware(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    info["dtype_auto"] = str(choose_dtype("auto", device))
     info |= {
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -1,16 +1,16 @@
 """Gathered-LoRA microbenchmark: the op against the torch reference, one adapter's plain mm, and the base layer.
 
-On CPU (fp32): the compiled kernel (`cpu_lora`, the engine's CPU path), the oracle (`lora_reference`), the
-torch fallback path (auto, and each strategy forced), a single-adapter `x @ A.T @ B.T` of the same rank, and an
-nn.Linear of the same in/out (the base layer's own time), on the demo model's layer shapes and a 4096-wide one,
-for decode (T=32; 1, 8, 32 adapters), 31 decode tokens with a 225-token prefill chunk (T=256), and prefill
-(T=512; 1, 4, 32 adapters).
+On CPU (in the server's dtype there, or --dtype): the compiled kernel (`cpu_lora`, the engine's CPU path), the
+oracle (`lora_reference`), the torch fallback path (auto, and each strategy forced), a single-adapter
+`x @ A.T @ B.T` of the same rank, and an nn.Linear of the same in/out (the base layer's own time), on the demo
+model's layer shapes and a 4096-wide one, for decode (T=32; 1, 8, 32 adapters), 31 decode tokens with a 225-token
+prefill chunk (T=256), and prefill (T=512; 1, 4, 32 adapters).
 On CUDA (bf16): the Triton kernels, the reference, the single-adapter mm, the base Linear and, when
 bitsandbytes imports, an nf4 Linear4bit, on 8B-model decode shapes (in 4096; out 4096, 14336; ranks 8-64 in
 rank-64 slot buffers; 1-64 adapters; T=64). GB/s is the bytes the op must move (x, the used adapters' weights
 up to their rank, y read and written) over the time; % peak relates it to the device's memory bandwidth.
 
-    python -m loradock.loadtest.kernel_bench [--device cpu|cuda] [--json out.json]
+    python -m loradock.loadtest.kernel_bench [--device cpu|cuda] [--dtype float32|bfloat16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..kernels.cpu_lora import CpuBackend
 from ..kernels.lora import LoraMeta, lora_operands, lora_reference, select_lora_backend
 from ..kernels.torch_lora import TorchBackend, run_plan
 from ..kernels.torch_plan import plan_segments
+from ..serve.models.dtype import DTYPES, choose_dtype
 from .hardware import describe_hardware, format_hardware
 
 REFERENCE_MAX_GATHER_BYTES = 512 * 2**20  # skip the oracle where its per-token weight copies exceed this
@@ -237,6 +238,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m loradock.loadtest.kernel_bench", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--device", help="cpu | cuda (default cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="on the CPU (default: the server's there)")
     parser.add_argument(
         "--bandwidth-gbs", type=float, help="memory bandwidth for %% of peak (default: from the CUDA properties)"
     )
@@ -253,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    dtype, shapes = (torch.bfloat16, cuda_shapes()) if device.type == "cuda" else (torch.float32, cpu_shapes())
+    if device.type == "cuda":
+        dtype, shapes = torch.bfloat16, cuda_shapes()
+    else:
+        dtype, shapes = DTYPES[args.dtype] if args.dtype else choose_dtype("auto", device).dtype, cpu_shapes()
     peak = peak_bandwidth_gbs(device, args.bandwidth_gbs)
     hardware = describe_hardware(device)
     print(format_hardware(hardware))

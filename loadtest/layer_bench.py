@@ -2,10 +2,12 @@
 base GEMMs alone, each GEMM followed by the kernel on the same thread (`lora_apply`), and each layer as served
 (`lora_linear`: the kernel on a helper thread while the GEMM runs).
 
-    python -m loradock.loadtest.layer_bench [--model DIR] [--tokens 32] [--adapters 8] [--rank 16] [--steps 60]
+    python -m loradock.loadtest.layer_bench [--model DIR] [--tokens 32] [--adapters 8] [--rank 16] [--steps 60] \
+        [--dtype float32|bfloat16]
 
 The layers are the linears the engine wraps (all but the output head, `BaseModelInfo`; shapes from the model's
-config.json, random weights), every one with `--adapters` rank-`--rank` slots; token t uses adapter t % adapters.
+config.json, random weights, in the server's dtype here unless --dtype says otherwise), every one with `--adapters`
+rank-`--rank` slots; token t uses adapter t % adapters.
 Between steps a 64 MB buffer is written, so each step reads its weights from memory, as an engine step does. Variants alternate step by step;
 the median and the 10th percentile per step are printed.
 """
@@ -26,6 +28,7 @@ from ..kernels.cpu_build import cpu_ops
 from ..kernels.cpu_lora import CpuBackend
 from ..kernels.lora import LoraMeta, LoraOperands, lora_operands
 from ..serve.engine.threads import use_serving_threads
+from ..serve.models.dtype import DTYPES, choose_dtype
 from ..serve.models.source import resolve_model_path
 from .hardware import describe_hardware, format_hardware
 
@@ -41,15 +44,17 @@ def lora_layer_shapes(model_path) -> list[tuple[int, int]]:
     return list(BaseModelInfo.from_model(model).linear_modules.values())
 
 
-def make_layers(shapes: list[tuple[int, int]], tokens: int, adapters: int, rank: int) -> list[Layer]:
+def make_layers(shapes: list[tuple[int, int]], tokens: int, adapters: int, rank: int,
+                dtype: torch.dtype) -> list[Layer]:
     layers = []
+    cpu = torch.device("cpu")
     for fin, fout in shapes:
-        base = torch.nn.Linear(fin, fout, bias=False)
-        A, B = CpuBackend().slot_buffers(adapters, rank, fin, fout, torch.float32, torch.device("cpu"))  # [S,R,in], [S,out,R]
+        base = torch.nn.Linear(fin, fout, bias=False, dtype=dtype)
+        A, B = CpuBackend().slot_buffers(adapters, rank, fin, fout, dtype, cpu)  # [S, R, in], [S, out, R]
         A.copy_(torch.randn(A.shape) * 0.05)
         B.copy_(torch.randn(B.shape) * 0.05)
         scales, ranks = torch.ones(adapters), torch.full((adapters,), rank, dtype=torch.int32)  # [S], [S]
-        layers.append((base, lora_operands(A, B, scales, ranks), torch.randn(tokens, fin)))
+        layers.append((base, lora_operands(A, B, scales, ranks), torch.randn(tokens, fin, dtype=dtype)))
     return layers
 
 
@@ -61,11 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per variant (default 60)")
     parser.add_argument("--threads", type=int, help="torch threads (default: as `loradock serve`, cores - 1)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the server's on this CPU")
     args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else choose_dtype("auto", torch.device("cpu")).dtype
     use_serving_threads(args.threads)
     if cpu_ops() is None:
         raise SystemExit("the compiled CPU ops did not build: nothing to measure")
-    layers = make_layers(lora_layer_shapes(resolve_model_path(args.model)), args.tokens, args.adapters, args.rank)
+    layers = make_layers(lora_layer_shapes(resolve_model_path(args.model)), args.tokens, args.adapters, args.rank,
+                         dtype)
     meta = LoraMeta(args.tokens, args.adapters, "cpu")
     meta.update([t % args.adapters for t in range(args.tokens)])
     backend = CpuBackend()
@@ -86,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
                     layer_call(base, ops, x)
                 if step >= 3:
                     timings[name].append(1e3 * (time.perf_counter() - started))
-    print(f"\n{len(layers)} LoRA layers, {args.tokens} tokens over {args.adapters} rank-{args.rank} adapters, "
+    print(f"\n{len(layers)} LoRA layers in {str(dtype).removeprefix('torch.')}, {args.tokens} tokens over "
+          f"{args.adapters} rank-{args.rank} adapters, "
           f"{torch.get_num_threads()} torch thread(s), caches flushed between steps; ms per step:")
     base_ms = statistics.median(timings["base GEMMs only"])
     for name, values in timings.items():

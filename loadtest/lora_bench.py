@@ -22,7 +22,8 @@ from transformers.utils import logging as hf_logging
 
 from ..serve.engine.threads import use_serving_threads
 from ..serve.engine import Engine, EngineConfig
-from ..serve.models.loader import default_dtype, default_quantize, load_model, resolve_device
+from ..serve.models.dtype import choose_dtype
+from ..serve.models.loader import default_quantize, load_model, resolve_device
 from ..serve.models.source import resolve_model_path, served_model_name
 from .engine_bench import _left_padded, make_prompts, run_engine
 from .hardware import describe_hardware, format_hardware
@@ -140,7 +141,7 @@ def run_loradock(args, path, quantize, device, adapter_dir) -> dict:
 def run_peft(args, path, quantize, device, adapter_dir, prompts) -> dict:
     from peft import PeftModel
 
-    model, tokenizer = load_model(path, quantize, default_dtype(device), device)
+    model, tokenizer = load_model(path, quantize, choose_dtype("auto", device).dtype, device)  # the engine's dtype
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     most = max(args.adapter_counts)
     if most == 0:

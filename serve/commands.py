@@ -141,6 +141,7 @@ def run_generate(args: argparse.Namespace) -> int:
     jobs = [(prompt, adapter) for prompt in args.prompt or DEMO_PROMPTS for adapter in adapters]
     use_serving_threads(args.threads)
     with Engine.from_config(engine_config(args)) as engine:
+        announce(engine)
 
         async def complete(prompt: str, adapter: str | None) -> tuple[str, str, int]:
             text, count, reason = [], 0, None
@@ -183,8 +184,15 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.replicas > 0:
         run_replicas(args, settings)
         return 0
-    asyncio.run(serve_until_signal(build_state(engine_config(args), settings), args.host, args.port))
+    state = build_state(engine_config(args), settings)
+    announce(state.engine)
+    asyncio.run(serve_until_signal(state, args.host, args.port))
     return 0
+
+
+def announce(engine: Engine) -> None:
+    """The engine's start-up line: its compute dtype and why."""
+    print(f"loradock: compute dtype {engine.dtype}", flush=True)
 
 
 def run_replicas(args: argparse.Namespace, settings) -> None:

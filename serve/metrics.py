@@ -6,7 +6,8 @@ state (queue depth, running requests, KV usage, device slots) are read at scrape
 thread pays nothing for them and the layers below the server never name its metric objects.
 
 The same families serve the ingress of engine replicas (`--replicas N`), there from each replica's latest snapshot
-and labelled by replica. vLLM's `vllm:lora_requests_info` gauge sits beside them for Kubernetes gateways.
+and labelled by replica. vLLM's `vllm:lora_requests_info` gauge sits beside them for Kubernetes gateways, and its
+prefix cache counters `vllm:prefix_cache_queries` and `vllm:prefix_cache_hits` (tokens looked up and found).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from ..adapters.stats import BucketCounts
@@ -61,6 +62,9 @@ class ServerMetrics:
         )
         if replica_snapshots is None:
             r.register(_EngineCollector(lambda: {None: snapshot(engine)}))
+            Info("loradock_dtype", "The engine's compute dtype and why it was chosen", registry=r).info(
+                {"dtype": engine.dtype.name, "reason": engine.dtype.reason}
+            )
         else:
             r.register(_EngineCollector(replica_snapshots))
 
@@ -87,6 +91,9 @@ class EngineSnapshot:
     running: int
     kv_cache_usage: float
     kv_cache_blocks: int
+    kv_cache_cached_blocks: int  # free blocks the prefix cache can still find
+    prefix_cache_queries: int  # tokens of admitted requests looked up in the prefix cache
+    prefix_cache_hits: int  # of them, found cached
     preemptions: int
     slots_used: int
     slots_total: int
@@ -109,6 +116,9 @@ def snapshot(engine: Engine) -> EngineSnapshot:
         running=len(running),
         kv_cache_usage=engine.cache.usage,
         kv_cache_blocks=engine.cache.num_blocks,
+        kv_cache_cached_blocks=engine.cache.allocator.num_cached_free,
+        prefix_cache_queries=scheduler.prefix.queries,
+        prefix_cache_hits=scheduler.prefix.hits,
         preemptions=scheduler.num_preemptions,
         slots_used=total - len(adapters.free_slots) if adapters else 0,
         slots_total=total,
@@ -141,6 +151,11 @@ class _EngineCollector:
             for replica, snap in snapshots.items():
                 gauge.add_metric(_tag(labels, replica), value(snap))
             yield gauge
+        for name, documentation, value in _COUNTERS:
+            counter = CounterMetricFamily(name, documentation, labels=labels)
+            for replica, snap in snapshots.items():
+                counter.add_metric(_tag(labels, replica), value(snap))
+            yield counter
         with_adapters = {r: s for r, s in snapshots.items() if s.adapter_load_seconds is not None}
         if with_adapters:
             loads = CounterMetricFamily("loradock_adapter_loads", "Adapters read from disk and validated",
@@ -169,11 +184,21 @@ _GAUGES: tuple[tuple[str, str, Callable[[EngineSnapshot], float]], ...] = (
     ("loradock_running_requests", "Requests in the running batch", lambda s: s.running),
     ("loradock_kv_cache_usage_ratio", "Share of KV cache blocks in use", lambda s: s.kv_cache_usage),
     ("loradock_kv_cache_blocks_total", "KV cache blocks", lambda s: s.kv_cache_blocks),
+    ("loradock_kv_cache_cached_blocks", "Free KV cache blocks the prefix cache can still find",
+     lambda s: s.kv_cache_cached_blocks),
     ("loradock_preemptions", "Requests preempted (for KV space, or paused for a starved client) since start",
      lambda s: s.preemptions),
     ("loradock_adapter_slots_used", "Device adapter slots holding an adapter", lambda s: s.slots_used),
     ("loradock_adapter_slots_total", "Device adapter slots", lambda s: s.slots_total),
     ("loradock_adapters_host_cached", "Adapters in the host cache", lambda s: s.host_cached),
+)
+
+
+_COUNTERS: tuple[tuple[str, str, Callable[[EngineSnapshot], float]], ...] = (
+    ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache (vLLM's counter)",
+     lambda s: s.prefix_cache_queries),
+    ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (vLLM's counter)",
+     lambda s: s.prefix_cache_hits),
 )
 
 

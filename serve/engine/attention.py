@@ -7,7 +7,8 @@ metadata) travels down the model's forward kwargs as `loradock_context`. The met
 
 - `GroupedAttention`, an eager step's (prefill chunks, mixed steps, decodes outside the graphs): each group of
   queries against copies of its contexts gathered from the cache, through torch's SDPA; the decode group on the CPU
-  in float32 through the compiled decode attention (`kernels/cpu_attention.cpp`), which reads the cache in place.
+  (float32 or bfloat16) through the compiled decode attention (`kernels/cpu_attention.cpp`), which reads the cache in
+  place.
 - `PagedDecodeAttention`, a decode step's from the persistent decode inputs (the CUDA graphs' path): one query per
   sequence through the paged decode attention (`kernels/paged_decode.py`), which reads the cache in place through
   the block tables.
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from ...kernels.cpu_build import KERNEL_DTYPES
 from ...kernels.paged_decode import PagedDecode
 from .forward_context import ForwardContext
 
@@ -99,7 +101,7 @@ class GroupedAttention:
         """q: [T, H, D] -> [T, H, D]; the decode group through the compiled kernel when it reads these dtypes."""
         out = q.new_empty(q.shape) if len(self.groups) > 1 else None
         for group in self.groups:
-            if group.decode and self.decode_kernel is not None and q.dtype == k_cache.dtype == torch.float32:
+            if group.decode and self.decode_kernel is not None and q.dtype == k_cache.dtype in KERNEL_DTYPES:
                 attended = out[group.rows] if out is not None else q.new_empty(q.shape)  # [B, H, D]
                 scale = scaling if scaling is not None else q.shape[-1] ** -0.5
                 self.decode_kernel(

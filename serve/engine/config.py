@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..models.dtype import DtypeName
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -21,8 +23,9 @@ class EngineConfig(BaseModel):
     quantize: Literal["nf4", "int8", "none"] | None = Field(
         default=None, description="bitsandbytes quantization of the linear layers (default: nf4 on CUDA, none on CPU)"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        default=None, description="compute dtype (default: bfloat16 on CUDA, float32 on CPU)"
+    dtype: DtypeName = Field(
+        default="auto", description="compute dtype; auto: bfloat16 on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, "
+        "float32 on other CPUs",
     )
     device: Literal["cpu", "cuda"] | None = Field(default=None, description="default: cuda when available")
     max_batch_tokens: int = Field(default=2048, ge=1, description="tokens per engine step: decodes + prefill chunks")
@@ -52,6 +55,10 @@ class EngineConfig(BaseModel):
     max_gpu_adapters: int = Field(default=8, ge=0, description="adapter slots on the device (0 disables LoRA)")
     max_cpu_adapters: int = Field(default=32, ge=1, description="adapters kept in the host cache")
     max_lora_rank: int = Field(default=64, ge=1, description="largest adapter rank accepted; sizes the slot buffers")
+    prefix_caching: bool = Field(
+        default=True, description="compute a prompt's leading full KV blocks once: later requests with the same "
+        "model (base, or adapter version), salt (tenant, cache_salt) and leading tokens reuse them",
+    )
     cuda_graphs: bool = Field(
         default=True, description="on CUDA, replay decode steps from CUDA graphs captured per batch-size bucket"
     )

@@ -31,7 +31,8 @@ from ...adapters.stats import BucketCounts
 from ...adapters.store import open_adapters
 from ...kernels.lora import LoraMeta, select_lora_backend
 from ...kernels.paged_decode import select_paged_decode
-from ..models.loader import DTYPES, default_dtype, default_quantize, eos_ids, load_model, resolve_device
+from ..models.dtype import DtypeChoice, choose_dtype
+from ..models.loader import default_quantize, eos_ids, load_model, resolve_device
 from ..models.source import resolve_model_path
 from .config import EngineConfig
 from .decode_inputs import DecodeInputs
@@ -65,6 +66,7 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     logprobs: Logprobs | None = None  # when the request asked for them
     prompt_logprobs: tuple[Logprobs, ...] | None = None  # prompt tokens 1.., with the first token, when asked
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache, with the first token
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,11 @@ class Engine:
         config: EngineConfig,
         device: torch.device,
         decode_graph: GraphFactory | None = None,
+        dtype: DtypeChoice | None = None,
     ):
         """decode_graph: how decode steps replay from persistent inputs (`graph_runner`); default: CUDA graphs on CUDA
-        (the same path eagerly with --no-cuda-graphs), none on the CPU."""
+        (the same path eagerly with --no-cuda-graphs), none on the CPU. dtype: the model's compute dtype and why it
+        was chosen (default: its weights' dtype, as loaded)."""
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
@@ -134,6 +138,8 @@ class Engine:
             head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
             dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()),
         )
+        self.dtype = dtype or DtypeChoice(shape.dtype, "the model as loaded")
+        log.info("compute dtype %s", self.dtype)
         budget = (
             parse_size(config.kv_cache_memory)
             if config.kv_cache_memory is not None
@@ -151,7 +157,8 @@ class Engine:
             self.cache.capacity_tokens * shape.bytes_per_token / 2**20,
             self.max_model_len,
         )
-        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_num_seqs, config.scheduling)
+        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_num_seqs, config.scheduling,
+                                   config.prefix_caching)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self.adapters: AdapterManager | None = None
         decode_graph = decode_graph or default_decode_graph(device, config)
@@ -177,11 +184,11 @@ class Engine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
         device = resolve_device(config.device)
-        dtype = DTYPES[config.dtype] if config.dtype else default_dtype(device)
+        choice = choose_dtype(config.dtype, device)
         model, tokenizer = load_model(
-            resolve_model_path(config.model), config.quantize or default_quantize(device), dtype, device
+            resolve_model_path(config.model), config.quantize or default_quantize(device), choice.dtype, device
         )
-        return cls(model, tokenizer, config, device)
+        return cls(model, tokenizer, config, device, dtype=choice)
 
     def _attach_adapters(self, model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype) -> AdapterManager:
         """Wrap the linears adapters may target in LoRA layers with preallocated slots, the backend chosen once;
@@ -307,10 +314,12 @@ class Engine:
         request_id: str | None = None,
         client: str | None = None,
         weight: float = 1.0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[GenerationOutput]:
         """Submit a request (on the base model, or through the named adapter) and iterate over its tokens.
         Closing the iterator early cancels the request. `client` (default: the adapter's name, "" for the base
-        model) and its `weight` are whose fair share the request's tokens count against."""
+        model) and its `weight` are whose fair share the request's tokens count against. Cached prompt blocks are
+        shared only between requests of the same model (the base, or one read of an adapter) and `cache_salt`."""
         params = params or SamplingParams()
         if not weight > 0:
             raise RequestError(f"a client's weight must be positive, not {weight}")
@@ -328,6 +337,7 @@ class Engine:
             adapter_slot=None if version is not None else -1,
             client=client if client is not None else adapter or "",
             weight=weight,
+            cache_salt=cache_salt,
         )
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._commands.put(_Add(request, asyncio.get_running_loop(), events))
@@ -347,7 +357,8 @@ class Engine:
                     self._commands.put(_Abort(request.request_id))
                 finished = finish is not None
                 text = match.text + (stops.flush() if finished and not match.stopped else "")
-                yield GenerationOutput(event.token_id, text, finish, event.logprobs, event.prompt_logprobs)
+                yield GenerationOutput(event.token_id, text, finish, event.logprobs, event.prompt_logprobs,
+                                       event.cached_tokens)
         finally:
             if not finished:
                 self._commands.put(_Abort(request.request_id))
@@ -415,8 +426,7 @@ class Engine:
     def _step(self, entries: list[tuple[Request, int]]) -> None:
         result = self.runner.run(entries)  # logits [N + P, vocab]: N sampled rows, then P prompt rows
         self.batch_tokens.observe(result.num_tokens)
-        for request, n in entries:
-            request.num_computed += n
+        self.scheduler.advance(entries)
         sampled, logits = result.sampled, result.logits
         if result.prompt_rows:
             targets = [request.prompt_ids[position + 1] for request, position in result.prompt_rows]
@@ -430,7 +440,8 @@ class Engine:
             request.output_ids.append(token)
             reason = self._finish_reason(request, token)
             prompt_logprobs = tuple(request.prompt_logprobs) if first and request.params.prompt_logprobs is not None else None
-            event = TokenEvent(token, reason, logprobs=token_logprobs, prompt_logprobs=prompt_logprobs)
+            event = TokenEvent(token, reason, logprobs=token_logprobs, prompt_logprobs=prompt_logprobs,
+                               cached_tokens=request.num_cached_tokens if first else None)
             if reason is None:
                 self._emit(request, event)
             else:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...kernels.cpu_build import cpu_ops
+from ...kernels.cpu_build import KERNEL_DTYPES, cpu_ops
 from .attention import ATTENTION_NAME
 from .batch import StepBatch, build_step, is_decode, step_rows
 from .forward_context import ForwardContext
@@ -16,8 +16,9 @@ from .request import Request
 
 
 def cpu_decode_attention(device: torch.device, dtype: torch.dtype) -> Callable | None:
-    """The compiled decode attention when the engine runs float32 on the CPU and the CPU ops build, else None."""
-    if device.type != "cpu" or dtype != torch.float32:
+    """The compiled decode attention when the engine runs on the CPU in a dtype it takes (float32, bfloat16) and the
+    CPU ops build, else None."""
+    if device.type != "cpu" or dtype not in KERNEL_DTYPES:
         return None
     compiled = cpu_ops()
     return compiled.decode_attention if compiled is not None else None

@@ -75,7 +75,8 @@ def sample(
 ) -> tuple[list[int], list[Logprobs | None]]:
     """Pick one token per row; with it, log-probabilities for the rows that asked. Greedy rows by one argmax,
     sampled rows together (`_sample_rows`); everything the host needs comes back in one transfer."""
-    tokens = logits.argmax(dim=-1)  # [N]: greedy everywhere, sampled rows overwritten below
+    # [N]: greedy everywhere, sampled rows overwritten below; from float32, where the CPU's argmax is twice as fast
+    tokens = logits.float().argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)  # [n]

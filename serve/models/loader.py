@@ -13,7 +13,6 @@ log = logging.getLogger("loradock.model")
 
 Quantize = Literal["nf4", "int8", "none"]
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(ValueError):
@@ -36,6 +35,7 @@ def default_quantize(device: torch.device) -> Quantize:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
+    """The trainer's compute dtype: bf16 on CUDA, fp32 on the CPU (the server's is `dtype.choose_dtype`'s)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

@@ -104,18 +104,18 @@ def test_cpu_kernel_leaves_segments_from_max_length_to_blas(cpu_ops_built):
     assert not torch.equal(y_storage[short_rows], before[short_rows])
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "rank_innermost", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "rank_innermost", "float16"])
 def test_cpu_path_falls_back_to_torch_where_the_kernel_does_not_apply(calls, layout):
     case = CASES[6]
-    dtype = torch.bfloat16 if layout == "bfloat16" else torch.float32
+    dtype = torch.float16 if layout == "float16" else torch.float32
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(
-        case, dtype, layout="rank_outermost" if layout == "bfloat16" else layout
+        case, dtype, layout="rank_outermost" if layout == "float16" else layout
     )
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     ops = lora_operands(A, B, scales, ranks)
     assert not ops.cpu_kernel_layout
     CpuBackend().add_lora(y, x, ops, meta_for(case.token_slots, case.num_slots))
-    tolerance = {"rtol": 2e-2, "atol": 0.5} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-4}
+    tolerance = {"rtol": 2e-2, "atol": 0.5} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-4}
     torch.testing.assert_close(y_storage.float(), expected, **tolerance)
     assert calls == {"lora_apply": 0, "lora_linear": 0, "torch": 1}
 
@@ -133,14 +133,15 @@ def test_cpu_kernel_reads_unit_stride_columns_only(calls, cpu_ops_built):
     assert calls["torch"] == 1
 
 
-def layer_operands(case: Case, layout: str, bias: bool, seed: int = 0, in_features: int = IN_FEATURES):
+def layer_operands(case: Case, layout: str, bias: bool, seed: int = 0, in_features: int = IN_FEATURES,
+                   dtype: torch.dtype = torch.float32):
     """A LoRA layer's parts for a case: the base nn.Linear, x, the operands, the metadata, and the expected
-    output: base(x) plus the oracle's deltas."""
+    output: base(x) plus the oracle's deltas (in float32)."""
     y_storage, _, x, A, B, scales, ranks, clean_A, clean_B = make_operands(
-        case, layout=layout, seed=seed, in_features=in_features
+        case, dtype, layout=layout, seed=seed, in_features=in_features
     )
     torch.manual_seed(seed)
-    base = torch.nn.Linear(in_features, case.out, bias=bias)
+    base = torch.nn.Linear(in_features, case.out, bias=bias, dtype=dtype)
     with torch.no_grad():
         y_storage[:, 8 : 8 + case.out] = base(x)
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)[:, 8 : 8 + case.out]  # [T, out]
@@ -264,3 +265,75 @@ def test_cpu_ops_build_failure_leaves_the_torch_paths(monkeypatch, tmp_path, cap
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
     CpuBackend().add_lora(y, x, lora_operands(A, B, scales, ranks), meta_for(case.token_slots, case.num_slots))
     torch.testing.assert_close(y_storage, expected, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- bfloat16
+
+# The kernel sums in float32 and rounds each y element once, so it lands within one bfloat16 rounding (2^-8 of the
+# value) of the float32 oracle on the same bfloat16 operands; atol covers float32 summation-order noise.
+BF16_KERNEL_TOLERANCE = {"rtol": 2**-7, "atol": 1e-3}
+SHORT_CASES = [case for case in CASES if case.name != "long_prefill"]  # long_prefill: its 200-token run goes to BLAS
+# odd widths and ranks: a shrink row of 77 is two full 32-wide bfloat16 dot products and a masked tail of 13
+ODD_WIDTHS = (Case("odd_widths", (0, 1, 1, 2, 2, 2, -1, 1), num_slots=3, max_rank=9, rank=7, out=45), 77)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case,in_features", [(case, IN_FEATURES) for case in SHORT_CASES] + [ODD_WIDTHS],
+                         ids=lambda value: getattr(value, "name", str(value)))
+def test_cpu_kernel_in_bfloat16_matches_reference(calls, case, in_features, threads):
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(
+        case, torch.bfloat16, layout="out_innermost", in_features=in_features
+    )
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    ops = lora_operands(A, B, scales, ranks)
+    assert ops.cpu_kernel_layout
+    with_threads(threads, CpuBackend().add_lora, y, x, ops, meta_for(case.token_slots, case.num_slots))
+    assert y_storage.dtype == torch.bfloat16
+    torch.testing.assert_close(y_storage.float(), expected, **BF16_KERNEL_TOLERANCE)
+    assert calls == {"lora_apply": 1, "lora_linear": 0, "torch": 0}
+
+
+def test_cpu_kernel_in_bfloat16_takes_long_segments(cpu_ops_built):
+    case = CASES[8]  # long_prefill: runs of 200, 130, 3 tokens
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, torch.bfloat16, layout="out_innermost")
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    kernel_call(cpu_ops_built, y, x, lora_operands(A, B, scales, ranks), meta_for(case.token_slots, case.num_slots),
+                max_length=10_000)
+    torch.testing.assert_close(y_storage.float(), expected, **BF16_KERNEL_TOLERANCE)
+
+
+def test_cpu_backend_in_bfloat16_sends_long_segments_to_blas(calls):
+    # torch's BLAS rounds x @ A^T to bfloat16 before the expand, as PEFT in bfloat16 does: an error of a few bfloat16
+    # roundings of the shrunk values, times |B| summed over the rank (here deltas reach ~40)
+    case = CASES[8]
+    y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, torch.bfloat16, layout="out_innermost")
+    expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)
+    CpuBackend().add_lora(y, x, lora_operands(A, B, scales, ranks), meta_for(case.token_slots, case.num_slots))
+    torch.testing.assert_close(y_storage.float(), expected, rtol=2**-6, atol=1.0)
+    short_rows = [t for t, slot in enumerate(case.token_slots) if slot in (0, 4)]  # runs of 3 and 130: the kernel's
+    torch.testing.assert_close(y_storage[short_rows].float(), expected[short_rows], **BF16_KERNEL_TOLERANCE)
+    assert calls == {"lora_apply": 1, "lora_linear": 0, "torch": 0}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", SHORT_CASES, ids=lambda case: case.name)
+def test_cpu_lora_layer_in_bfloat16_overlapped_matches_reference(calls, case, threads, bias):
+    base, x, ops, meta, expected = layer_operands(case, "out_innermost", bias, dtype=torch.bfloat16)
+    y = with_threads(threads, CpuBackend().linear, base, x, ops, meta)  # deltas in float32 on the helper
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, **BF16_KERNEL_TOLERANCE)
+    base_rows = [t for t, slot in enumerate(case.token_slots) if slot < 0]
+    with torch.inference_mode():
+        assert torch.equal(y[base_rows], base(x)[base_rows])
+    assert calls == {"lora_apply": 0, "lora_linear": 1, "torch": 0}
+
+
+def test_cpu_kernel_refuses_mixed_dtypes(cpu_ops_built):
+    case = CASES[5]
+    y_storage, y, x, A, B, scales, ranks, _, _ = make_operands(case, torch.bfloat16, layout="out_innermost")
+    ops, meta = lora_operands(A, B, scales, ranks), meta_for(case.token_slots, case.num_slots)
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
+        kernel_call(cpu_ops_built, y, x.float(), ops, meta, max_length=10_000)
+    with pytest.raises(RuntimeError, match="y of x's dtype"):
+        kernel_call(cpu_ops_built, y.float(), x, ops, meta, max_length=10_000)

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import CPU, collect, hf_greedy, start_engine
+from bf16_oracle import agreement, generate_greedy, peft_bf16
+from support import CPU, collect, hf_greedy, peft_greedy, start_engine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loradock.loadtest.random_adapters import write_random_adapter
 from loradock.serve.models import default_model
 from loradock.serve.models.default_model import MANIFEST_NAME, VERSION, default_model_path, locate_gguf
 from loradock.serve.models.tiny_random import demo_model_path
-from loradock.serve.engine import SamplingParams
+from loradock.serve.engine import Engine, EngineConfig, SamplingParams
 from loradock.serve.models.loader import ModelLoadError, load_model
 from loradock.serve.models.source import resolve_model_path
 
@@ -180,6 +182,62 @@ async def test_the_engine_serves_the_default_model_like_hf_generate(built):
         engine.shutdown()
     assert [ids for ids, _text, _reason in results] == expected
     assert "Paris" in results[0][1]
+
+
+async def test_a_shared_system_prompt_is_read_from_the_prefix_cache_and_answers_stay_peft(built, tmp_path):
+    """Three questions after one system prompt through an adapter: the first computes the prompt, the others find
+    its full blocks cached, and every answer is PEFT's for the prompt alone."""
+    write_random_adapter(built, tmp_path / "helper", seed=3, std=0.02, r=8, target_modules=["q_proj", "v_proj"])
+    tokenizer = AutoTokenizer.from_pretrained(built)
+    system = ("You are a patient geography teacher. Answer every question in one short sentence, and name the "
+              "country when you name a city.")
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": question}],
+                                      add_generation_prompt=True, tokenize=True, return_dict=False)
+        for question in QUESTIONS
+    ]
+    shared = next(i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1)  # tokens all prompts share
+    expected = peft_greedy(built, tmp_path / "helper", prompts, 12)
+    engine = start_engine(built, adapters_dir=str(tmp_path), max_model_len=512, kv_cache_memory="64MiB")
+
+    async def answer(prompt):
+        outputs = [out async for out in engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0),
+                                                        adapter="helper")]
+        return [out.token_id for out in outputs], outputs[0].cached_tokens
+
+    try:
+        first = await answer(prompts[0])
+        rest = await asyncio.gather(*(answer(prompt) for prompt in prompts[1:]))
+    finally:
+        engine.shutdown()
+    assert shared >= 32
+    assert [first, *rest] == [(expected[0], 0)] + [(ids, shared // 16 * 16) for ids in expected[1:]]
+
+
+def test_the_engine_in_bf16_agrees_with_peft_in_bf16_on_mixed_adapters(built, tmp_path):
+    # two random adapters (std 0.02, as the benchmarks') and the base in one batch, scored teacher-forced by PEFT in
+    # bf16 (bf16_oracle.py). On these requests PEFT in bf16 is itself about as far from the exact fp32 engine (largest
+    # probability error ~0.05, mean log-probability error ~0.06 nats): the bounds are about twice that.
+    adapters = {"qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+                "all-r16": dict(r=16, lora_alpha=32, target_modules="all-linear")}
+    for seed, (name, config) in enumerate(adapters.items()):
+        write_random_adapter(built, tmp_path / name, seed=seed, std=0.02, **config)
+    tokenizer = AutoTokenizer.from_pretrained(built)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for question in QUESTIONS[:2]
+    ]
+    workload = [(adapter, prompt) for prompt in prompts for adapter in (None, *adapters)]
+    engine = Engine.from_config(EngineConfig(model=str(built), dtype="bfloat16", device="cpu",
+                                             adapters_dir=str(tmp_path), max_gpu_adapters=2, max_lora_rank=16,
+                                             max_model_len=512, kv_cache_memory="64MiB"))
+    with engine:
+        generated = generate_greedy(engine, workload, 12)
+    found = agreement(peft_bf16(built, {name: tmp_path / name for name in adapters}), workload, generated)
+    assert found.same_greedy_share >= 0.9, found
+    assert found.max_prob_error <= 0.12 and found.mean_logprob_error <= 0.12, found
 
 
 def test_resolve_model_path_knows_the_built_in_names(built):

@@ -43,9 +43,9 @@ def cached_requests(lengths: list[int], cache: PagedKVCache, seed: int) -> list[
     return requests
 
 
-def filled_cache(num_kv_heads: int, head_dim: int, seed: int) -> PagedKVCache:
+def filled_cache(num_kv_heads: int, head_dim: int, seed: int, dtype: torch.dtype = torch.float32) -> PagedKVCache:
     """A CPU cache of 1 layer with random keys and values; tests write NaN where nothing may be read."""
-    cache = PagedKVCache(CacheShape(1, num_kv_heads, head_dim, torch.float32), num_blocks=24, block_size=8, device=CPU)
+    cache = PagedKVCache(CacheShape(1, num_kv_heads, head_dim, dtype), num_blocks=24, block_size=8, device=CPU)
     generator = torch.Generator().manual_seed(seed)
     cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
     cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
@@ -62,9 +62,9 @@ def reference_decode(query, cache, requests, scale, window):
         keys, values = cache.keys[0][slots], cache.values[0][slots]  # [L, Hkv, D]
         group = query.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)  # [L, H, D]
-        weights = torch.softmax(torch.einsum("hd,lhd->hl", query[b], keys) * scale, dim=-1)
-        out.append(torch.einsum("hl,lhd->hd", weights, values))
-    return torch.stack(out)  # [B, H, D]
+        weights = torch.softmax(torch.einsum("hd,lhd->hl", query[b].float(), keys.float()) * scale, dim=-1)
+        out.append(torch.einsum("hl,lhd->hd", weights, values.float()))
+    return torch.stack(out)  # [B, H, D] float32
 
 
 def eager_context(cache: PagedKVCache, step) -> ForwardContext:
@@ -74,22 +74,26 @@ def eager_context(cache: PagedKVCache, step) -> ForwardContext:
     return context
 
 
-@pytest.mark.parametrize("threads", [1, 2])  # 2: a sequence's kv heads split over work items
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (4, 4, 32), (6, 3, 40), (10, 5, 16), (6, 1, 24)])
-@pytest.mark.parametrize("window", [None, 5])
-def test_decode_attention_matches_the_written_out_attention(compiled, heads, kv_heads, head_dim, window, threads):
-    cache = filled_cache(kv_heads, head_dim, seed=heads)
+def decode_step_attention(compiled, dtype, heads, kv_heads, head_dim, window, threads):
+    """One decode step of seven sequences (1 to 64 tokens) through `paged_attention` with the compiled kernel, in
+    `dtype`: (what it attended [T, H, D], the written-out attention in float32 on the same values)."""
+    cache = filled_cache(kv_heads, head_dim, seed=heads, dtype=dtype)
     requests = cached_requests([1, 2, 9, 17, 40, 64, 3], cache, seed=head_dim)
-    step = build_step([(r, 1) for r in requests], cache, CPU, compiled.decode_attention)
+    calls = []
+
+    def kernel(*args):
+        calls.append(args)
+        return compiled.decode_attention(*args)
+
+    step = build_step([(r, 1) for r in requests], cache, CPU, kernel)
     used = {r.blocks[p // 8] * 8 + p % 8 for r in requests for p in range(r.num_tokens)}
     unused = torch.tensor(sorted(set(range(cache.capacity_tokens)) - used))
     cache.keys[0][unused] = float("nan")  # slots of no request: never read
     cache.values[0][unused] = float("nan")
     T = len(requests)
     generator = torch.Generator().manual_seed(1)
-    query = torch.randn(1, heads, T, head_dim, generator=generator)  # as HF passes it: [1, H, T, D]
-    key = torch.randn(1, kv_heads, T, head_dim, generator=generator)
-    value = torch.randn(1, kv_heads, T, head_dim, generator=generator)
+    query, key, value = (torch.randn(1, h, T, head_dim, generator=generator).to(dtype)  # as HF passes: [1, H, T, D]
+                         for h in (heads, kv_heads, kv_heads))
     module = torch.nn.Module()
     module.layer_idx = 0
     scale = head_dim**-0.5
@@ -103,9 +107,27 @@ def test_decode_attention_matches_the_written_out_attention(compiled, heads, kv_
         )  # also writes this step's key and value into the cache
     finally:
         torch.set_num_threads(previous)
+    assert len(calls) == 1  # the compiled kernel attended, not SDPA
+    return attended[0], reference_decode(query[0].transpose(0, 1), cache, requests, scale, window)
 
-    expected = reference_decode(query[0].transpose(0, 1), cache, requests, scale, window)
-    torch.testing.assert_close(attended[0], expected, rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize("threads", [1, 2])  # 2: a sequence's kv heads split over work items
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (4, 4, 32), (6, 3, 40), (10, 5, 16), (6, 1, 24)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_matches_the_written_out_attention(compiled, heads, kv_heads, head_dim, window, threads):
+    attended, expected = decode_step_attention(compiled, torch.float32, heads, kv_heads, head_dim, window, threads)
+    torch.testing.assert_close(attended, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (6, 3, 40), (6, 1, 24)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_reads_a_bfloat16_cache(compiled, heads, kv_heads, head_dim, window, threads):
+    # scores, softmax and the sum of values in float32, the output rounded once: within one bfloat16 rounding
+    # (2^-8 of the value) of the float32 attention over the same bfloat16 queries, keys and values
+    attended, expected = decode_step_attention(compiled, torch.bfloat16, heads, kv_heads, head_dim, window, threads)
+    assert attended.dtype == torch.bfloat16
+    torch.testing.assert_close(attended.float(), expected, rtol=2**-7, atol=1e-4)
 
 
 def test_decode_attention_and_sdpa_give_the_same_mixed_step(compiled):
