@@ -10,6 +10,7 @@ import time
 import typing
 from collections.abc import Callable
 
+from .api.tool_parsers import TOOL_CALL_FORMATS
 from .engine import Engine, EngineConfig, SamplingParams
 from .engine.threads import use_serving_threads
 from .models.source import BUILTIN_MODELS, served_model_name
@@ -110,6 +111,10 @@ def add_serve_parser(commands) -> None:
                         help="let the admin API load adapters from outside --adapters")
     server.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    server.add_argument("--tool-call-parser", choices=list(TOOL_CALL_FORMATS), default="hermes",
+                        help="how the model writes tool calls, read from answers under tool_choice auto and forced "
+                        "under required: hermes (<tool_call> JSON blocks: Hermes, Qwen; the default), llama3_json "
+                        "(Llama 3.1+ JSON), mistral ([TOOL_CALLS] and a JSON array)")
     cluster = serve.add_argument_group("replicas (Ray Serve)")
     cluster.add_argument("--replicas", type=int, default=0, metavar="N",
                          help="serve from N engine replicas on Ray Serve, adapter requests routed to a replica "
@@ -180,6 +185,7 @@ def run_serve(args: argparse.Namespace) -> int:
         admin_token=args.admin_token,
         drain_timeout=args.drain_timeout,
         tenants_file=args.tenants,
+        tool_call_parser=args.tool_call_parser,
     )
     if args.replicas > 0:
         run_replicas(args, settings)

@@ -99,6 +99,8 @@ class EngineSnapshot:
     slots_total: int
     host_cached: int
     adapter_load_seconds: BucketSnapshot | None  # None: adapters disabled
+    grammar_compile_seconds: BucketSnapshot  # structured outputs: each guide compiled
+    grammar_mask_seconds: BucketSnapshot  # each step with guided rows: the bitmask filled and applied
     evictions: dict[str, int]
     lookups: dict[tuple[str, str], int]
     running_adapters: frozenset[str]  # adapters of the requests in the running batch
@@ -124,6 +126,8 @@ def snapshot(engine: Engine) -> EngineSnapshot:
         slots_total=total,
         host_cached=len(adapters.host) if adapters else 0,
         adapter_load_seconds=BucketSnapshot.of(stats.load_seconds) if stats else None,
+        grammar_compile_seconds=BucketSnapshot.of(engine.grammars.compile_seconds),
+        grammar_mask_seconds=BucketSnapshot.of(engine.grammars.mask_seconds),
         evictions=dict(stats.evictions) if stats else {},
         lookups=dict(stats.lookups) if stats else {},
         running_adapters=frozenset(r.adapter.name for r in running if r.adapter is not None),
@@ -146,6 +150,10 @@ class _EngineCollector:
 
         yield _histograms("loradock_batch_tokens", "Tokens per engine step", labels,
                           {r: s.batch_tokens for r, s in snapshots.items()})
+        yield _histograms("loradock_grammar_compile_seconds", "Time to compile a structured output's schema, regex "
+                          "or grammar", labels, {r: s.grammar_compile_seconds for r, s in snapshots.items()})
+        yield _histograms("loradock_grammar_mask_seconds", "Time per engine step with guided rows to fill and apply "
+                          "their token masks", labels, {r: s.grammar_mask_seconds for r, s in snapshots.items()})
         for name, documentation, value in _GAUGES:
             gauge = GaugeMetricFamily(name, documentation, labels=labels)
             for replica, snap in snapshots.items():

@@ -32,7 +32,7 @@ from ..adapters.peft_format import AdapterError
 from ..adapters.registry import AdapterRegistry, UnknownAdapter
 from .api.backend import EngineLost
 from .engine import GenerationOutput, SamplingParams
-from .engine.engine import check_fits, encode_prompt
+from .engine.engine import check_fits, check_logit_bias, encode_prompt
 from .metrics import EngineSnapshot
 from .multiplex import routed
 from .replica import AdapterRef, Failure, ReplicaCall, ReplicaReport
@@ -89,6 +89,7 @@ class ReplicaClient:
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         check_fits(self.max_model_len, prompt_ids, params)
+        check_logit_bias(self.vocab_size, params)
 
     def _registry(self, name: str) -> AdapterRegistry[ClusterAdapter]:
         if self.adapters is None:

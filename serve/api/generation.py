@@ -17,7 +17,9 @@ from aiohttp import web
 
 from ...adapters.manager import UnknownAdapter
 from ...adapters.peft_format import AdapterError
-from ..engine import EngineShutdown, GenerationOutput, PromptTooLong, RequestError, SamplingParams
+from ..engine import (BiasOutsideVocabulary, EngineShutdown, GenerationOutput, PromptTooLong, RequestError,
+                      SamplingParams)
+from ..engine.guide import Guide
 from .backend import EngineLost
 from .errors import APIError, bad_request, not_found
 from .rate_limits import RateLimited
@@ -37,6 +39,7 @@ class Job:
     params: SamplingParams
     tenant: Tenant | None = None  # with --tenants: whose limits, fair share and metrics the request counts in
     cache_salt: str | None = None  # the caller's own salt of the prefix cache
+    guide_field: str | None = None  # the request field that asked for params.guide: a guide's errors name it
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -101,11 +104,15 @@ def adapter_refused(exc: AdapterError) -> APIError:
 
 
 def sampling_params(state: ServerState, body: _SamplingFields, prompt_len: int, max_tokens: int | None,
-                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None, prompt_logprobs: int | None = None,
+                    guide: Guide | None = None) -> SamplingParams:
     room = state.engine.max_model_len - prompt_len
+    max_tokens = max_tokens if max_tokens is not None else max(room, 1)
+    if body.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
     try:
         return SamplingParams(
-            max_tokens=max_tokens if max_tokens is not None else max(room, 1),
+            max_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=max(body.top_k, 0),
@@ -115,13 +122,19 @@ def sampling_params(state: ServerState, body: _SamplingFields, prompt_len: int, 
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            logit_bias=body.biases,
+            min_tokens=body.min_tokens,
+            guide=guide,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None
 
 
 def admit(state: ServerState, model: str, adapter: str | None, prompt_ids: list[int], params: SamplingParams,
-          tenant: Tenant | None = None, cache_salt: str | None = None) -> Job:
+          tenant: Tenant | None = None, cache_salt: str | None = None, guide_field: str | None = None) -> Job:
     """Check the request fits the context, the queue and the tenant's limits; count it in."""
     if state.shutting_down:
         raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
@@ -129,6 +142,8 @@ def admit(state: ServerState, model: str, adapter: str | None, prompt_ids: list[
         state.engine.check_fits(prompt_ids, params)
     except PromptTooLong as exc:
         raise APIError(413, str(exc), code="context_length_exceeded", param="prompt") from None
+    except BiasOutsideVocabulary as exc:
+        raise bad_request(str(exc), param="logit_bias") from None
     except RequestError as exc:
         raise bad_request(str(exc), code="context_length_exceeded", param="max_tokens") from None
     if state.in_flight >= state.settings.max_queue:
@@ -144,7 +159,7 @@ def admit(state: ServerState, model: str, adapter: str | None, prompt_ids: list[
             state.metrics.requests.labels(model, "rejected").inc()
             state.metrics.tenant_rejections.labels(tenant.name, exc.reason).inc()
             raise RetryLater(exc) from None
-    return Job(state, model, adapter, prompt_ids, params, tenant, cache_salt)
+    return Job(state, model, adapter, prompt_ids, params, tenant, cache_salt, guide_field)
 
 
 def tokenize(state: ServerState, prompt: str | list[int]) -> list[int]:
@@ -171,9 +186,13 @@ class ResponseShape:
         """A whole response's text, as the endpoint's choice carries it."""
         raise NotImplementedError
 
-    def delta_content(self, text: str) -> dict:
-        """A streamed chunk's text, as the endpoint's choice carries it."""
+    def delta_content(self, text: str, final: bool) -> dict:
+        """A streamed chunk's text, as the endpoint's choice carries it; `final`: the stream's last."""
         raise NotImplementedError
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        """The choice's finish_reason, given the engine's (called after `content`, or with the last delta)."""
+        return reason
 
     def logprobs(self, entries: list) -> dict:
         """(token id, Logprobs) entries in the endpoint's logprobs format."""
@@ -185,14 +204,16 @@ class ResponseShape:
     def full(self) -> dict:
         job = self.job
         logprobs = job.logprobs if job.params.logprobs is not None else None
-        choice = self._choice(self.content("".join(job.text)), job.finish_reason, logprobs, job.token_ids)
+        content = self.content("".join(job.text))
+        choice = self._choice(content, self.finish_reason(job.finish_reason), logprobs, job.token_ids)
         return {**self.envelope([choice], self.object_name), "usage": job.usage}
 
     def delta(self, output: GenerationOutput) -> dict:
         finish_reason = output.finish_reason and output.finish_reason.value
         logprobs = [(output.token_id, output.logprobs)] if output.logprobs else None
         token_ids = [output.token_id] if output.token_id is not None else []
-        choice = self._choice(self.delta_content(output.text), finish_reason, logprobs, token_ids)
+        content = self.delta_content(output.text, final=finish_reason is not None)
+        choice = self._choice(content, self.finish_reason(finish_reason), logprobs, token_ids)
         return self.envelope([choice], self.chunk_object_name)
 
     def _choice(self, body: dict, finish_reason: str | None, logprobs: list | None, token_ids: list[int]) -> dict:
@@ -283,8 +304,8 @@ async def _outputs(job: Job) -> AsyncIterator[GenerationOutput]:
         raise APIError(503, str(exc), type="server_error", code="shutting_down") from None
     except EngineLost as exc:
         raise APIError(503, str(exc), type="server_error", code="replica_failed") from None
-    except RequestError as exc:
-        raise bad_request(str(exc)) from None
+    except RequestError as exc:  # before the first token: the request's guide did not compile
+        raise bad_request(str(exc), param=job.guide_field) from None
 
 
 async def _first(outputs: AsyncIterator[GenerationOutput]) -> GenerationOutput | None:

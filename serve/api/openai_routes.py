@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from aiohttp import web
 
-from .errors import bad_request, parse_body
 from ..engine import GenerationOutput
+from .chat_prompt import chat_prompt
+from .errors import bad_request, parse_body
 from .generation import Job, ResponseShape, admit, resolve_model, run, sampling_params, tokenize
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import STATE, TENANT
+from .structured import output_guide
+from .tool_answers import Answer, StreamedAnswer, read_answer
+from .tool_calls import ToolUse, tool_use
+from .tool_grammar import forced_calls_guide
+from .tool_parsers import TOOL_CALL_FORMATS, ParsedCall
 
 routes = web.RouteTableDef()
 
@@ -32,7 +39,7 @@ class CompletionShape(ResponseShape):
             text = self._prompt_text() + text
         return {"text": text}
 
-    def delta_content(self, text: str) -> dict:
+    def delta_content(self, text: str, final: bool) -> dict:
         return {"text": self._prompt_text() + text if self.echo and not self._echoed else text}
 
     def full(self) -> dict:
@@ -72,15 +79,43 @@ class CompletionShape(ResponseShape):
 
 
 class ChatShape(ResponseShape):
+    """Chat messages; when the request offers tools, calls read out of the answer become `tool_calls` (streamed as
+    one delta per call, name and whole arguments at once) and the finish reason "tool_calls"."""
+
     id_prefix = "chatcmpl"
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def content(self, text: str) -> dict:
-        return {"message": {"role": "assistant", "content": text}}
+    def __init__(self, job: Job, return_token_ids: bool, tools: ToolUse):
+        super().__init__(job, return_token_ids)
+        self.tools = tools if tools.names else None  # None: the answer is not read for calls
+        self.stream = StreamedAnswer(tools) if self.tools else None
+        self.called = False
 
-    def delta_content(self, text: str) -> dict:
-        return {"delta": {"content": text}}
+    def content(self, text: str) -> dict:
+        answer = read_answer(text, self.tools) if self.tools else Answer(text)
+        message = {"role": "assistant", "content": answer.content, "refusal": None}
+        if answer.calls:
+            message["tool_calls"] = [self._tool_call(call) for call in answer.calls]
+        return {"message": message}
+
+    def delta_content(self, text: str, final: bool) -> dict:
+        if self.stream is None:
+            return {"delta": {"content": text}}
+        sent = self.stream.calls_sent
+        answer = self.stream.feed(text, final)
+        delta: dict = {"content": answer.content}
+        if answer.calls:
+            delta["tool_calls"] = [{"index": sent + i, **self._tool_call(call)} for i, call in enumerate(answer.calls)]
+        return {"delta": delta}
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if reason is not None and self.called else reason
+
+    def _tool_call(self, call: ParsedCall) -> dict:
+        self.called = True
+        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
 
     def opening_chunks(self) -> list[dict]:
         return [self.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
@@ -103,9 +138,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     tenant = request.get(TENANT)
     adapter = resolve_model(state, body.model, tenant)
     prompt_ids = tokenize(state, body.prompt)
+    guide, guide_field = output_guide(body)
     params = sampling_params(state, body, len(prompt_ids), body.max_tokens, body.logprobs,
-                             body.logprobs if body.echo else None)
-    job = admit(state, body.model, adapter, prompt_ids, params, tenant, body.cache_salt)
+                             body.logprobs if body.echo else None, guide=guide)
+    job = admit(state, body.model, adapter, prompt_ids, params, tenant, body.cache_salt, guide_field)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await run(request, job, CompletionShape(job, body.return_token_ids, body.echo), body.stream, include_usage)
 
@@ -116,28 +152,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     tenant = request.get(TENANT)
     adapter = resolve_model(state, body.model, tenant)
-    prompt_ids = chat_prompt(state, body)
+    tools = tool_use(body, TOOL_CALL_FORMATS[state.settings.tool_call_parser])
+    guide, guide_field = output_guide(body)
+    if tools.forced:
+        if guide is not None:
+            raise bad_request(f"tool_choice forces a tool call, which {guide_field} cannot constrain as well: give "
+                              "one of them", param=guide_field)
+        guide, guide_field = await forced_calls_guide(tools), "tools"
+    prompt_ids = chat_prompt(state, body, tools)
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(state, body, len(prompt_ids), max_tokens, top)
-    job = admit(state, body.model, adapter, prompt_ids, params, tenant, body.cache_salt)
+    params = sampling_params(state, body, len(prompt_ids), max_tokens, top, guide=guide)
+    job = admit(state, body.model, adapter, prompt_ids, params, tenant, body.cache_salt, guide_field)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await run(request, job, ChatShape(job, body.return_token_ids), body.stream, include_usage)
-
-
-def chat_prompt(state, body: ChatCompletionRequest) -> list[int]:
-    """The conversation rendered by the tokenizer's chat template, with the assistant's turn opened."""
-    tokenizer = state.engine.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise bad_request("this model's tokenizer has no chat template: use /v1/completions with a plain prompt",
-                          code="no_chat_template")
-    messages = [m.model_dump() for m in body.messages]
-    try:
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception as exc:  # the template itself rejects the conversation (jinja raise_exception)
-        raise bad_request(f"the chat template refused the messages: {exc}", code="invalid_messages") from None
-    ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
-    return tokenize(state, list(ids))
+    return await run(request, job, ChatShape(job, body.return_token_ids, tools), body.stream, include_usage)
 
 
 @routes.get("/v1/models")

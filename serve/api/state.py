@@ -21,6 +21,7 @@ class ServerSettings:
     admin_token: str | None = None
     drain_timeout: float = 30.0
     tenants_file: str | None = None  # API keys scoped to tenants (then api_key is not used); reloaded on SIGHUP
+    tool_call_parser: str = "hermes"  # how the model writes tool calls (serve/api/tool_parsers.py TOOL_CALL_FORMATS)
 
 
 @dataclass

@@ -59,6 +59,10 @@ class EngineConfig(BaseModel):
         default=True, description="compute a prompt's leading full KV blocks once: later requests with the same "
         "model (base, or adapter version), salt (tenant, cache_salt) and leading tokens reuse them",
     )
+    grammar_compile_timeout: float = Field(
+        default=10.0, gt=0, description="seconds a structured output's JSON schema, regex or grammar may take to "
+        "compile; a slower one is refused (400)",
+    )
     cuda_graphs: bool = Field(
         default=True, description="on CUDA, replay decode steps from CUDA graphs captured per batch-size bucket"
     )

@@ -36,11 +36,14 @@ from ..models.loader import default_quantize, eos_ids, load_model, resolve_devic
 from ..models.source import resolve_model_path
 from .config import EngineConfig
 from .decode_inputs import DecodeInputs
+from .errors import RequestError
 from .forward_context import ForwardContext
+from .grammar import Grammars
 from .graph_runner import CudaGraph, DecodeGraphs, EagerGraph, GraphFactory
-from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .detokenizer import IncrementalDetokenizer, StopMatch, StopStringMatcher
 from .host_memory import pack_into_huge_pages
 from .kv_cache import CacheShape, PagedKVCache, free_device_memory, parse_size
+from .logits_processors import process_logits
 from .model_runner import ModelRunner
 from .request import FinishReason, Request, TokenEvent
 from .sampling import Logprobs, SamplingParams, make_generator, sample, score_tokens
@@ -49,12 +52,12 @@ from .scheduler import Scheduler
 log = logging.getLogger("loradock.engine")
 
 
-class RequestError(ValueError):
-    """A request the engine cannot take; the message says why."""
-
-
 class PromptTooLong(RequestError):
     """The prompt alone does not fit the context."""
+
+
+class BiasOutsideVocabulary(RequestError):
+    """logit_bias names a token id the model does not have."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ class Engine:
             self.cache.capacity_tokens * shape.bytes_per_token / 2**20,
             self.max_model_len,
         )
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_token_ids, config.max_num_seqs, device,
+                                 config.grammar_compile_timeout)
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_num_seqs, config.scheduling,
                                    config.prefix_caching)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -254,6 +259,7 @@ class Engine:
             self._commands.put(_STOP)
             self._thread.join()
             self._thread = None
+        self.grammars.shutdown()
         if self.adapters is not None:
             self.adapters.shutdown()
 
@@ -270,6 +276,7 @@ class Engine:
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         check_fits(self.max_model_len, prompt_ids, params)
+        check_logit_bias(self.vocab_size, params)
 
     def register_adapter(self, name: str, path: str | Path, replace: bool = False) -> None:
         """Make `name` usable by new requests (read from `path` on first use). With `replace`, requests in
@@ -319,7 +326,8 @@ class Engine:
         """Submit a request (on the base model, or through the named adapter) and iterate over its tokens.
         Closing the iterator early cancels the request. `client` (default: the adapter's name, "" for the base
         model) and its `weight` are whose fair share the request's tokens count against. Cached prompt blocks are
-        shared only between requests of the same model (the base, or one read of an adapter) and `cache_salt`."""
+        shared only between requests of the same model (the base, or one read of an adapter) and `cache_salt`.
+        A guide (`params.guide`) is compiled first, off the event loop: GrammarError, a RequestError, if it cannot."""
         params = params or SamplingParams()
         if not weight > 0:
             raise RequestError(f"a client's weight must be positive, not {weight}")
@@ -328,6 +336,8 @@ class Engine:
         version = self.resolve_adapter(adapter) if adapter is not None else None
         if self._thread is None:
             raise RuntimeError("the engine is not started")
+        # compiled off the event loop and the engine thread (a replica compiles on its own side)
+        matcher = await self.grammars.matcher(params.guide) if params.guide is not None else None
         request = Request(
             request_id=request_id or uuid.uuid4().hex,
             prompt_ids=prompt_ids,
@@ -338,11 +348,14 @@ class Engine:
             client=client if client is not None else adapter or "",
             weight=weight,
             cache_salt=cache_salt,
+            matcher=matcher,
         )
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._commands.put(_Add(request, asyncio.get_running_loop(), events))
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        # stop strings are looked for once min_tokens tokens are out (as vLLM): the engine bars stop ids till then
         stops = StopStringMatcher(params.stop)
+        generated = 0
         finished = False
         try:
             while not finished:
@@ -351,7 +364,8 @@ class Engine:
                     finished = True
                     raise event.error
                 text = detokenizer.push(event.token_id) if event.token_id is not None else ""
-                match = stops.feed(text)
+                generated += event.token_id is not None
+                match = stops.feed(text) if generated >= params.min_tokens else StopMatch(text, False)
                 finish = FinishReason.STOP if match.stopped else event.finish_reason
                 if match.stopped and event.finish_reason is None:
                     self._commands.put(_Abort(request.request_id))
@@ -433,7 +447,11 @@ class Engine:
             tops = [request.params.prompt_logprobs for request, _ in result.prompt_rows]
             for (request, _), logprobs in zip(result.prompt_rows, score_tokens(logits[len(sampled) :], targets, tops)):
                 request.prompt_logprobs.append(logprobs)
-        tokens, logprobs = sample(logits[: len(sampled)], [r.params for r in sampled], [r.generator for r in sampled])
+        logits = logits[: len(sampled)]  # [N, vocab] the sampled rows; processed in place
+        process_logits(logits, sampled, self.eos_token_ids)  # penalties, logit_bias, min_tokens
+        self.grammars.mask(logits, sampled)  # structured outputs: tokens the request's grammar forbids to -inf
+        tokens, logprobs = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])
+        self.grammars.advance(sampled, tokens)
         self.steps += 1
         for request, token, token_logprobs in zip(sampled, tokens, logprobs):
             first = not request.output_ids
@@ -450,6 +468,8 @@ class Engine:
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
         params = request.params
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            return FinishReason.STOP
+        if request.matcher is not None and request.matcher.is_terminated():  # the grammar ended, even with ignore_eos
             return FinishReason.STOP
         if len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
@@ -495,6 +515,13 @@ def encode_prompt(tokenizer, vocab_size: int, prompt: str | list[int]) -> list[i
     if any(not (0 <= t < vocab_size) for t in ids):
         raise RequestError(f"prompt token ids must lie in [0, {vocab_size})")
     return ids
+
+
+def check_logit_bias(vocab_size: int, params: SamplingParams) -> None:
+    """BiasOutsideVocabulary if logit_bias names a token id outside the vocabulary."""
+    outside = [token for token, _ in params.logit_bias if token >= vocab_size]
+    if outside:
+        raise BiasOutsideVocabulary(f"logit_bias token ids must lie in [0, {vocab_size}); got {outside[:5]}")
 
 
 def check_fits(max_model_len: int, prompt_ids: list[int], params: SamplingParams) -> None:

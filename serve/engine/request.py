@@ -11,11 +11,13 @@ import torch
 from .sampling import Logprobs, SamplingParams
 
 if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
+
     from ...adapters.manager import AdapterVersion
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS, a stop token id or a stop string
+    STOP = "stop"  # EOS, a stop token id, a stop string, or the end of the guide's grammar
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # cancelled by the caller
 
@@ -43,6 +45,8 @@ class Request:
     cache_salt: str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # of its leading full blocks, as far as computed yet
     num_cached_tokens: int | None = None  # prompt tokens found cached at its first admission
+    # Structured outputs: where output_ids stand in the guide's grammar (kept through preemption, as output_ids are).
+    matcher: GrammarMatcher | None = None
 
     @property
     def all_ids(self) -> list[int]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .guide import Guide
+
 
 MIN_TEMPERATURE = 1e-5
 
@@ -35,6 +37,17 @@ class SamplingParams(BaseModel):
                                  "log-probability and this many most likely alternatives")
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20, description="also return each prompt token's "
                                         "log-probability given the tokens before it, and this many alternatives")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="subtracted from the logit of every "
+                                    "token already generated (OpenAI's)")
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="subtracted once per time a token "
+                                     "was already generated (OpenAI's)")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="divides the positive (multiplies "
+                                      "the negative) logits of tokens in the prompt or the output (Hugging Face's)")
+    logit_bias: tuple[tuple[int, float], ...] = Field(default=(), description="(token id, bias in [-100, 100]) "
+                                                      "added to the logits")
+    min_tokens: int = Field(default=0, ge=0, description="end-of-sequence and stop token ids are barred until this "
+                            "many tokens are generated")
+    guide: Guide | None = Field(default=None, description="what the output must match (structured outputs)")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -44,6 +57,21 @@ class SamplingParams(BaseModel):
         value = tuple(value or ())
         if any(not s for s in value):
             raise ValueError("stop strings must be non-empty")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value):
+        # OpenAI's limits: at most 300 tokens, biases in [-100, 100]; the vocabulary's end is the engine's to check
+        if len(value) > 300:
+            raise ValueError(f"logit_bias may name at most 300 tokens, not {len(value)}")
+        tokens = [token for token, _ in value]
+        if any(token < 0 for token in tokens):
+            raise ValueError("logit_bias token ids must be non-negative")
+        if len(set(tokens)) < len(tokens):
+            raise ValueError("logit_bias names a token id more than once")
+        if not all(-100.0 <= bias <= 100.0 for _, bias in value):
+            raise ValueError("logit_bias values must lie in [-100, 100]")
         return value
 
     @property

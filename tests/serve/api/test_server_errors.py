@@ -221,8 +221,8 @@ def test_a_missing_chat_field(server, missing):
 
 
 def test_a_role_the_chat_template_refuses(server):
-    body = chat(messages=[{"role": "tool", "content": "42"}])
-    refused(ask(server, "POST", "/v1/chat/completions", body), 400, "invalid_messages", "chat template", "tool")
+    body = chat(messages=[{"role": "developer", "content": "42"}])  # tool turns become user turns in this template
+    refused(ask(server, "POST", "/v1/chat/completions", body), 400, "invalid_messages", "chat template", "developer")
 
 
 # ---- model and context --------------------------------------------------------------------------------------
