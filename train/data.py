@@ -143,7 +143,7 @@ class RowEncoder:
         return text, False
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        # The same call the server makes (serve/api/openai_routes.chat_prompt), untokenized; the server's
+        # The same call the server makes (serve/api/chat_prompt.py), untokenized; the server's
         # tokenize=True is tokenizer(text, add_special_tokens=False), as in _ids.
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 

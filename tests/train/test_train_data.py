@@ -51,7 +51,7 @@ def test_chat_rows_use_the_servers_rendering_and_train_only_assistant_turns(toke
         {"role": "assistant", "content": "Goodbye."},
     ]
     example = encoder.encode({"messages": messages}, "x:1")
-    # What /v1/chat/completions feeds the model for the last turn (serve/api/openai_routes.chat_prompt) ...
+    # What /v1/chat/completions feeds the model for the last turn (serve/api/chat_prompt.py) ...
     served = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)["input_ids"]
     assert example.input_ids[: len(served)] == served
     # ... followed by the reply and the turn's end token, which the server stops on; the newline after it is not
