@@ -14,20 +14,23 @@ class AdapterError(ValueError):
     too_large        the safetensors file is larger than any valid adapter for this base and rank limit
     bad_config       adapter_config.json is not a JSON object, or a field has the wrong type or value
     not_lora         peft_type is not LORA
-    dora             a DoRA adapter (use_dora, or lora_magnitude_vector tensors)
+    dora             a lora_magnitude_vector (DoRA) in an adapter whose config does not set use_dora
     modules_to_save  the adapter carries fully trained copies of base modules
-    bias             trained biases (bias other than "none", lora_bias, or bias tensors)
+    bias             trained base biases (bias other than "none"), a lora_A bias, or a lora_B bias without
+                     lora_bias
     unsupported_feature  another LoRA variant or option that changes the forward pass or the base weights
     wrong_architecture   base_model_name_or_path names a different model family than the base's
     embedding_target     LoRA on the input embeddings or the output head
     missing_module   a tensor names a module the base model does not have
-    unbound_tensor   a tensor that is not the lora_A/lora_B weight of a module the config targets
-    missing_tensor   a module the config targets has no weights in the file
+    unbound_tensor   a tensor that is not a LoRA part (lora_A/lora_B weight, magnitude, lora_B bias) of a module
+                     the config targets
+    missing_tensor   a module the config targets has no weights in the file, or lacks the magnitude vector
+                     (use_dora) or lora_B bias (lora_bias) its config calls for
     incomplete_pair  a module has lora_A but no lora_B, or the reverse
     shape_mismatch   a tensor's shape disagrees with the base module or with the config's rank
     rank_too_large   a module's rank exceeds the server's --max-lora-rank
     bad_dtype        a tensor that is not float16, bfloat16, float32 or float64
-    non_finite       a tensor holds NaN or Inf
+    non_finite       a tensor holds NaN or Inf, or DoRA's scale m / ‖W + s·B A‖ is not finite on this base
 
     And ``missing_extra``: an object-store URL whose filesystem package is not installed (s3://: loradock[s3]).
     """

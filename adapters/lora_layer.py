@@ -2,10 +2,18 @@
 
 Every targeted linear of the base model is replaced by a LoraLinear that owns preallocated, stacked slot
 buffers `A[slots, r_max, in]`, `B[slots, out, r_max]`, `scales[slots]` and `ranks[slots]`, laid out as the LoRA
-backend reads them fastest. Loading an adapter into a slot is a copy into those buffers; no shapes change. Which
-slot each token uses comes from the step's LoraMeta, shared by every layer through the LoraContext, which also holds
-the one backend chosen at engine start. The LoraMeta is one object for the engine's life, rewritten in place once
-per step on every path; the LoraContext is frozen: nothing is swapped into it between calls.
+backend reads them fastest, and the output affine's `out_scale[slots, out]`, `out_shift[slots, out]` and
+`out_mapped[slots]` for DoRA and lora_bias slots: the kernels map such a slot's rows,
+y = out_scale ⊙ (y + Δ) + out_shift; plain slots leave them unread. Loading an adapter into a slot is a copy into
+those buffers; no shapes change.
+
+PEFT computes a DoRA module's output as g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias with g = m / ‖W + s·B A‖ per output row
+(`dora.py`), and a lora_bias module's as x Wᵀ + bias + s·(x Aᵀ Bᵀ + b). The kernels start from y = x Wᵀ + bias, so
+a DoRA slot holds out_scale = g and out_shift = (1 − g) ⊙ bias, a lora_bias slot out_scale = 1 and out_shift = s·b.
+
+Which slot each token uses comes from the step's LoraMeta, shared by every layer through the LoraContext, which also
+holds the one backend chosen at engine start. The LoraMeta is one object for the engine's life, rewritten in place
+once per step on every path; the LoraContext is frozen: nothing is swapped into it between calls.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels.lora import LoraBackend, LoraMeta, lora_operands
+from ..kernels.lora import LoraBackend, LoraMeta, LoraOperands, OutputAffine, lora_operands
 
 
 @dataclass(frozen=True)
@@ -38,11 +46,19 @@ class LoraLinear(nn.Module):
         self.register_buffer("lora_B", B)  # [S, out, R]
         self.register_buffer("scales", torch.zeros(num_slots, dtype=torch.float32, device=device))
         self.register_buffer("ranks", torch.zeros(num_slots, dtype=torch.int32, device=device))
-        self.operands = lora_operands(self.lora_A, self.lora_B, self.scales, self.ranks)  # checked once, here
+        affine_shape = (num_slots, self.out_features)
+        self.register_buffer("out_scale", torch.ones(affine_shape, dtype=torch.float32, device=device))  # [S, out]
+        self.register_buffer("out_shift", torch.zeros(affine_shape, dtype=torch.float32, device=device))  # [S, out]
+        self.register_buffer("out_mapped", torch.zeros(num_slots, dtype=torch.int32, device=device))  # [S]
+        self.operands = self._operands()  # checked once, here
+
+    def _operands(self) -> LoraOperands:
+        affine = OutputAffine(self.out_scale, self.out_shift, self.out_mapped)
+        return lora_operands(self.lora_A, self.lora_B, self.scales, self.ranks, affine)
 
     def _apply(self, fn, recurse=True):  # .to() and friends replace the buffers: the operands follow them
         super()._apply(fn, recurse)
-        self.operands = lora_operands(self.lora_A, self.lora_B, self.scales, self.ranks)
+        self.operands = self._operands()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
@@ -51,10 +67,16 @@ class LoraLinear(nn.Module):
             return self.base(x)
         return context.backend.linear(self.base, x, self.operands, context.meta)
 
-    def load_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
-        """Copy one adapter's weights for this module into `slot`; A: [r, in], B: [out, r]. None clears the slot."""
+    def load_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float,
+                  dora_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+        """Copy one adapter's weights for this module into `slot`; A: [r, in], B: [out, r]; a DoRA module's
+        dora_scale g [out] float32, or a lora_bias module's bias b [out] (never both: peft refuses them together).
+        A None clears the slot."""
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
+        self.out_scale[slot].fill_(1.0)
+        self.out_shift[slot].zero_()
+        self.out_mapped[slot] = 0
         if A is None:
             self.scales[slot] = 0.0
             self.ranks[slot] = 0
@@ -64,6 +86,25 @@ class LoraLinear(nn.Module):
         self.lora_B[slot, :, :rank].copy_(B, non_blocking=True)
         self.scales[slot] = scale
         self.ranks[slot] = rank
+        if dora_scale is not None:
+            g = dora_scale.to(self.out_scale.device)  # [out] float32
+            self.out_scale[slot].copy_(g)
+            if self.base.bias is not None:  # y holds the base's bias, which DoRA leaves unscaled
+                self.out_shift[slot].copy_((1 - g) * self.base.bias.float())
+        elif bias is not None:
+            self.out_shift[slot].copy_(scale * bias.float())
+        self.out_mapped[slot] = int(dora_scale is not None or bias is not None)
+
+
+def slot_memory(layers: dict[str, LoraLinear]) -> tuple[int, int]:
+    """Bytes the layers' slot buffers take: the LoRA weights (A, B, scales, ranks), and the output affine's vectors
+    (DoRA's scales, the shifts of DoRA and lora_bias)."""
+    def size(*tensors: torch.Tensor) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    weights = sum(size(layer.lora_A, layer.lora_B, layer.scales, layer.ranks) for layer in layers.values())
+    affine = sum(size(layer.out_scale, layer.out_shift, layer.out_mapped) for layer in layers.values())
+    return weights, affine
 
 
 def attach_lora_layers(model: nn.Module, module_names: list[str], context: LoraContext, num_slots: int,

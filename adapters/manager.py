@@ -11,7 +11,8 @@ on the version they hold, which is freed when its last request ends.
 
 An adapter's source is a local folder or an object-store URL (`store`), fetched into a local cache by the reader
 pool before the same validation. With a registry file, what is registered or unregistered by name is saved at
-once and registered again at start (`restore`).
+once and registered again at start (`restore`). A mix of adapters (`merge`, `mixes`) is a version with a recipe:
+built in the reader pool from the registered sources, then held and evicted as any other.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ..kernels.cpu_build import cache_root
 from .directory import AdapterDirectory, check_name
+from .dora import with_dora_scales
 from .lora_layer import LoraLinear
+from .merge import MergeRecipe
+from .mixes import Mixes, has_weights
 from .peft_format import (
     AdapterError,
     AdapterWeights,
@@ -71,6 +75,8 @@ class AdapterSummary:
     registered_at: float
     requests_served: int
     in_flight: int
+    merge: Annotated[dict | None, Field(description="a mix: the adapters, weights, method, density and seed it was "
+                                        "made of (`POST /v1/adapters` with merge)")] = None
 
 
 @dataclass(eq=False)
@@ -92,6 +98,7 @@ class AdapterVersion:
     requests_served: int = 0
     version: int = 1  # 1 when the name is first registered, one more at each replacement (reload)
     from_directory: bool = False  # registered on first use from the adapter directory, not by name
+    recipe: MergeRecipe | None = None  # a mix: what it is made of
 
     def hold(self, weights: AdapterWeights) -> None:
         """Keep `weights`, just read."""
@@ -108,7 +115,7 @@ class AdapterVersion:
             rank=weights.max_rank if weights else None, targets=list(weights.target_names) if weights else None,
             bytes=weights.nbytes if weights else None, sha256=weights.sha256 if weights else None,
             loaded_at=self.loaded_at, registered_at=self.registered_at, requests_served=self.requests_served,
-            in_flight=self.pins,
+            in_flight=self.pins, merge=self.recipe.to_dict() if self.recipe is not None else None,
         )
 
 
@@ -139,17 +146,21 @@ class AdapterManager:
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.slots: dict[int, AdapterVersion] = {}
         self.host: dict[AdapterVersion, None] = {}  # insertion-ordered: the host LRU, oldest first
+        self.mixes = Mixes(self.registry, base, {m: layer.base for m, layer in layers.items()}, max_rank,
+                           cache_root() / "mixes", self._pool,
+                           lambda v: v.weights or self._load(v.path, v.name, v.recipe),
+                           lambda name, source, recipe: AdapterVersion(name, source, recipe=recipe))
 
     # ---- caller threads --------------------------------------------------------------------------------
 
     def register(
         self, name: str, path: Path | str, replace: bool = False, weights: AdapterWeights | None = None,
-        version_number: int | None = None,
+        version_number: int | None = None, recipe: MergeRecipe | None = None,
     ) -> tuple[AdapterVersion, AdapterVersion | None]:
-        """Make `name` resolve to the adapter at `path`: read on first use, or already read (`weights`).
-        Returns the new version and the one it replaced, which the engine thread must then `retire`.
-        `version_number` defaults to one more than the replaced version's."""
-        version = AdapterVersion(check_name(name), as_source(path))
+        """Make `name` resolve to the adapter at `path`: read on first use, or already read (`weights`); a mix's
+        `recipe` with it. Returns the new version and the one it replaced, which the engine thread must then
+        `retire`. `version_number` defaults to one more than the replaced version's."""
+        version = AdapterVersion(check_name(name), as_source(path), recipe=recipe)
         if weights is not None:
             version.hold(weights)
         return version, self.registry.add(version, replace, version_number)
@@ -164,8 +175,8 @@ class AdapterManager:
         return self.registry.get(name)
 
     def resolve(self, name: str) -> AdapterVersion:
-        """The version a new request would use; raises its AdapterError if it was refused."""
-        return self.registry.resolve(name)
+        """The version a new request would use (a per-request mix's too); raises its AdapterError if it was refused."""
+        return self.mixes.get(name) or self.registry.resolve(name)
 
     def registered(self) -> list[AdapterVersion]:
         return self.registry.registered()
@@ -198,13 +209,18 @@ class AdapterManager:
         self._count_lookup(version)
         if version.weights is None and version.slot is None and version.loading is None:
             log.info("reading adapter %s from %s", version.name, version.path)
-            version.loading = self.read(version.path, version.name)
+            version.loading = self.read(version.path, version.name, version.recipe)
             version.loading.add_done_callback(lambda _future: self._on_loaded(version))
 
-    def read(self, path: Path | str, name: str) -> Future:
-        """Read and validate an adapter in the reader pool (fetching it first from an object store); the future
-        holds its AdapterWeights or AdapterError."""
-        return self._pool.submit(self._timed_read, as_source(path), name)
+    def read(self, path: Path | str, name: str, recipe: MergeRecipe | None = None) -> Future:
+        """Read and validate an adapter in the reader pool (fetching it first from an object store; mixing a
+        `recipe` whose folder holds no weights yet); the future holds its AdapterWeights or AdapterError."""
+        return self._pool.submit(self._load, path, name, recipe)
+
+    def _load(self, path: Path | str, name: str, recipe: MergeRecipe | None) -> AdapterWeights:
+        if recipe is not None and not has_weights(path):
+            return self.mixes.build(recipe, name, path if isinstance(path, Path) else None)
+        return self._timed_read(as_source(path), name)
 
     def _timed_read(self, path: Path | str, name: str) -> AdapterWeights:
         started = time.perf_counter()
@@ -212,6 +228,7 @@ class AdapterManager:
             path = fetch_adapter(path, name, self.fetch_cache,
                                  lambda config: weights_size_limit(config, self.base, self.max_rank))
         weights = read_adapter(path, self.base, self.max_rank, name)
+        weights = with_dora_scales(weights, {module: layer.base for module, layer in self.layers.items()})
         self.stats.load_seconds.observe(time.perf_counter() - started)
         return weights
 
@@ -276,7 +293,7 @@ class AdapterManager:
             if module is None:
                 layer.load_slot(slot, None, None, 0.0)
             else:
-                layer.load_slot(slot, module.A, module.B, module.scale)
+                layer.load_slot(slot, module.A, module.B, module.scale, module.dora_scale, module.bias)
         version.slot = slot
         self.slots[slot] = version
         return slot
@@ -307,3 +324,5 @@ class AdapterManager:
             self._evict_slot(version)
         self.host.pop(version, None)
         version.weights = None
+        if version.recipe is not None:
+            self.mixes.discard(version.path)

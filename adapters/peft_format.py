@@ -4,11 +4,13 @@ An adapter folder as ``PeftModel.save_pretrained`` writes it (peft 0.21; earlier
 
     adapter_config.json        the LoraConfig as JSON: peft_type, r, lora_alpha, target_modules, ...
     adapter_model.safetensors  for each adapted module, with the adapter's own name left out:
-        base_model.model.<module>.lora_A.weight   [r, in_features]
-        base_model.model.<module>.lora_B.weight   [out_features, r]
+        base_model.model.<module>.lora_A.weight          [r, in_features]
+        base_model.model.<module>.lora_B.weight          [out_features, r]
+        base_model.model.<module>.lora_magnitude_vector  [out_features]   DoRA (use_dora) only
+        base_model.model.<module>.lora_B.bias            [out_features]   lora_bias only
       where <module> is the module's name in the base causal LM, e.g. ``model.layers.0.self_attn.q_proj``.
-      (DoRA adds ``.lora_magnitude_vector``, lora_bias ``.lora_B.bias``, embedding targets
-      ``.lora_embedding_A``/``_B``, modules_to_save the module's full ``.weight``: all refused here.)
+      (Embedding targets add ``.lora_embedding_A``/``_B``, modules_to_save the module's full ``.weight``: both
+      refused here.)
     "all-linear" is expanded by peft before saving: target_modules holds the full names of every linear
     layer but the output head (or, from 20 names up, the shortest suffixes that pick exactly those).
 
@@ -51,7 +53,15 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 
 _KEY_PREFIX = "base_model.model."  # PeftModel.base_model (the LoraModel) .model (the causal LM)
-_PAIR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+# A module's tensors, by the suffix of their key: its parts
+_PART_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude",
+                  ".lora_B.bias": "bias"}
+# The parts only some adapters have: the config flag that calls for each, its tensor's name, and the refusal's code
+# when one comes without its flag (peft would silently drop it)
+_OPTIONAL_PARTS = {
+    "magnitude": ("use_dora", "lora_magnitude_vector", "dora"),
+    "bias": ("lora_bias", "lora_B.bias", "bias"),
+}
 MAX_CONFIG_BYTES = 4 << 20  # a config listing every module of a large model is tens of kB
 _HEADER_BYTES = 1 << 20  # room for the safetensors JSON header: 1 MiB, plus 1 kiB per targeted module
 _HEADER_BYTES_PER_MODULE = 1 << 10
@@ -118,12 +128,18 @@ class BaseModelInfo:
 
 @dataclass(frozen=True)
 class LoraModuleWeights:
-    """One adapted module: its output gains ``scale * B @ A @ x``. Tensors on the CPU, in the file's dtype."""
+    """One adapted module: its output gains ``scale * B @ A @ x`` (plus ``scale * bias`` with lora_bias; DoRA rescales
+    the whole output row, see ``dora.py``). Tensors on the CPU, in the file's dtype."""
 
     A: torch.Tensor  # [rank, in_features]
     B: torch.Tensor  # [out_features, rank]
     rank: int
     scale: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) with use_rslora
+    magnitude: torch.Tensor | None = None  # [out_features]: DoRA's lora_magnitude_vector m; None: not DoRA
+    bias: torch.Tensor | None = None  # [out_features]: lora_B's bias (lora_bias); None: none
+    # [out_features] float32: DoRA's m / ||W + scale·B A|| per output row, against the base: computed after reading,
+    # where the base weights are (`dora.with_dora_scales`); None until then, and for a module that is not DoRA
+    dora_scale: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +152,7 @@ class AdapterWeights:
     modules: dict[str, LoraModuleWeights]  # by full base module name, in the base model's module order
     max_rank: int  # the largest rank among the modules
     target_names: tuple[str, ...]  # sorted short names of the adapted modules, e.g. ("q_proj", "v_proj")
-    nbytes: int  # bytes of all A and B tensors
+    nbytes: int  # bytes of all the modules' tensors
     sha256: str  # hex digest of the safetensors file's bytes
     config: dict  # adapter_config.json as parsed
 
@@ -148,6 +164,8 @@ class _LoraConfig:
     r: int
     alpha: float
     use_rslora: bool
+    use_dora: bool  # each module has a lora_magnitude_vector
+    lora_bias: bool  # each module's lora_B has a bias
     target_modules: str | tuple[str, ...]  # a regex (or "all-linear"), or names and name suffixes
     exclude_modules: str | tuple[str, ...]  # the same two forms; empty: nothing excluded
     layers_to_transform: frozenset[int] | None
@@ -181,8 +199,11 @@ def _plan(raw: dict, base: BaseModelInfo, max_rank: int) -> tuple[_LoraConfig, l
     config = _parse_config(raw)
     _check_architecture(raw.get("base_model_name_or_path"), base.model_type)
     targeted = _targeted_modules(config, base)
-    # No valid file is larger: each module's pair is at most max_rank * (in + out) float64 values.
-    most = sum(max_rank * sum(base.linear_modules[m]) * 8 + _HEADER_BYTES_PER_MODULE for m in targeted)
+    # No valid file is larger: each module's pair is at most max_rank * (in + out) float64 values, its magnitude
+    # vector or bias out more.
+    vectors = config.use_dora + config.lora_bias
+    most = sum((max_rank * (i + o) + vectors * o) * 8 + _HEADER_BYTES_PER_MODULE for i, o in
+               (base.linear_modules[m] for m in targeted))
     return config, targeted, _HEADER_BYTES + most
 
 
@@ -194,18 +215,10 @@ def _read(path: Path, base: BaseModelInfo, max_rank: int, name: str) -> AdapterW
     tensors = _deserialize(data)
     del data  # the tensors' bytes are copies
 
-    pairs = _bind_tensors(tensors, base, targeted)
+    bound = _bind_tensors(tensors, base, targeted)
     modules = {}
     for module in targeted:  # the base model's order
-        keys = pairs.get(module)
-        if keys is None:
-            raise AdapterError(
-                f"the config targets {module}, but {WEIGHTS_FILE} has no lora_A/lora_B weights for it",
-                "missing_tensor",
-            )
-        for half, other in (("A", "B"), ("B", "A")):
-            if half not in keys:
-                raise AdapterError(f"{keys[other]} has no matching lora_{half} tensor", "incomplete_pair")
+        keys = _check_parts(module, bound.get(module), config)
         modules[module] = _module_weights(tensors, module, keys, config, base, max_rank)
     return AdapterWeights(
         name=name,
@@ -213,10 +226,16 @@ def _read(path: Path, base: BaseModelInfo, max_rank: int, name: str) -> AdapterW
         modules=modules,
         max_rank=max(m.rank for m in modules.values()),
         target_names=tuple(sorted({module.rsplit(".", 1)[-1] for module in modules})),
-        nbytes=sum(m.A.nbytes + m.B.nbytes for m in modules.values()),
+        nbytes=sum(module_bytes(m) for m in modules.values()),
         sha256=sha256,
         config=raw,
     )
+
+
+def module_bytes(module: LoraModuleWeights) -> int:
+    """Bytes of one module's tensors."""
+    tensors = (module.A, module.B, module.magnitude, module.bias, module.dora_scale)
+    return sum(tensor.nbytes for tensor in tensors if tensor is not None)
 
 
 # ---- files ---------------------------------------------------------------------------------------------------
@@ -295,8 +314,8 @@ def _parse_config(raw: dict) -> _LoraConfig:
     """Refuse what the server cannot serve, check the types of the fields it uses, return those fields."""
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"peft_type is {raw.get('peft_type')!r}: only LoRA adapters can be served", "not_lora")
-    if _flag(raw, "use_dora"):
-        raise AdapterError("use_dora is true: DoRA adapters are not supported", "dora")
+    if _flag(raw, "use_dora") and _flag(raw, "lora_bias"):
+        raise AdapterError("use_dora and lora_bias are both true: peft refuses DoRA with a lora_B bias", "bad_config")
     if raw.get("modules_to_save"):
         raise AdapterError(
             f"modules_to_save is {raw['modules_to_save']!r}: the adapter replaces whole base modules, which "
@@ -304,9 +323,11 @@ def _parse_config(raw: dict) -> _LoraConfig:
             "modules_to_save",
         )
     if (raw.get("bias") or "none") != "none":
-        raise AdapterError(f"bias is {raw['bias']!r}: adapters with trained biases are not supported", "bias")
-    if _flag(raw, "lora_bias"):
-        raise AdapterError("lora_bias is true: adapters with a lora_B bias are not supported", "bias")
+        raise AdapterError(
+            f"bias is {raw['bias']!r}: adapters that train the base model's biases are not supported (lora_bias, a "
+            f"bias on lora_B, is)",
+            "bias",
+        )
     for field, feature in _UNSUPPORTED_FIELDS.items():
         if raw.get(field):
             raise AdapterError(f"{field} is set: {feature} is not supported, only plain LoRA", "unsupported_feature")
@@ -340,6 +361,8 @@ def _parse_config(raw: dict) -> _LoraConfig:
         r=r,
         alpha=alpha,
         use_rslora=_flag(raw, "use_rslora"),
+        use_dora=_flag(raw, "use_dora"),
+        lora_bias=_flag(raw, "lora_bias"),
         target_modules=target_modules,
         exclude_modules=_names_or_regex(raw, "exclude_modules"),
         layers_to_transform=layers,
@@ -465,25 +488,23 @@ def _targeted_modules(config: _LoraConfig, base: BaseModelInfo) -> list[str]:
 
 
 def _bind_tensors(keys: Iterable[str], base: BaseModelInfo, targeted: list[str]) -> dict[str, dict[str, str]]:
-    """Map each tensor name to a targeted base module: {module: {"A": key, "B": key}}. Refuses every tensor that
-    is not the lora_A/lora_B weight of a targeted module, saying what it looks like."""
+    """Map each tensor name to a targeted base module: {module: {part: key}}, parts as in _PART_SUFFIXES. Refuses
+    every tensor that is not a part of a targeted module, saying what it looks like."""
     targeted_set = set(targeted)
-    pairs: dict[str, dict[str, str]] = {}
+    bound: dict[str, dict[str, str]] = {}
     unbound = []
     for key in sorted(keys):  # sorted: the same file gives the same message
-        for suffix, half in _PAIR_SUFFIXES.items():
+        for suffix, part in _PART_SUFFIXES.items():
             if key.startswith(_KEY_PREFIX) and key.endswith(suffix):
                 module = key[len(_KEY_PREFIX) : -len(suffix)]
                 break
         else:
-            if key.endswith("lora_magnitude_vector") or ".lora_magnitude_vector." in key:
-                raise AdapterError(f"{key} is a DoRA magnitude vector: DoRA adapters are not supported", "dora")
             if ".lora_embedding_" in key:
                 raise AdapterError(
                     f"{key} is a LoRA embedding weight: LoRA on embeddings is not supported", "embedding_target"
                 )
-            if ".lora_A.bias" in key or ".lora_B.bias" in key:
-                raise AdapterError(f"{key} is a LoRA bias: adapters with trained biases are not supported", "bias")
+            if ".lora_A.bias" in key:
+                raise AdapterError(f"{key} is a bias on lora_A, which peft never trains: not supported", "bias")
             unbound.append(key)
             continue
         if module in base.embedding_modules:
@@ -499,20 +520,39 @@ def _bind_tensors(keys: Iterable[str], base: BaseModelInfo, targeted: list[str])
         if module not in targeted_set:
             unbound.append(key)
             continue
-        pairs.setdefault(module, {})[half] = key
+        bound.setdefault(module, {})[part] = key
     if unbound:
         raise AdapterError(
-            f"{len(unbound)} tensor(s) in {WEIGHTS_FILE} are not the lora_A/lora_B weights of a module the "
-            f"config targets: {_show(unbound)}",
+            f"{len(unbound)} tensor(s) in {WEIGHTS_FILE} are not the lora_A/lora_B weights (or DoRA magnitude, or "
+            f"lora_B bias) of a module the config targets: {_show(unbound)}",
             "unbound_tensor",
         )
-    return pairs
+    return bound
+
+
+def _check_parts(module: str, keys: dict[str, str] | None, config: _LoraConfig) -> dict[str, str]:
+    """The module's tensor keys by part, once it has exactly the parts its config calls for."""
+    if keys is None or not keys.keys() & {"A", "B"}:
+        raise AdapterError(
+            f"the config targets {module}, but {WEIGHTS_FILE} has no lora_A/lora_B weights for it", "missing_tensor"
+        )
+    for half, other in (("A", "B"), ("B", "A")):
+        if half not in keys:
+            raise AdapterError(f"{keys[other]} has no matching lora_{half} tensor", "incomplete_pair")
+    for part, (flag, name, code) in _OPTIONAL_PARTS.items():
+        wanted = getattr(config, flag)
+        if part in keys and not wanted:
+            raise AdapterError(f"{keys[part]} is a {name} tensor, but the config does not set {flag}", code)
+        if wanted and part not in keys:
+            raise AdapterError(f"the config sets {flag}, but {WEIGHTS_FILE} has no {name} for {module}",
+                               "missing_tensor")
+    return keys
 
 
 def _module_weights(
     tensors: dict[str, dict], module: str, keys: dict[str, str], config: _LoraConfig, base: BaseModelInfo, max_rank: int
 ) -> LoraModuleWeights:
-    """One module's pair, checked against the config's rank and the base layer's shape."""
+    """One module's tensors, checked against the config's rank and the base layer's shape."""
     from peft.utils.other import get_pattern_key  # seconds to import: only when reading adapters
 
     rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r)
@@ -524,16 +564,17 @@ def _module_weights(
             "rank_too_large",
         )
     in_features, out_features = base.linear_modules[module]
-    expected = {"A": [rank, in_features], "B": [out_features, rank]}
+    expected = {"A": [rank, in_features], "B": [out_features, rank], "magnitude": [out_features],
+                "bias": [out_features]}
     weights = {}
-    for half, key in keys.items():
+    for part, key in keys.items():
         entry = tensors[key]
         if entry["dtype"] not in _DTYPES:
             wanted = ", ".join(_DTYPES)
             raise AdapterError(f"{key} has dtype {entry['dtype']}: LoRA weights must be one of {wanted}", "bad_dtype")
-        if entry["shape"] != expected[half]:
+        if entry["shape"] != expected[part]:
             raise AdapterError(
-                f"{key} has shape {entry['shape']}, but {module} needs {expected[half]} (in_features={in_features}, "
+                f"{key} has shape {entry['shape']}, but {module} needs {expected[part]} (in_features={in_features}, "
                 f"out_features={out_features} in the base model, rank {rank} in the config)",
                 "shape_mismatch",
             )
@@ -542,9 +583,9 @@ def _module_weights(
         if not torch.isfinite(tensor).all():
             count = int((~torch.isfinite(tensor)).sum())
             raise AdapterError(f"{key} holds {count} non-finite value(s) (NaN or Inf)", "non_finite")
-        weights[half] = tensor
+        weights[part] = tensor
     scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank  # as peft's LoraLayer.update_layer
-    return LoraModuleWeights(A=weights["A"], B=weights["B"], rank=rank, scale=scale)
+    return LoraModuleWeights(rank=rank, scale=scale, **weights)
 
 
 # ---- messages ------------------------------------------------------------------------------------------------

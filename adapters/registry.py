@@ -3,7 +3,8 @@
 Names come from registrations (the admin API, the Python API, the registry file at start) and from the adapter
 directory or store, whose adapters are registered on first use. A name unregistered by the admin is not brought back
 by the directory until registered again. With a registry file, every registration and unregistration by name is
-saved at once (`registry_file`), and `restore` registers the saved ones again at start.
+saved at once (`registry_file`), and `restore` registers the saved ones again at start (a mix with its recipe,
+after the sources it was made of, which were registered before it).
 
 One registry serves the engine (versions it reads and holds: `manager.AdapterVersion`) and the ingress of engine
 replicas (versions it routes by: the replica client's); both versions carry `name`, `path`, `version`,
@@ -128,6 +129,8 @@ class AdapterRegistry(Generic[V]):
             for name, entry in state.adapters.items():
                 version = self.make(name, entry.source)
                 version.version = entry.version
+                if entry.merge is not None:
+                    version.recipe = entry.merge
                 self._versions[name] = version
         return sorted(state.adapters)
 
@@ -137,8 +140,13 @@ class AdapterRegistry(Generic[V]):
         with self._save_lock:
             with self._lock:
                 state = RegistryState(
-                    {name: RegistryEntry(str(v.path), v.version) for name, v in self._versions.items()
+                    {name: RegistryEntry(str(v.path), v.version, _recipe(v)) for name, v in self._versions.items()
                      if not v.from_directory},
                     sorted(self._unloaded),
                 )
             self.registry_file.save(state)
+
+
+def _recipe(version):
+    """A mix's recipe (merge.MergeRecipe); None for an adapter read from its source."""
+    return getattr(version, "recipe", None)  # the ingress's versions of a cluster have none

@@ -2,7 +2,10 @@
 API, so a restarted server, or a new replica's ingress, serves the same adapters.
 
     {"format": 1,
-     "adapters": {"support-bot": {"source": "/adapters/support-bot", "version": 3}, ...},
+     "adapters": {"support-bot": {"source": "/adapters/support-bot", "version": 3},
+                  "support-tone": {"source": "~/.cache/loradock/mixes/support-tone-<id>", "version": 1,
+                                   "merge": {"adapters": [{"name": "support-bot", "weight": 0.7}, ...],
+                                             "method": "linear", "density": null, "seed": 0}}, ...},
      "unloaded": ["old-adapter"]}          # adapter-directory names unloaded by the admin: not brought back
 
 A local file is written atomically (a temporary file in the same folder, then os.replace): a crash leaves the old
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdapterError
+from .merge import MergeRecipe
 from .store import is_url, object_store
 
 FORMAT = 1
@@ -28,6 +32,7 @@ FORMAT = 1
 class RegistryEntry:
     source: str  # a local folder or an object-store URL
     version: int  # 1 when first loaded, one more at each reload
+    merge: MergeRecipe | None = None  # a mix's recipe: mixed again from it if its folder is gone
 
 
 @dataclass
@@ -36,7 +41,9 @@ class RegistryState:
     unloaded: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
-        adapters = {name: {"source": e.source, "version": e.version} for name, e in sorted(self.adapters.items())}
+        adapters = {name: {"source": e.source, "version": e.version,
+                           **({"merge": e.merge.to_dict()} if e.merge else {})}
+                    for name, e in sorted(self.adapters.items())}
         return json.dumps({"format": FORMAT, "adapters": adapters, "unloaded": sorted(self.unloaded)}, indent=1)
 
     @classmethod
@@ -45,7 +52,8 @@ class RegistryState:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT}")
-            adapters = {str(name): RegistryEntry(str(e["source"]), int(e["version"]))
+            adapters = {str(name): RegistryEntry(str(e["source"]), int(e["version"]),
+                                                 MergeRecipe.from_dict(e["merge"]) if e.get("merge") else None)
                         for name, e in raw["adapters"].items()}
             return cls(adapters, [str(name) for name in raw.get("unloaded", [])])
         except (ValueError, TypeError, KeyError, AttributeError) as exc:

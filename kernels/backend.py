@@ -2,6 +2,8 @@
 
     y[t] += scale[s] · (x[t] @ A[s, :r]ᵀ) @ B[s, :, :r]ᵀ     for every token t whose adapter slot s = slot(t) ≠ -1,
                                                              r = rank[s]
+    y[t] = g[s] ⊙ y[t] + c[s]                                for those whose slot the output affine maps (DoRA,
+                                                             lora_bias): its per-output scale g and shift c
 
 Implementations: Triton (CUDA), the compiled CPU kernel, and the torch path (reference speed, any device). One
 object is chosen when the engine starts (`lora.select_lora_backend`) and held by the LoRA context; every LoRA layer

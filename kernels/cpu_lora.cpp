@@ -3,9 +3,13 @@
 // For each segment of the step's metadata (a run of tokens sharing slot s, read through sorted_tokens) shorter
 // than max_length tokens (longer ones, prefill chunks, go through torch's BLAS on the Python side):
 //     y[t, o] += scales[s] * sum_{k < r} (x[t] . A[s, k]) * B[s, o, k],  r = ranks[s]
-// Weights beyond a slot's rank are never read. Tokens go four at a time: the shrink reads each rank row of A
-// once for the four of them, then the expand adds four ranks per pass over the four y rows, reading each vector
-// of those four B rows once for the four tokens, so a tile's weights are read once, not once per token.
+// and, for a slot the optional output affine maps (DoRA, lora_bias; mapped slots have rank > 0), in the same pass
+// over the row, rounded once into y:
+//     y[t, o] = out_scale[s, o] * (y[t, o] + delta[t, o]) + out_shift[s, o]
+// Weights beyond a slot's rank are never read, nor the affine's vectors of a slot it does not map. Tokens go four at
+// a time: the shrink reads each rank row of A once for the four of them, then the expand adds four ranks per pass
+// over the four y rows, reading each vector of those four B rows once for the four tokens, so a tile's weights are
+// read once, not once per token.
 // Work items are tiles of up to four tokens of one segment.
 //
 // A decode step reads every used slot's weights once, mostly from memory (a step's adapter weights rarely stay
@@ -65,6 +69,51 @@ template <typename Y>
 void add_row(Y* __restrict dst, const float* __restrict delta, int64_t n) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) dst[c] = narrow<Y>(widen(dst[c]) + delta[c]);
+}
+
+// dst[c] = scale[c] * (dst[c] + delta[c]) + shift[c] for c < n, rounded once into dst's type
+template <typename Y>
+void add_row_mapped(Y* __restrict dst, const float* __restrict delta, const float* __restrict scale,
+                    const float* __restrict shift, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) dst[c] = narrow<Y>(scale[c] * (widen(dst[c]) + delta[c]) + shift[c]);
+}
+
+// y[c] = scale[c] * y[c] + shift[c] for c < n: a float32 row that already holds its delta
+void map_row(float* __restrict y, const float* __restrict scale, const float* __restrict shift, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) y[c] = scale[c] * y[c] + shift[c];
+}
+
+// The optional per-slot map of the output rows; scale == nullptr: no slot is mapped.
+struct OutputAffine {
+  const float* scale = nullptr;     // [S, out]
+  const float* shift = nullptr;     // [S, out]
+  const int32_t* mapped = nullptr;  // [S]
+  int64_t out = 0;
+
+  bool maps(int64_t slot) const { return scale != nullptr && mapped[slot] != 0; }
+  const float* scale_row(int64_t slot) const { return scale + slot * out; }
+  const float* shift_row(int64_t slot) const { return shift + slot * out; }
+};
+
+// The affine of the optional tensors: all three or none, scale and shift [S, out] float32, mapped [S] int32, each
+// contiguous.
+OutputAffine output_affine(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                           const std::optional<at::Tensor>& mapped, const at::Tensor& B) {
+  TORCH_CHECK(scale.has_value() == shift.has_value() && shift.has_value() == mapped.has_value(),
+              "the output affine takes its scale, shift and mapped tensors together");
+  if (!scale.has_value()) return {};
+  const int64_t slots = B.size(0), out = B.size(1);
+  TORCH_CHECK(scale->sizes() == at::IntArrayRef({slots, out}) && shift->sizes() == at::IntArrayRef({slots, out}) &&
+                  mapped->sizes() == at::IntArrayRef({slots}),
+              "the output affine needs scale and shift [S, out] and mapped [S]");
+  TORCH_CHECK(scale->scalar_type() == at::kFloat && shift->scalar_type() == at::kFloat &&
+                  mapped->scalar_type() == at::kInt,
+              "the output affine's scale and shift are float32, mapped int32");
+  TORCH_CHECK(scale->is_contiguous() && shift->is_contiguous() && mapped->is_contiguous(),
+              "the output affine's tensors must be contiguous");
+  return {scale->data_ptr<float>(), shift->data_ptr<float>(), mapped->data_ptr<int32_t>(), out};
 }
 
 template <typename T>
@@ -238,14 +287,14 @@ class LoraCall final : public Tiles {
   LoraCall(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& scales,
            const at::Tensor& ranks, const at::Tensor& sorted_tokens, const at::Tensor& segment_slots,
            const at::Tensor& segment_starts, const at::Tensor& segment_lengths, int64_t num_segments,
-           int64_t max_length, bool overwrite)
+           int64_t max_length, const OutputAffine& affine, bool overwrite)
       : x_(x.data_ptr<T>()), x_row_(x.stride(0)), y_(y.data_ptr<Y>()), y_row_(y.stride(0)),
         A_(A.data_ptr<T>()), a_slot_(A.stride(0)), a_rank_(A.stride(1)), in_(A.size(2)),
         B_(B.data_ptr<T>()), b_slot_(B.stride(0)), b_rank_(B.stride(2)), out_(B.size(1)),
         scales_(scales.data_ptr<float>()), ranks_(ranks.data_ptr<int32_t>()),
         tokens_(sorted_tokens.data_ptr<int32_t>()), slots_(segment_slots.data_ptr<int32_t>()),
         starts_(segment_starts.data_ptr<int32_t>()), lengths_(segment_lengths.data_ptr<int32_t>()),
-        max_length_(max_length), first_tile_(num_segments + 1, 0), overwrite_(overwrite) {
+        max_length_(max_length), first_tile_(num_segments + 1, 0), affine_(affine), overwrite_(overwrite) {
     static_assert(!kStaged || std::is_same_v<Y, T>, "a y of another type than x is float32 scratch");
     TORCH_CHECK(!(kStaged && overwrite), "the CPU LoRA kernel overwrites float32 scratch only");
     TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && A.stride(2) == 1 && B.stride(1) == 1,
@@ -275,7 +324,7 @@ class LoraCall final : public Tiles {
         if (overwrite_) std::fill(ys[j], ys[j] + out_, 0.f);
       }
     }
-    if (w.rank == 0) return;
+    if (w.rank == 0) return;  // never mapped: a layer maps only the slots it holds an adapter module for
     if constexpr (kStaged) {
       thread_local std::vector<float> staged;  // [count, out]: the tile's float32 rows, kept for the next tile
       staged.assign(count * out_, 0.f);
@@ -293,19 +342,37 @@ class LoraCall final : public Tiles {
       case 2: apply_tile<2>(xs, ys, w, in_, next); break;
       default: apply_tile<1>(xs, ys, w, in_, next); break;
     }
-    if constexpr (kStaged)
-      for (int j = 0; j < count; ++j) add_row(y_ + rows[j] * y_row_, ys[j], out_);
+    if (!affine_.maps(slot)) {
+      if constexpr (kStaged)
+        for (int j = 0; j < count; ++j) add_row(y_ + rows[j] * y_row_, ys[j], out_);
+      return;
+    }
+    const float* scale = affine_.scale_row(slot);
+    const float* shift = affine_.shift_row(slot);
+    if constexpr (kStaged) {
+      for (int j = 0; j < count; ++j) add_row_mapped(y_ + rows[j] * y_row_, ys[j], scale, shift, out_);
+    } else if (!overwrite_) {  // y's own rows, holding their deltas now (scratch rows are mapped in add_rows_into)
+      for (int j = 0; j < count; ++j) map_row(ys[j], scale, shift, out_);
+    }
   }
 
-  // dst[t] += y[t] for the tokens of the kernel's segments (y written with overwrite), rounded once into T
+  // dst[t] += y[t] for the tokens of the kernel's segments (y written with overwrite), rounded once into T; a
+  // mapped slot's rows: dst[t] = out_scale * (dst[t] + y[t]) + out_shift
   void add_rows_into(at::Tensor& dst) const {
     TORCH_CHECK(dst.stride(1) == 1, "the LoRA deltas are added into rows with unit column stride");
     T* d = dst.data_ptr<T>();
     const int64_t d_row = dst.stride(0);
     for (int64_t g = 0; g < num_segments(); ++g) {
       if (!mine(g)) continue;
-      for (int64_t e = starts_[g]; e < starts_[g] + lengths_[g]; ++e)
-        add_row(d + tokens_[e] * d_row, y_ + tokens_[e] * y_row_, out_);
+      const int64_t slot = slots_[g];
+      const bool mapped = affine_.maps(slot);
+      for (int64_t e = starts_[g]; e < starts_[g] + lengths_[g]; ++e) {
+        if (mapped)
+          add_row_mapped(d + tokens_[e] * d_row, y_ + tokens_[e] * y_row_, affine_.scale_row(slot),
+                         affine_.shift_row(slot), out_);
+        else
+          add_row(d + tokens_[e] * d_row, y_ + tokens_[e] * y_row_, out_);
+      }
     }
   }
 
@@ -328,6 +395,7 @@ class LoraCall final : public Tiles {
   const int32_t* lengths_;
   int64_t max_length_;
   std::vector<int64_t> first_tile_;  // [num_segments + 1]
+  OutputAffine affine_;
   bool overwrite_;  // y holds scratch: each tile zeroes its rows before adding
 };
 
@@ -487,16 +555,20 @@ at::ScalarType element_type(const at::Tensor& x, const at::Tensor& A, const at::
 
 }  // namespace
 
-// y [T, out] += the LoRA deltas of the step's segments shorter than max_length; see the header comment.
+// y [T, out] += the LoRA deltas of the step's segments shorter than max_length, their rows mapped where the output
+// affine (out_scale, out_shift, out_mapped: all or none) maps the slot; see the header comment.
 void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales, at::Tensor ranks,
                 at::Tensor sorted_tokens, at::Tensor segment_slots, at::Tensor segment_starts,
-                at::Tensor segment_lengths, int64_t num_segments, int64_t max_length) {
+                at::Tensor segment_lengths, int64_t num_segments, int64_t max_length,
+                std::optional<at::Tensor> out_scale, std::optional<at::Tensor> out_shift,
+                std::optional<at::Tensor> out_mapped) {
   const at::ScalarType type = element_type(x, A, B);
   TORCH_CHECK(y.scalar_type() == type, "the CPU LoRA kernel adds into a y of x's dtype");
+  const OutputAffine affine = output_affine(out_scale, out_shift, out_mapped, B);
   with_element_type(type, [&](auto element) {
     using T = decltype(element);
     const LoraCall<T, T> call(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts,
-                              segment_lengths, num_segments, max_length, /*overwrite=*/false);
+                              segment_lengths, num_segments, max_length, affine, /*overwrite=*/false);
     call.run_all();
   });
 }
@@ -509,7 +581,8 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tens
 at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias, at::Tensor A, at::Tensor B,
                        at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
                        at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
-                       int64_t max_length) {
+                       int64_t max_length, std::optional<at::Tensor> out_scale,
+                       std::optional<at::Tensor> out_shift, std::optional<at::Tensor> out_mapped) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(1) == A.size(2) &&
                   weight.size(0) == B.size(1),
               "lora_linear: expected x [T, in], weight [out, in], A [S, R, in] and B [S, out, R]");
@@ -521,17 +594,18 @@ at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor
   if (needed > kMaxDelta || at::get_num_threads() >= cpus) {
     at::Tensor y = at::linear(x, weight, bias);
     lora_apply(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths, num_segments,
-               max_length);
+               max_length, out_scale, out_shift, out_mapped);
     return y;
   }
   thread_local at::Tensor scratch;  // [>= T * out] float32, kept between calls (a fresh one would page-fault)
   if (!scratch.defined() || scratch.numel() < needed) scratch = at::empty({needed}, x.options().dtype(at::kFloat));
   at::Tensor delta = scratch.narrow(0, 0, needed).view({x.size(0), weight.size(0)});  // [T, out]
+  const OutputAffine affine = output_affine(out_scale, out_shift, out_mapped, B);
   at::Tensor y;
   with_element_type(type, [&](auto element) {
     using T = decltype(element);
     const LoraCall<T, float> call(delta, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts,
-                                  segment_lengths, num_segments, max_length, /*overwrite=*/true);
+                                  segment_lengths, num_segments, max_length, affine, /*overwrite=*/true);
     TileHelper::instance().run_alongside(call, [&] { y = at::linear(x, weight, bias); });
     call.add_rows_into(y);
   });

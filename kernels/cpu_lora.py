@@ -93,9 +93,10 @@ def _kernel_reads(ops: LoraOperands, x: torch.Tensor) -> bool:
 
 
 def _kernel_operands(ops: LoraOperands, meta: LoraMeta) -> tuple:
-    """The kernel's arguments after x / y: the weights, the step's segments, and the BLAS threshold."""
+    """The kernel's arguments after x / y: the weights, the step's segments, the BLAS threshold, and the output
+    affine's scale, shift and mapped (None for each without one)."""
     return (
         ops.A, ops.B, ops.scales, ops.ranks,
         meta.sorted_tokens, meta.segment_slots, meta.segment_starts, meta.segment_lengths, len(meta.segments),
-        LONG_SEGMENT,
+        LONG_SEGMENT, *(ops.affine or (None, None, None)),
     )  # fmt: skip

@@ -7,12 +7,15 @@
 
 void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales, at::Tensor ranks,
                 at::Tensor sorted_tokens, at::Tensor segment_slots, at::Tensor segment_starts,
-                at::Tensor segment_lengths, int64_t num_segments, int64_t max_length);  // cpu_lora.cpp
+                at::Tensor segment_lengths, int64_t num_segments, int64_t max_length,
+                std::optional<at::Tensor> out_scale, std::optional<at::Tensor> out_shift,
+                std::optional<at::Tensor> out_mapped);  // cpu_lora.cpp
 
 at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias, at::Tensor A, at::Tensor B,
                        at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
                        at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
-                       int64_t max_length);  // cpu_lora.cpp
+                       int64_t max_length, std::optional<at::Tensor> out_scale,
+                       std::optional<at::Tensor> out_shift, std::optional<at::Tensor> out_mapped);  // cpu_lora.cpp
 
 void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                       at::Tensor kv_index, at::Tensor query_pos, double scale,
@@ -20,10 +23,19 @@ void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Like torch's own ops they run without the GIL: the server's event loop thread goes on meanwhile.
+  // The output affine's three tensors come last and default to None (no slot mapped).
   m.def("lora_apply", &lora_apply, "y += gathered LoRA deltas of the step's segments (float32 or bfloat16, CPU)",
+        py::arg("y"), py::arg("x"), py::arg("A"), py::arg("B"), py::arg("scales"), py::arg("ranks"),
+        py::arg("sorted_tokens"), py::arg("segment_slots"), py::arg("segment_starts"), py::arg("segment_lengths"),
+        py::arg("num_segments"), py::arg("max_length"), py::arg("out_scale") = py::none(),
+        py::arg("out_shift") = py::none(), py::arg("out_mapped") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_linear", &lora_linear,
         "linear(x, weight, bias) plus the gathered LoRA deltas, computed on a helper thread during the GEMM",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"), py::arg("scales"),
+        py::arg("ranks"), py::arg("sorted_tokens"), py::arg("segment_slots"), py::arg("segment_starts"),
+        py::arg("segment_lengths"), py::arg("num_segments"), py::arg("max_length"),
+        py::arg("out_scale") = py::none(), py::arg("out_shift") = py::none(), py::arg("out_mapped") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention,
         "decode queries against the paged KV cache, in place (float32 or bfloat16, CPU)",

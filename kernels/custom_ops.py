@@ -18,7 +18,8 @@ _library.define(
 )
 _library.define(
     "lora_expand(Tensor(a!) y, Tensor buf, Tensor B, Tensor scales, Tensor ranks, Tensor sorted_tokens, "
-    "Tensor segment_slots, Tensor segment_starts, Tensor segment_lengths) -> ()"
+    "Tensor segment_slots, Tensor segment_starts, Tensor segment_lengths, Tensor? out_scale=None, "
+    "Tensor? out_shift=None, Tensor? out_mapped=None) -> ()"
 )
 _library.define(
     "paged_decode(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -35,9 +36,10 @@ def _lora_shrink(x, A, buf, ranks, sorted_tokens, segment_slots, segment_starts,
                                          segment_lengths, split_k)
 
 
-def _lora_expand(y, buf, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths):
+def _lora_expand(y, buf, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths,
+                 out_scale=None, out_shift=None, out_mapped=None):
     _module("triton_lora").launch_expand(y, buf, B, scales, ranks, sorted_tokens, segment_slots, segment_starts,
-                                         segment_lengths)
+                                         segment_lengths, out_scale, out_shift, out_mapped)
 
 
 def _paged_decode(out, q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window):

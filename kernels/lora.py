@@ -2,7 +2,7 @@
 
     backend = select_lora_backend(device)                       # at engine start; backend.prepare() builds it
     A, B = backend.slot_buffers(S, R, in_features, out_features, dtype, device)   # a layer's buffers, once
-    ops = lora_operands(A, B, scales, ranks)                    # weights checked once (a layer, at construction)
+    ops = lora_operands(A, B, scales, ranks, affine)            # weights checked once (a layer, at construction)
     meta = LoraMeta(max_tokens, S, device)                      # allocated once
     meta.update(token_slots)                                    # once per step, in place
     y = backend.linear(base, x, ops, meta)                      # a LoRA layer's forward
@@ -23,7 +23,7 @@ import torch
 from .backend import LoraBackend
 from .cpu_lora import CpuBackend
 from .metadata import LoraMeta, Segment
-from .operands import LoraOperands, lora_operands
+from .operands import LoraOperands, OutputAffine, lora_operands
 from .reference import lora_reference
 from .torch_lora import TorchBackend
 
@@ -34,6 +34,7 @@ __all__ = [
     "LoraBackend",
     "LoraMeta",
     "LoraOperands",
+    "OutputAffine",
     "Segment",
     "lora_operands",
     "lora_reference",

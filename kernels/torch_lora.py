@@ -10,6 +10,9 @@ rank among the slots it serves; when those ranks differ (or some are 0: the adap
 module), the shrunk activations and a copy of B are masked by rank, so stale or non-finite values beyond a
 rank never reach y. Padding rows are computed, then dropped before the add. Ranks and scales are read on the
 host: meant for the CPU (on CUDA it works, with a sync per layer).
+
+The output affine (DoRA, lora_bias) maps its slots' rows once their deltas are in, one segment at a time: a few
+small ops per mapped segment, none for plain LoRA slots.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from .backend import LoraBackend
 from .metadata import LoraMeta, Segment
-from .operands import LoraOperands
+from .operands import LoraOperands, OutputAffine
 from .torch_plan import PaddedSegments, TorchPlan, plan_segments
 
 
@@ -43,6 +46,24 @@ def run_plan(y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, plan: TorchPla
         _segment_loop(y, x, ops.A, ops.B, host_scales, host_ranks, plan.loop, meta.sorted_tokens)
     if plan.batched is not None:
         _padded_bmm(y, x, ops.A, ops.B, ops.scales, ops.ranks, host_scales, host_ranks, plan.batched)
+    if ops.affine is not None:
+        _map_rows(y, ops.affine, plan, meta)
+
+
+def _map_rows(y: torch.Tensor, affine: OutputAffine, plan: TorchPlan, meta: LoraMeta) -> None:
+    """y[t] = scale[s] * y[t] + shift[s] for the tokens of the plan's segments whose slot s the affine maps, in
+    float32, rounded once into y. y: [T, out] (may be strided)."""
+    mapped, planned = affine.mapped.tolist(), plan.slots  # [S] host
+    for segment in meta.segments:
+        if not mapped[segment.slot] or segment.slot not in planned:
+            continue
+        scale, shift = affine.scale[segment.slot], affine.shift[segment.slot]  # [out] float32
+        if segment.first_row >= 0:  # a contiguous run of rows: in place on the view
+            rows = y[segment.first_row : segment.first_row + segment.length]  # [n, out]
+            rows.copy_(rows.float() * scale + shift)
+        else:
+            index = meta.sorted_tokens[segment.start : segment.start + segment.length].long()  # [n]
+            y.index_copy_(0, index, (y.index_select(0, index).float() * scale + shift).to(y.dtype))
 
 
 def _segment_loop(

@@ -50,6 +50,12 @@ class TorchPlan(NamedTuple):
     loop: tuple[Segment, ...]
     batched: PaddedSegments | None
 
+    @property
+    def slots(self) -> frozenset[int]:
+        """The slots whose segments the plan runs."""
+        batched = self.batched.used_slots if self.batched is not None else ()
+        return frozenset(segment.slot for segment in self.loop).union(batched)
+
 
 def plan_segments(
     segments: tuple[Segment, ...], order: list[int], device: torch.device, strategy: str | None = None

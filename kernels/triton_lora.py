@@ -1,4 +1,5 @@
-"""The LoRA backend of CUDA: two Triton kernels, shrink (x -> buf) and expand (y += scale * buf B^T).
+"""The LoRA backend of CUDA: two Triton kernels, shrink (x -> buf) and expand (y += scale * buf B^T; the rows of
+a slot the output affine maps, DoRA's and lora_bias', then y = out_scale * y + out_shift in the same epilogue).
 
 Both kernels run on a grid sized from static maxima: (work along K or N, cdiv(T, BLOCK_M), max_slots). Program
 (_, m, g) handles rows m*BLOCK_M .. of segment g of the step's metadata and returns at once when that segment
@@ -102,6 +103,9 @@ def _expand_kernel(
     segment_lengths_ptr,  # [max_slots] int32
     ranks_ptr,  # [S] int32
     scales_ptr,  # [S] float32
+    out_scale_ptr,  # [S, out] float32, contiguous (HAS_AFFINE)
+    out_shift_ptr,  # [S, out] float32, contiguous (HAS_AFFINE)
+    out_mapped_ptr,  # [S] int32 (HAS_AFFINE)
     out_features,
     stride_bt,
     stride_br,
@@ -113,8 +117,10 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,  # the output affine's pointers are given
 ):
-    """y[t, cols] += scale * buf[t, :r] @ B[slot, cols, :r].T for one column block."""
+    """y[t, cols] += scale * buf[t, :r] @ B[slot, cols, :r].T for one column block; for a mapped slot then
+    y[t, cols] = out_scale[slot, cols] * y[t, cols] + out_shift[slot, cols], before the one rounding into y."""
     block_n = tl.program_id(0)
     block_m = tl.program_id(1)
     segment = tl.program_id(2)
@@ -149,7 +155,13 @@ def _expand_kernel(
     y_ptrs = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yo
     y_mask = row_mask[:, None] & col_mask[None, :]
     y_tile = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    tl.store(y_ptrs, (y_tile.to(tl.float32) + delta).to(y_tile.dtype), mask=y_mask)
+    out = y_tile.to(tl.float32) + delta  # [BLOCK_M, BLOCK_N]
+    if HAS_AFFINE:
+        if tl.load(out_mapped_ptr + slot) != 0:
+            out_scale = tl.load(out_scale_ptr + slot * out_features + cols, mask=col_mask, other=1.0)  # [BLOCK_N]
+            out_shift = tl.load(out_shift_ptr + slot * out_features + cols, mask=col_mask, other=0.0)  # [BLOCK_N]
+            out = out * out_scale[None, :] + out_shift[None, :]
+    tl.store(y_ptrs, out.to(y_tile.dtype), mask=y_mask)
 
 
 def _block_m(num_tokens: int) -> int:
@@ -205,20 +217,27 @@ def launch_expand(
     segment_slots: torch.Tensor,  # [max_slots] int32
     segment_starts: torch.Tensor,  # [max_slots] int32
     segment_lengths: torch.Tensor,  # [max_slots] int32
+    out_scale: torch.Tensor | None = None,  # [S, out] float32, contiguous
+    out_shift: torch.Tensor | None = None,  # [S, out] float32, contiguous
+    out_mapped: torch.Tensor | None = None,  # [S] int32
 ) -> None:
-    """y[t] += scales[slot] * buf[t, :r] @ B[slot, :, :r].T, in place (the op `loradock::lora_expand`)."""
+    """y[t] += scales[slot] * buf[t, :r] @ B[slot, :, :r].T, then y[t] = out_scale[slot] * y[t] + out_shift[slot]
+    where out_mapped[slot], in place (the op `loradock::lora_expand`; the affine's three tensors all or none)."""
     num_tokens, R = buf.shape
     out_features = B.shape[1]
     block_m, block_r = _block_m(num_tokens), _block_r(R)
     block_n = 128 if block_r <= 32 else 64
     grid = (triton.cdiv(out_features, block_n), triton.cdiv(num_tokens, block_m), segment_slots.shape[0])
+    has_affine = out_mapped is not None
+    unused = scales  # any tensor stands in for the affine's pointers when there is none: never read
     _expand_kernel[grid](
         buf, B, y, sorted_tokens, segment_slots, segment_starts, segment_lengths, ranks, scales,
+        out_scale if has_affine else unused, out_shift if has_affine else unused, out_mapped if has_affine else unused,
         out_features,
         buf.stride(0), buf.stride(1),
         B.stride(0), B.stride(1), B.stride(2),
         y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, HAS_AFFINE=has_affine,
     )  # fmt: skip
 
 
@@ -246,4 +265,4 @@ class TritonBackend(LoraBackend):
     def _add(self, y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraMeta) -> None:
         buf = lora_shrink(x, ops.A, ops.ranks, meta, self.split_k)  # [T, R]
         custom_ops.lora_expand(y, buf, ops.B, ops.scales, ops.ranks, meta.sorted_tokens, meta.segment_slots,
-                               meta.segment_starts, meta.segment_lengths)
+                               meta.segment_starts, meta.segment_lengths, *(ops.affine or (None, None, None)))

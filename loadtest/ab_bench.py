@@ -9,8 +9,14 @@ the order rotating from round to round, so a slow stretch of a shared machine hi
 new tokens each (greedy, streamed), request i naming adapter i mod `--adapters` (`--adapters 0`: the base model).
 Per variant: output tokens/s, TTFT p50, and the server's CPU seconds per 1000 output tokens, per round; then the
 medians, and each variant's tokens/s over the first's in the same round (the paired ratio: a machine whose speed
-drifts during the run moves both sides of it alike), their median and range. A variant is `NAME:` (no change), `NAME:VAR=VALUE,VAR=VALUE`, with
-`--variant-args NAME=--flag=value,...` adding `loradock serve` flags to one variant.
+drifts during the run moves both sides of it alike), their median and range. A variant is `NAME:` (no change),
+`NAME:VAR=VALUE,VAR=VALUE`, with `--variant-args NAME=--flag=value,...` adding `loradock serve` flags to one variant,
+and `--dora-variant NAME` giving it DoRA adapters (the same rank, targets and seeds, plus magnitude vectors) instead
+of plain ones. DoRA's cost:
+
+    python -m loradock.loadtest.ab_bench --variant plain: --variant dora: --dora-variant dora --adapters 8 --rank 16
+
+(goal: dora's tokens/s at least 0.9 of plain's, the paired ratio's median).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class Variant:
     name: str
     env: dict[str, str]
     serve_args: list[str] = field(default_factory=list)
+    dora: bool = False  # its adapters are DoRA
     rounds: list[dict] = field(default_factory=list)
 
     def median(self, key: str) -> float:
@@ -84,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", type=parse_variant, required=True, help="NAME:VAR=VALUE,...")
     parser.add_argument("--variant-args", action="append", default=[], metavar="NAME=--flag=value,...",
                         help="loradock serve flags for one variant")
+    parser.add_argument("--dora-variant", action="append", default=[], metavar="NAME",
+                        help="this variant's adapters are DoRA (the same rank, targets and seeds)")
     parser.add_argument("--serve-arg", action="append", default=[], help="a loradock serve flag for every variant")
     parser.add_argument("--model", help="local HF model dir or built-in name (default: the default model)")
     parser.add_argument("--adapters", type=int, default=8, help="distinct rank-`--rank` adapters, round robin")
@@ -101,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.variant_args:
         name, _, flags = item.partition("=")
         next(v for v in args.variant if v.name == name).serve_args += [f for f in flags.split(",") if f]
+    for name in args.dora_variant:
+        next(v for v in args.variant if v.name == name).dora = True
 
     from ..serve.models.source import resolve_model_path
     from .random_adapters import write_bench_adapters
@@ -108,15 +119,16 @@ def main(argv: list[str] | None = None) -> None:
     model = resolve_model_path(args.model)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    adapter_dir = None
-    if args.adapters:
-        adapter_dir = work / f"{model.name}-r{args.rank}"
-        if not all((adapter_dir / f"adapter-{i}" / "adapter_model.safetensors").is_file() for i in range(args.adapters)):
-            write_bench_adapters(model, adapter_dir, range(args.adapters), args.rank)
+    adapter_dirs: dict[bool, Path | None] = {False: None, True: None}  # by DoRA or not
+    for dora in {variant.dora for variant in args.variant} if args.adapters else ():
+        adapter_dirs[dora] = work / f"{model.name}-r{args.rank}{'-dora' if dora else ''}"
+        if not all((adapter_dirs[dora] / f"adapter-{i}" / "adapter_model.safetensors").is_file()
+                   for i in range(args.adapters)):
+            write_bench_adapters(model, adapter_dirs[dora], range(args.adapters), args.rank, dora)
     models = [f"adapter-{i}" for i in range(args.adapters)] or [BASE]
     ordinary = lt.ordinary_token_ids(str(model))
     print(format_hardware(describe_hardware(torch.device("cpu"))), flush=True)
-    servers = [server_for(variant, args, model, adapter_dir, work) for variant in args.variant]
+    servers = [server_for(variant, args, model, adapter_dirs[variant.dora], work) for variant in args.variant]
     started: list[Server] = []
     try:
         for server in servers:
@@ -143,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{variant.median('ttft_p50_ms'):.0f} ms, server CPU s per 1k tokens "
               f"{variant.median('server_cpu_s_per_1k_tokens'):.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({v.name: {"env": v.env, "serve_args": v.serve_args, "rounds": v.rounds}
-                                               for v in args.variant}, indent=1))
+        Path(args.json).write_text(json.dumps({v.name: {"env": v.env, "serve_args": v.serve_args, "dora": v.dora,
+                                                         "rounds": v.rounds} for v in args.variant}, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #            base, mixed adapters, evictions, decode steps from CUDA graphs) vs PEFT token for token; graph replays
 #            vs the same decode path run eagerly with 0, 8 and 32 adapters and an adapter swap between replays;
 #            structured outputs' masks on graph-replayed logits and the logits processors on the device;
-#            QLoRA training on the GPU (test_train.py)
+#            DoRA and lora_bias adapters on an nf4 base vs PEFT; QLoRA training on the GPU (test_train.py)
 #   model8b  an 8B-shaped Llama (Llama-3-8B's config) with random bf16 weights, in $LORADOCK_BENCH_MODEL
 #            (default /dev/shm/loradock-llama-3-8b; kept for reruns; LORADOCK_BENCH_SHAPE picks another shape)
 #   bench8b  lora_bench on it, nf4: 0, 8 and 32 adapters of rank 16 at concurrency 32, CUDA graphs on, then off
@@ -63,8 +63,8 @@ triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__ver
 for step in $steps; do
     case $step in
     tests) run tests 270 python -m pytest -q -p no:cacheprovider tests/kernels tests/serve/engine/test_cuda.py \
-               tests/serve/engine/test_grammar.py tests/serve/engine/test_logits_processors.py \
-               tests/train/test_train.py -k "triton or paged or cuda or (test_train and not torchrun)" ;;
+               tests/serve/engine/test_dora_engine.py tests/serve/engine/test_grammar.py \
+               tests/serve/engine/test_logits_processors.py tests/train/test_train.py -k "triton or paged or cuda or (test_train and not torchrun)" ;;
     kernels) run kernels 150 python -m loradock.loadtest.kernel_bench --json "$out/kernels.json" ;;
     model8b) [ -f "$model8b/config.json" ] ||
                  run model8b 200 python -m loradock.loadtest.random_model --shape "$shape" --out "$model8b" ;;

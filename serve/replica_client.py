@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ..adapters.directory import check_name
 from ..adapters.manager import AdapterSummary, as_source
+from ..adapters.merge import MergeRecipe
 from ..adapters.peft_format import AdapterError
 from ..adapters.registry import AdapterRegistry, UnknownAdapter
 from .api.backend import EngineLost
@@ -36,6 +37,12 @@ from .engine.engine import check_fits, check_logit_bias, encode_prompt
 from .metrics import EngineSnapshot
 from .multiplex import routed
 from .replica import AdapterRef, Failure, ReplicaCall, ReplicaReport
+
+
+
+def _no_mixes() -> AdapterError:
+    return AdapterError("mixes of adapters are served by one engine, not yet by replicas (--replicas)",
+                        "unsupported_feature")
 
 
 @dataclass(eq=False)
@@ -130,12 +137,18 @@ class ReplicaClient:
             if not finished:
                 stream.cancel()  # the caller left early: the replica's stream closes and aborts the request
 
+    async def mix_adapter(self, recipe: MergeRecipe) -> str:
+        raise _no_mixes()
+
     def resolve_adapter(self, name: str) -> ClusterAdapter:
         return self._registry(name).resolve(name)
 
-    async def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> ClusterAdapter:
+    async def load_adapter(self, name: str, path: str | Path | None, replace: bool = False,
+                           recipe: MergeRecipe | None = None) -> ClusterAdapter:
         """One replica reads and validates the version and keeps it warm; then new requests get it everywhere.
-        AdapterError if refused, or if the name is taken and not `replace`."""
+        AdapterError if refused, or if the name is taken and not `replace`, or for a mix (`recipe`)."""
+        if recipe is not None:
+            raise _no_mixes()
         registry = self._registry(name)
         check_name(name)
         current = next((v for v in registry.registered() if v.name == name), None)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from loradock.kernels.lora import LoraMeta, lora_reference
+from loradock.kernels.lora import LoraMeta, OutputAffine, lora_reference
 
 IN_FEATURES = 40  # not a multiple of any block size: exercises the K masks
 
@@ -96,14 +96,28 @@ def make_operands(
     return y_storage, y, x, A, B, scales, ranks, clean_A, clean_B
 
 
-def expected_output(case: Case, y_storage, x, clean_A, clean_B, scales, ranks) -> torch.Tensor:
+def expected_output(case: Case, y_storage, x, clean_A, clean_B, scales, ranks, affine=None) -> torch.Tensor:
     """The oracle on zero-padded weights, in fp32 on the CPU: what y_storage must become."""
     expected = y_storage.to("cpu", torch.float32, copy=True)
+    affine = None if affine is None else OutputAffine(*(t.cpu() for t in affine))
     lora_reference(
         expected[:, 8 : 8 + case.out], x.cpu().float(), clean_A.cpu().float(), clean_B.cpu().float(), scales.cpu(),
-        ranks.cpu(), torch.tensor(case.token_slots),
+        ranks.cpu(), torch.tensor(case.token_slots), affine,
     )
     return expected
+
+
+def make_affine(case: Case, mapped_slots, seed: int = 1, device: str = "cpu") -> OutputAffine:
+    """An output affine that maps `mapped_slots` (DoRA-like scales near 1, random shifts) and holds NaN in every
+    other slot's vectors, which no kernel may read."""
+    generator = torch.Generator().manual_seed(seed)
+    S, out = case.num_slots, case.out
+    scale = 1 + 0.3 * torch.randn(S, out, generator=generator)  # [S, out]
+    shift = torch.randn(S, out, generator=generator)  # [S, out]
+    mapped = torch.zeros(S, dtype=torch.int32)  # [S]
+    mapped[list(mapped_slots)] = 1
+    scale[mapped == 0], shift[mapped == 0] = math.nan, math.nan
+    return OutputAffine(scale.to(device), shift.to(device), mapped.to(device))
 
 
 def meta_for(token_slots, num_slots: int, device: str = "cpu", max_tokens: int | None = None) -> LoraMeta:

@@ -64,6 +64,18 @@ def _lora(**options):
     return build
 
 
+def _without_flag(flag: str):
+    """An adapter peft wrote with `flag` (use_dora, lora_bias), the flag then cleared in its config: its extra
+    tensors (magnitude vectors, lora_B biases) come without it."""
+
+    def build(base_model, path: Path) -> Path:
+        _lora(**{flag: True})(base_model, path)
+        edit_config(path, **{flag: False})
+        return path
+
+    return build
+
+
 def _edited(config: dict | None = None, tensors: Callable[[dict], object] | None = None):
     def build(base_model, path: Path) -> Path:
         _plain(base_model, path)
@@ -109,7 +121,7 @@ def _poison(tensors: dict) -> None:
 # refusal -> (builder(base_model, path), the AdapterError code). "rank_too_large" needs --max-lora-rank below 16.
 BAD_ADAPTERS: dict[str, tuple[Callable[[object, Path], Path], str]] = {
     "not_lora": (_ia3, "not_lora"),
-    "dora": (_lora(use_dora=True), "dora"),
+    "dora": (_without_flag("use_dora"), "dora"),
     "modules_to_save": (_lora(modules_to_save=["lm_head"]), "modules_to_save"),
     "embedding_target": (_lora(target_modules=["q_proj", "embed_tokens"]), "embedding_target"),
     "bias": (_lora(bias="all"), "bias"),

@@ -71,6 +71,16 @@ def peft_greedy(
     return [hf_greedy(model, p, max_new_tokens, ignore_eos) for p in prompts]
 
 
+def unpacked_nf4(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its 4-bit weights kept out of bitsandbytes' CPU repacking (done on the first forward pass where
+    the CPU has AVX512-BF16), after which peft's DoRA reads the repacked bytes as if they were not: the layout in which
+    both loradock and peft dequantize them, as on CUDA."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def wait_until(predicate, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -50,14 +50,17 @@ def add_train_parser(commands) -> None:
     method.add_argument("--beta", type=float, default=_DEFAULTS["beta"],
                         help="DPO's beta: how strongly the policy is held to the reference (default 0.1)")
     method.add_argument("--init-adapter", type=Path, metavar="DIR",
-                        help="start from this PEFT adapter (e.g. an SFT one); its rank, alpha, dropout and targets "
-                        "replace --rank --alpha --dropout --targets")
+                        help="start from this PEFT adapter (e.g. an SFT one); its rank, alpha, dropout, targets and "
+                        "DoRA replace --rank --alpha --dropout --targets --dora")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=_DEFAULTS["rank"], help="default 16")
     lora.add_argument("--alpha", type=float, default=_DEFAULTS["alpha"], help="default 32")
     lora.add_argument("--dropout", type=float, default=_DEFAULTS["dropout"], help="default 0.05")
     lora.add_argument("--targets", default=_DEFAULTS["targets"],
                       help="all-linear (default) or comma-separated layer names, e.g. q_proj,v_proj")
+    lora.add_argument("--dora", action="store_true",
+                      help="train a DoRA adapter (peft's use_dora: a magnitude per output row beside A and B); "
+                      "slower to train, served in the same batches as plain LoRA")
     loop = parser.add_argument_group("training")
     loop.add_argument("--epochs", type=float, default=_DEFAULTS["epochs"], help="default 3")
     loop.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")

@@ -21,6 +21,7 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     targets: str = "all-linear"  # or short names, comma-separated: q_proj,v_proj
+    dora: bool = False  # DoRA (peft's use_dora): a trained magnitude per output row beside A and B
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs
     lr: float = 2e-4

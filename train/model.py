@@ -65,10 +65,10 @@ def resolve_targets(spec: str, base: BaseModelInfo) -> list[str]:
 
 def load_trainable(
     model_path: Path, quantize: str | None, targets: str, rank: int, alpha: float, dropout: float,
-    gradient_checkpointing: bool,
+    gradient_checkpointing: bool, dora: bool = False,
 ) -> TrainableModel:
     """Load the base on this process's device, quantized as asked (default as the server: nf4 on CUDA, none on
-    CPU), and wrap the target layers in trainable LoRA (bias none, nothing else trainable)."""
+    CPU), and wrap the target layers in trainable LoRA, or DoRA (bias none, nothing else trainable)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     device = training_device()
@@ -82,9 +82,11 @@ def load_trainable(
     if quantize != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolved, bias="none", task_type="CAUSAL_LM"
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolved, bias="none", use_dora=dora,
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)  # LoRA A starts random: the caller seeds torch first
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d on %s: %d trainable parameters of %d", rank, ",".join(resolved), trainable, total)
+    log.info("%s r=%d on %s: %d trainable parameters of %d", "DoRA" if dora else "LoRA", rank, ",".join(resolved),
+             trainable, total)
     return TrainableModel(model, tokenizer, base_info, stop_ids, resolved, quantize, dtype, device)

@@ -51,7 +51,7 @@ def build_report(
             "quantize": trainable.quantize,
             "dtype": str(trainable.dtype).removeprefix("torch."),
         },
-        "lora": {"rank": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
+        "lora": {"rank": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout, "dora": lora.use_dora,
                  "target_modules": trainable.targets,
                  "trainable_parameters": trainable.model.get_nb_trainable_parameters()[0]},
         "data": data,
@@ -119,7 +119,8 @@ def plot_losses(report: dict, path: Path) -> None:
     axes.set_xlabel("step")
     dpo = report["config"]["method"] == "dpo"
     axes.set_ylabel("DPO loss (preference pairs)" if dpo else "loss (completion tokens)")
-    axes.set_title(f"{report['adapter']}: LoRA r={report['lora']['rank']} on {Path(report['base_model']['path']).name}")
+    kind = "DoRA" if report["lora"]["dora"] else "LoRA"
+    axes.set_title(f"{report['adapter']}: {kind} r={report['lora']['rank']} on {Path(report['base_model']['path']).name}")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

@@ -142,7 +142,7 @@ def _load_model(config: TrainConfig, model_path: Path) -> TrainableModel:
     if config.init_adapter is not None:
         return load_from_adapter(model_path, config.init_adapter, config.quantize, config.gradient_checkpointing)
     return load_trainable(model_path, config.quantize, config.targets, config.rank, config.alpha, config.dropout,
-                          config.gradient_checkpointing)
+                          config.gradient_checkpointing, config.dora)
 
 
 def _sft_trainer(config: TrainConfig, trainable: TrainableModel, data: _Data, arguments: dict, callbacks: list):

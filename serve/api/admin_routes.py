@@ -1,4 +1,4 @@
-"""The adapter admin API (bearer token required): list, load, unload, reload; vLLM-compatible aliases.
+"""The adapter admin API (bearer token required): list, load (or mix), unload, reload; vLLM-compatible aliases.
 
 Admin calls never block the token stream: reading and validating happen in the adapter reader pool, and the
 engine thread only copies weights between steps.
@@ -13,11 +13,13 @@ from aiohttp import web
 
 from ...adapters.directory import check_name
 from ...adapters.manager import UnknownAdapter
+from ...adapters.merge import MergeRecipe
 from ...adapters.peft_format import AdapterError
 from ...adapters.store import is_url
 from .backend import AdapterVersionView, EngineLost
 from .errors import APIError, bad_request, not_found, parse_body
 from .generation import adapter_refused
+from .mixing import NAMED_FIELDS, mix_refused, named_recipe
 from .schemas import LoadAdapterRequest, VllmLoadLoraRequest, VllmUnloadLoraRequest
 from .state import STATE, ServerState
 
@@ -40,19 +42,21 @@ async def list_adapters(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [describe(v) for v in manager.registered()]})
 
 
-async def _load(state: ServerState, name: str, path: str | None, replace: bool) -> AdapterVersionView:
+async def _load(state: ServerState, name: str, path: str | None, replace: bool,
+                recipe: MergeRecipe | None = None) -> AdapterVersionView:
+    """Load `name` from `path`, or mix it by `recipe` from loaded adapters."""
     _manager(state)  # 400 when adapters are disabled
     try:
         check_name(name)
     except AdapterError as exc:
         raise bad_request(str(exc), code="invalid_adapter_name", param="name") from None
-    resolved = _adapter_path(state, name, path)
+    resolved = _adapter_path(state, name, path) if recipe is None else None
     try:
-        return await state.engine.load_adapter(name, resolved, replace=replace)
+        return await state.engine.load_adapter(name, resolved, replace=replace, recipe=recipe)
     except AdapterError as exc:
         if exc.code == "name_conflict":
             raise APIError(409, str(exc), code="adapter_exists", param="name") from None
-        raise adapter_refused(exc) from None
+        raise (adapter_refused(exc) if recipe is None else mix_refused(exc, NAMED_FIELDS)) from None
     except EngineLost as exc:
         raise APIError(503, str(exc), type="server_error", code="replica_failed") from None
 
@@ -92,7 +96,8 @@ def _unload(state: ServerState, name: str) -> None:
 async def load_adapter(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await parse_body(request, LoadAdapterRequest)
-    version = await _load(state, body.name, body.path, replace=False)
+    recipe = named_recipe(body.merge) if body.merge is not None else None
+    version = await _load(state, body.name, body.path, replace=False, recipe=recipe)
     return web.json_response(describe(version), status=201)
 
 
@@ -111,7 +116,8 @@ async def reload_adapter(request: web.Request) -> web.Response:
         current = _manager(state).get(name)  # a refused version too: reloading is how to retry it
     except UnknownAdapter:
         raise not_found(f"no adapter named {name!r} is loaded", code="adapter_not_found") from None
-    version = await _load(state, name, str(current.path), replace=True)
+    # a mix is mixed again from its sources as they are now
+    version = await _load(state, name, str(current.path), replace=True, recipe=getattr(current, "recipe", None))
     return web.json_response(describe(version))
 
 

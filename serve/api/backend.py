@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ...adapters.manager import AdapterSummary
+from ...adapters.merge import MergeRecipe
 from ..engine import GenerationOutput, SamplingParams
 
 
@@ -59,6 +60,9 @@ class EngineBackend(Protocol):
                  request_id: str | None = None, client: str | None = None, weight: float = 1.0,
                  cache_salt: str | None = None) -> AsyncIterator[GenerationOutput]: ...
 
-    async def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> AdapterVersionView: ...
+    async def load_adapter(self, name: str, path: str | Path | None, replace: bool = False,
+                           recipe: MergeRecipe | None = None) -> AdapterVersionView: ...
+
+    async def mix_adapter(self, recipe: MergeRecipe) -> str: ...
 
     def unregister_adapter(self, name: str) -> None: ...

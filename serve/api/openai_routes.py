@@ -11,9 +11,11 @@ from ..engine import GenerationOutput
 from .chat_prompt import chat_prompt
 from .errors import bad_request, parse_body
 from .generation import Job, ResponseShape, admit, resolve_model, run, sampling_params, tokenize
+from .mixing import request_mix
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .state import STATE, TENANT
+from .state import STATE, TENANT, ServerState
 from .structured import output_guide
+from .tenants import Tenant
 from .tool_answers import Answer, StreamedAnswer, read_answer
 from .tool_calls import ToolUse, tool_use
 from .tool_grammar import forced_calls_guide
@@ -131,12 +133,19 @@ class ChatShape(ResponseShape):
         return {"content": [{**item(t, lp.logprob), "top_logprobs": [item(i, v) for i, v in lp.top]} for t, lp in entries]}
 
 
+async def _adapter(state: ServerState, body: CompletionRequest | ChatCompletionRequest, tenant: Tenant | None) -> str | None:
+    """The adapter the request runs on: its mix (`adapters`), else the model it names (None: the base)."""
+    if body.adapters is not None:
+        return await request_mix(state, body, tenant)
+    return resolve_model(state, body.model, tenant)
+
+
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await parse_body(request, CompletionRequest)
     tenant = request.get(TENANT)
-    adapter = resolve_model(state, body.model, tenant)
+    adapter = await _adapter(state, body, tenant)
     prompt_ids = tokenize(state, body.prompt)
     guide, guide_field = output_guide(body)
     params = sampling_params(state, body, len(prompt_ids), body.max_tokens, body.logprobs,
@@ -151,7 +160,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await parse_body(request, ChatCompletionRequest)
     tenant = request.get(TENANT)
-    adapter = resolve_model(state, body.model, tenant)
+    adapter = await _adapter(state, body, tenant)
     tools = tool_use(body, TOOL_CALL_FORMATS[state.settings.tool_call_parser])
     guide, guide_field = output_guide(body)
     if tools.forced:

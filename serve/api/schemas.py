@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, core_schema
 
+from ...adapters.merge import METHODS
+
 TokenId = Annotated[int, Field(ge=0)]
 
 
@@ -115,6 +117,30 @@ _USE_STRUCTURED_OUTPUTS = Refused("vLLM's guided_* fields are gone: use structur
                                    '{"structured_outputs": {"json": <schema>}} (or regex, choice, grammar)')
 
 
+# ---- mixes of adapters ----------------------------------------------------------------------------------------
+# The recipe's values (an empty list, twice a name, a weight that is not finite, a density outside its range) are
+# checked by the mix itself (adapters/merge.py check_recipe), which names the field at fault.
+
+MergeMethod = Literal[METHODS]
+
+
+class MixSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr = Field(description="a loaded adapter")
+    weight: float = Field(description="its weight in the mix: any finite number (a negative one subtracts it)")
+
+
+class MergeSpec(BaseModel):
+    """A named mix's recipe, as peft's add_weighted_adapter takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+    adapters: list[MixSource] = Field(description="the adapters mixed and their weights (at least one)")
+    method: MergeMethod = Field(default="linear", description="peft's combination_type")
+    density: float | None = Field(default=None, description="the share of values kept, in (0, 1]: ties and dare_* "
+                                  "only (ties takes 0 too)")
+    seed: StrictInt = Field(default=0, ge=0, le=2**63 - 1, description="DARE's random masks (dare_* only)")
+
+
 # ---- the fields both endpoints share ------------------------------------------------------------------------
 
 
@@ -168,6 +194,21 @@ class _SamplingFields(BaseModel):
     guided_choice: Annotated[Any, _USE_STRUCTURED_OUTPUTS] = None
     guided_grammar: Annotated[Any, _USE_STRUCTURED_OUTPUTS] = None
     user: Any = _no_effect("an end-user id for the provider's abuse monitoring")
+    adapters: list[MixSource] | None = Field(default=None, description="a mix of these adapters for this request "
+                                             "(model names the base), made as peft's add_weighted_adapter makes it "
+                                             "and kept for the next request with the same recipe")
+    merge_method: MergeMethod | None = Field(default=None, description="the mix's method (default linear)")
+    density: float | None = Field(default=None, description="the mix's density: ties and dare_* only")
+    merge_seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1, description="the seed of DARE's masks "
+                                         "(default 0)")
+
+    @model_validator(mode="after")
+    def _mix_options_need_a_mix(self):
+        given = [k for k in ("merge_method", "density", "merge_seed") if getattr(self, k) is not None]
+        if given and self.adapters is None:
+            raise PydanticCustomError("mix_options", "{given} apply to a mix: give adapters too",
+                                      {"given": ", ".join(given)})
+        return self
 
     @model_validator(mode="after")
     def _check_stop(self):
@@ -354,6 +395,13 @@ class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: StrictStr
     path: StrictStr | None = Field(default=None, description="default: the adapter directory / name")
+    merge: MergeSpec | None = Field(default=None, description="a mix of loaded adapters instead of a path")
+
+    @model_validator(mode="after")
+    def _path_or_merge(self):
+        if self.path is not None and self.merge is not None:
+            raise PydanticCustomError("path_or_merge", "give a path or a merge recipe, not both")
+        return self
 
 
 class VllmLoadLoraRequest(BaseModel):

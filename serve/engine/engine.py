@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from ...adapters.directory import check_name
-from ...adapters.lora_layer import LoraContext, attach_lora_layers
+from ...adapters.lora_layer import LoraContext, attach_lora_layers, slot_memory
 from ...adapters.manager import AdapterManager, AdapterVersion, UnknownAdapter
+from ...adapters.merge import MergeRecipe
 from ...adapters.peft_format import AdapterError, BaseModelInfo
 from ...adapters.registry_file import RegistryFile
 from ...adapters.stats import BucketCounts
@@ -203,9 +204,12 @@ class Engine:
         names = [n for n in base.linear_modules if targets is None or n.rsplit(".", 1)[-1] in targets]
         backend = select_lora_backend(self.device)
         backend.prepare()
-        log.info("LoRA backend: %s", backend.name)
         lora = LoraContext(backend, self.context.lora)
         layers = attach_lora_layers(model, names, lora, config.max_gpu_adapters, config.max_lora_rank, dtype)
+        weights, affine = slot_memory(layers)
+        log.info("LoRA backend: %s; slot buffers %.1f MiB for %d slots of rank %d on %d layers (of which DoRA's and "
+                 "lora_bias' output affine %.1f MiB)", backend.name, (weights + affine) / 2**20,
+                 config.max_gpu_adapters, config.max_lora_rank, len(layers), affine / 2**20)
         directory = open_adapters(config.adapters_dir) if config.adapters_dir is not None else None
         registry_file = RegistryFile(config.adapter_registry) if config.adapter_registry is not None else None
         manager = AdapterManager(
@@ -285,21 +289,35 @@ class Engine:
         if old is not None:
             self._commands.put(_Retire(old))
 
-    async def load_adapter(self, name: str, path: str | Path, replace: bool = False,
-                           version: int | None = None) -> AdapterVersion:
-        """Read and validate the adapter now (off the engine thread), register it (as `version`, default one more
+    async def load_adapter(self, name: str, path: str | Path | None, replace: bool = False,
+                           version: int | None = None, recipe: MergeRecipe | None = None) -> AdapterVersion:
+        """Read and validate the adapter now (off the engine thread), or mix it from registered adapters by `recipe`
+        (then `path` is not used: the mix gets a folder of its own), register it (as `version`, default one more
         than the one it replaces), and warm it into the host cache and a device slot. Raises AdapterError (refused,
         or the name is taken and not `replace`)."""
         manager = self._require_adapters(name)
         check_name(name)
         if not replace and any(v.name == name for v in manager.registered()):
             raise AdapterError(f"an adapter named {name!r} is already registered", code="name_conflict")
-        weights = await asyncio.wrap_future(manager.read(path, name))
-        loaded, old = manager.register(name, path, replace=replace, weights=weights, version_number=version)
+        if recipe is not None:
+            path = manager.mixes.folder(name)
+        weights = await asyncio.wrap_future(manager.read(path, name, recipe))
+        loaded, old = manager.register(name, path, replace=replace, weights=weights, version_number=version,
+                                       recipe=recipe)
         if old is not None:
             self._commands.put(_Retire(old))
         self._commands.put(_Warm(loaded))
         return loaded
+
+    async def mix_adapter(self, recipe: MergeRecipe) -> str:
+        """The name of the per-request mix of `recipe` on its sources' current versions, built once (off the engine
+        thread) and then kept in the host cache like any adapter. Raises AdapterError (MixError) if it cannot be
+        mixed, UnknownAdapter with adapters disabled."""
+        future, new = self._require_adapters("a mix").mixes.per_request(recipe)
+        version = await asyncio.wrap_future(future)
+        if new:
+            self._commands.put(_Warm(version))
+        return version.name
 
     def unregister_adapter(self, name: str) -> None:
         """New requests for `name` fail at once; requests in flight finish; its memory is freed after them."""

@@ -215,11 +215,57 @@ def test_not_lora(base_model, base, tmp_path):
     refused(tmp_path / "ia3", base, "not_lora", "'IA3'", "LoRA")
 
 
-def test_dora(base_model, base, tmp_path):
-    write_adapter(base_model, tmp_path / "dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    refused(tmp_path / "dora", base, "dora", "use_dora", "DoRA")
-    edit_config(tmp_path / "dora", use_dora=False)  # the magnitude vectors alone give it away
-    refused(tmp_path / "dora", base, "dora", "lora_magnitude_vector")
+@pytest.mark.parametrize("option", ["use_dora", "lora_bias"])
+def test_dora_and_lora_bias_read_back_as_peft_loads_them(base_model, base, tmp_path, option):
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **{option: True})
+    write_adapter(base_model, tmp_path / option, config)
+    adapter = read_adapter(tmp_path / option, base)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path / option)
+    for name, layer in peft_model.named_modules():
+        if isinstance(layer, LoraLayer):
+            module = adapter.modules[name.removeprefix(PREFIX)]
+            if option == "use_dora":
+                assert torch.equal(module.magnitude, layer.lora_magnitude_vector["default"].weight)  # [out]
+                assert module.bias is None
+            else:
+                assert torch.equal(module.bias, layer.lora_B["default"].bias)  # [out]
+                assert module.magnitude is None
+            assert module.dora_scale is None  # computed against the base when the server reads it
+    assert adapter.nbytes == sum(m.A.nbytes + m.B.nbytes + (m.magnitude if m.bias is None else m.bias).nbytes
+                                 for m in adapter.modules.values())
+
+
+@pytest.mark.parametrize("option, part, code", [("use_dora", "lora_magnitude_vector", "dora"),
+                                                ("lora_bias", "lora_B.bias", "bias")])
+def test_dora_and_lora_bias_tensors_without_their_flag(base_model, base, tmp_path, option, part, code):
+    write_adapter(base_model, tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"], **{option: True}))
+    edit_config(tmp_path / "a", **{option: False})  # peft would drop the tensors silently
+    refused(tmp_path / "a", base, code, f"{PREFIX}{Q0}.{part}", option)
+
+
+@pytest.mark.parametrize("option, part", [("use_dora", "lora_magnitude_vector"), ("lora_bias", "lora_B.bias")])
+def test_dora_and_lora_bias_flags_without_their_tensors(base_model, base, tmp_path, option, part):
+    write_adapter(base_model, tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"]))
+    edit_config(tmp_path / "a", **{option: True})
+    refused(tmp_path / "a", base, "missing_tensor", option, part, "model.layers.0.self_attn.q_proj")
+
+
+@pytest.mark.parametrize("option, part", [("use_dora", "lora_magnitude_vector"), ("lora_bias", "lora_B.bias")])
+def test_dora_and_lora_bias_vectors_of_the_wrong_shape_or_not_finite(base_model, base, tmp_path, option, part):
+    write_adapter(base_model, tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"], **{option: True}))
+    key = f"{PREFIX}{Q0}.{part}"
+    edit_tensors(tmp_path / "a", lambda t: t.update({key: torch.ones(63)}))
+    refused(tmp_path / "a", base, "shape_mismatch", key, "[63]", "[64]")
+    edit_tensors(tmp_path / "a", lambda t: t.update({key: torch.ones(64, 1)}))
+    refused(tmp_path / "a", base, "shape_mismatch", key, "[64, 1]")
+    edit_tensors(tmp_path / "a", lambda t: t.update({key: torch.full((64,), math.nan)}))
+    refused(tmp_path / "a", base, "non_finite", key, "64 non-finite")
+
+
+def test_dora_with_lora_bias(base_model, base, tmp_path):
+    write_adapter(base_model, tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    edit_config(tmp_path / "a", lora_bias=True)  # peft refuses the two together
+    refused(tmp_path / "a", base, "bad_config", "use_dora and lora_bias")
 
 
 def test_modules_to_save(base_model, base, tmp_path):
@@ -241,18 +287,11 @@ def test_embedding_target(base_model, base, tmp_path, target, module):
     [
         (dict(bias="lora_only"), "bias is 'lora_only'"),
         (dict(bias="all"), "bias is 'all'"),
-        (dict(lora_bias=True), "lora_bias is true"),
     ],
 )
 def test_bias(base_model, base, tmp_path, option, named):
     write_adapter(base_model, tmp_path / "bias", LoraConfig(r=4, target_modules=["q_proj"], **option))
     refused(tmp_path / "bias", base, "bias", named, "not supported")
-
-
-def test_bias_tensors_without_the_config_flag(base_model, base, tmp_path):
-    write_adapter(base_model, tmp_path / "bias", LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
-    edit_config(tmp_path / "bias", lora_bias=False)
-    refused(tmp_path / "bias", base, "bias", f"{PREFIX}{Q0}.lora_B.bias")
 
 
 def test_pickle_weights(base_model, base, tmp_path):

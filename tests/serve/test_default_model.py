@@ -240,6 +240,36 @@ def test_the_engine_in_bf16_agrees_with_peft_in_bf16_on_mixed_adapters(built, tm
     assert found.max_prob_error <= 0.12 and found.mean_logprob_error <= 0.12, found
 
 
+def test_dora_beside_a_plain_adapter_and_the_base_equals_peft(built, tmp_path):
+    # fp32, the benchmarks' kind of random adapters: DoRA on every linear, plain LoRA on q and v, all in one batch
+    adapters = {"dora-r8": dict(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True),
+                "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])}
+    for seed, (name, config) in enumerate(adapters.items()):
+        write_random_adapter(built, tmp_path / name, seed=seed, std=0.02, **config)
+    tokenizer = AutoTokenizer.from_pretrained(built)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for question in QUESTIONS[:2]
+    ]
+    workload = [(adapter, prompt) for prompt in prompts for adapter in (None, *adapters)]
+    expected = {name: peft_greedy(built, name and tmp_path / name, prompts, 12) for name in (None, *adapters)}
+    assert expected["dora-r8"] != expected[None]  # the oracle is only worth something if DoRA changes the output
+    engine = start_engine(built, adapters_dir=str(tmp_path), max_gpu_adapters=2, max_lora_rank=8, max_model_len=512,
+                          kv_cache_memory="64MiB")
+    params = SamplingParams(max_tokens=12, temperature=0)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, prompt, params, adapter=name) for name, prompt in workload))
+
+    try:
+        generated = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert [ids for ids, _, _ in generated] == [expected[name][prompts.index(prompt)] for name, prompt in workload]
+
+
 def test_resolve_model_path_knows_the_built_in_names(built):
     assert resolve_model_path(None) == built
     assert resolve_model_path("smollm2-135m-instruct") == built

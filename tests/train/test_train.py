@@ -4,17 +4,20 @@ targets, quantized training, packing, the CLI and its YAML."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
 import subprocess
 import sys
 import urllib.request
+from dataclasses import replace
 
 import pytest
 import torch
 from loradock.adapters.peft_format import BaseModelInfo, read_adapter
 from loradock.cli import apply_config_file, build_parser
+from loradock.serve.engine import SamplingParams
 from loradock.serve.models.loader import load_model
 from loradock.train.batching import ExampleDataset, PadCollator, make_collator
 from loradock.train.commands import train_config
@@ -25,7 +28,7 @@ from loradock.train.register import register_adapter
 from loradock.train.trainer import train
 from safetensors.torch import load_file
 from server_support import ADMIN_TOKEN, ServerThread, free_port
-from support import peft_greedy
+from support import collect, peft_greedy, start_engine
 
 WORDS = ["cat", "dog", "sun", "red", "map", "key"]
 
@@ -156,6 +159,27 @@ def test_nf4_quantized_training_with_checkpointing_writes_a_servable_adapter(tmp
     assert result.report["base_model"]["quantize"] == "nf4"
     assert result.report["eval_after"]["loss"] < result.report["eval_before"]["loss"]
     assert (result.output / "adapter_model.safetensors").is_file()
+
+
+def test_dora_from_the_cli_writes_an_adapter_the_engine_serves_as_peft_does(tmp_path, model_dir, tokenizer):
+    write_rows(tmp_path / "rows.jsonl", 16, seed=0)
+    args = build_parser().parse_args(["train", "--model", str(model_dir("llama")), "--data", str(tmp_path / "rows.jsonl"),
+                                      "--output", str(tmp_path / "adapters" / "dora"), "--dora", "--max-steps", "2",
+                                      "--targets", "q_proj,v_proj,down_proj", "--lr", "1e-2", "--batch-size", "8"])
+    result = train(replace(train_config(args), quiet=True))
+    assert json.loads((result.output / "adapter_config.json").read_text())["use_dora"] is True
+    assert result.report["lora"]["dora"] is True
+    magnitudes = [name for name in load_file(result.output / "adapter_model.safetensors") if "magnitude" in name]
+    assert len(magnitudes) == 2 * 3  # one per adapted module
+    prompts = [tokenizer("cat dog sun =").input_ids, tokenizer("red key map =").input_ids]
+    expected = peft_greedy(model_dir("llama"), result.output, prompts, 6)
+    engine = start_engine(model_dir("llama"), adapters_dir=str(result.output.parent))
+    try:
+        answers = [asyncio.run(collect(engine, prompt, SamplingParams(max_tokens=6, temperature=0), adapter="dora"))
+                   for prompt in prompts]
+    finally:
+        engine.shutdown()
+    assert [ids for ids, _, _ in answers] == expected
 
 
 def test_packing_gives_the_loss_of_padded_batches(model_dir, tokenizer):

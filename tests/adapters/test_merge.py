@@ -1,0 +1,109 @@
+"""Mixes of adapters (`adapters/merge.py`) against peft's own `add_weighted_adapter`: every method's A and B equal
+peft's, module by module (DARE's masks seeded alike), and what peft refuses is refused."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from peft_adapters import edit_config
+from peft_mix import peft_mix, write_sources
+
+from loradock.adapters.merge import MergeRecipe, MixError, mix_adapters
+from loradock.adapters.peft_format import BaseModelInfo, read_adapter
+from loradock.serve.models.loader import load_model
+
+RECIPES = {
+    "linear": MergeRecipe((("a", 0.7), ("b", -0.4)), "linear"),
+    "cat": MergeRecipe((("a", 0.7), ("c", 0.5)), "cat"),
+    "ties": MergeRecipe((("a", 0.6), ("b", 0.9)), "ties", density=0.5),
+    "dare_linear": MergeRecipe((("a", 0.7), ("b", 0.3)), "dare_linear", density=0.6, seed=3),
+    "dare_ties": MergeRecipe((("b", 1.2), ("a", 0.5)), "dare_ties", density=0.4, seed=11),
+    "svd": MergeRecipe((("c", 0.8), ("a", 0.6)), "svd"),
+    "one_adapter": MergeRecipe((("c", 1.5),), "svd"),  # peft makes it linear
+    "dora_led": MergeRecipe((("dora", 0.6), ("a", 0.5)), "linear"),  # DoRA, magnitude ‖W‖
+    "dora_second": MergeRecipe((("a", 0.6), ("dora", 0.5)), "ties", density=0.7),  # plain
+}
+
+
+@pytest.fixture(scope="module")
+def sources(model_dir, tmp_path_factory):
+    return write_sources(model_dir("llama"), tmp_path_factory.mktemp("mix-sources"))
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(model_dir("llama"), "none", torch.float32, torch.device("cpu"))[0]
+
+
+@pytest.fixture(scope="module")
+def base(model):
+    return BaseModelInfo.from_model(model)
+
+
+def ours(recipe: MergeRecipe, sources, base, model, max_rank: int = 64):
+    weights = [read_adapter(sources / name, base, 64) for name, _ in recipe.adapters]
+
+    def norm(module: str) -> torch.Tensor:  # [out]: ‖W‖ per row, a DoRA-led mix's magnitude
+        return torch.linalg.norm(model.get_submodule(module).weight.detach(), dim=1)
+
+    return mix_adapters("mix", recipe, weights, base, max_rank, norm)
+
+
+@pytest.mark.parametrize("case", RECIPES)
+def test_each_method_mixes_the_weights_peft_mixes(case, sources, base, model, model_dir):
+    recipe = RECIPES[case]
+    mine = ours(recipe, sources, base, model)
+    theirs, scale = peft_mix(model_dir("llama"), sources, recipe)
+    assert sorted(mine.modules) == sorted(theirs)
+    for module, (A, B, magnitude) in theirs.items():
+        got = mine.modules[module]
+        assert got.scale == pytest.approx(scale)
+        assert (got.magnitude is None) == (magnitude is None)
+        if magnitude is not None:
+            torch.testing.assert_close(got.magnitude, magnitude.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got.A[: A.shape[0]], A, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got.B[:, : B.shape[1]], B, rtol=1e-6, atol=1e-7)
+        assert not got.A[A.shape[0]:].any() and not got.B[:, B.shape[1]:].any()  # zero padding only
+
+
+def test_dare_masks_follow_the_seed(sources, base, model):
+    recipe = RECIPES["dare_linear"]
+    again = ours(recipe, sources, base, model)
+    other = ours(MergeRecipe(recipe.adapters, recipe.method, recipe.density, seed=4), sources, base, model)
+    module = next(iter(again.modules))
+    assert torch.equal(again.modules[module].A, ours(recipe, sources, base, model).modules[module].A)
+    assert not torch.equal(again.modules[module].A, other.modules[module].A)
+
+
+@pytest.mark.parametrize("recipe, code", [
+    (MergeRecipe((("a", 1.0), ("c", 1.0)), "linear"), "rank_mismatch"),  # peft: the same r for linear
+    (MergeRecipe((("a", 1.0), ("c", 1.0)), "cat"), "rank_too_large"),  # 4 + 8 above --max-lora-rank 8
+    (MergeRecipe((("a", 1.0), ("b", 1.0)), "ties"), "missing_density"),
+    (MergeRecipe((("a", 1.0), ("b", 1.0)), "dare_linear", density=0.0), "bad_density"),
+    (MergeRecipe((("a", 1.0), ("b", 1.0)), "ties", density=1.5), "bad_density"),
+    (MergeRecipe((("a", 1.0), ("a", 1.0)), "linear"), "duplicate_adapter"),
+    (MergeRecipe((("a", float("inf")), ("b", 1.0)), "linear"), "bad_weight"),
+    (MergeRecipe((), "linear"), "empty_mix"),
+    (MergeRecipe((("a", 1.0), ("regex", 1.0)), "linear"), "bad_targets"),  # a list with a regex: peft refuses
+])
+def test_what_peft_refuses_is_refused(recipe, code, sources, base, model):
+    with pytest.raises(MixError) as refused:
+        ours(recipe, sources, base, model, max_rank=8)
+    assert refused.value.code == code
+
+
+def test_a_mix_led_by_a_dora_adapter_with_a_random_start_is_refused(sources, base, model, tmp_path):
+    shutil.copytree(sources, tmp_path / "sources")
+    edit_config(tmp_path / "sources" / "dora", init_lora_weights=False)  # peft's mix would start B, m at random
+    with pytest.raises(MixError) as refused:
+        ours(MergeRecipe((("dora", 1.0), ("a", 1.0))), tmp_path / "sources", base, model)
+    assert refused.value.code == "dora_mix"
+
+
+def test_peft_refuses_the_mixes_refused_for_its_reasons(sources, model_dir):
+    with pytest.raises(ValueError, match="same r value"):
+        peft_mix(model_dir("llama"), sources, MergeRecipe((("a", 1.0), ("c", 1.0)), "linear"))
+    with pytest.raises(ValueError, match="target modules type"):
+        peft_mix(model_dir("llama"), sources, MergeRecipe((("a", 1.0), ("regex", 1.0)), "linear"))

@@ -1,0 +1,106 @@
+"""DoRA and lora_bias adapters in one running batch with plain adapters and the base model: every request's greedy
+output equals PEFT's for its adapter alone (fp32, CPU), on a base without biases (llama) and one with (qwen2), and
+DoRA on an nf4 base; on a CUDA device (skipped elsewhere; loadtest/cuda_checks.sh runs it) all of them on an nf4 base
+through the compiled Triton kernels and CUDA graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lora_workload import ADAPTERS, MAX_NEW, run_mixed
+from support import CPU, hf_greedy, peft_greedy, unpacked_nf4, varied_prompts
+
+from loradock.loadtest.random_adapters import write_random_adapter
+from loradock.serve.engine import Engine, EngineConfig
+from loradock.serve.models.loader import load_model
+
+VARIANTS = {
+    "dora": dict(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True, rank_pattern={"v_proj": 5}),
+    "lora-bias": dict(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"], lora_bias=True),
+    "qv-r8": ADAPTERS["qv-r8"],  # plain LoRA beside them
+}
+
+
+@pytest.fixture(scope="module")
+def variant_dirs(model_dir, tmp_path_factory):
+    """architecture -> a folder holding VARIANTS for that tiny model, written once."""
+    written: dict[str, Path] = {}
+
+    def get(architecture: str) -> Path:
+        if architecture not in written:
+            root = tmp_path_factory.mktemp(f"variants-{architecture}")
+            for seed, (name, config) in enumerate(VARIANTS.items()):
+                write_random_adapter(model_dir(architecture), root / name, seed=seed, **config)
+            written[architecture] = root
+        return written[architecture]
+
+    return get
+
+
+def workload(tokenizer, names) -> list[tuple[str | None, list[int]]]:
+    """Three requests per adapter and three on the base model, interleaved."""
+    names = [*names, None]
+    return [(names[i % len(names)], p) for i, p in enumerate(varied_prompts(tokenizer, 3 * len(names), seed=5))]
+
+
+def run(model, tokenizer, adapters: Path, requests, device: torch.device = CPU) -> list[list[int]]:
+    engine = Engine(model, tokenizer, EngineConfig(adapters_dir=str(adapters), max_gpu_adapters=4,
+                                                   max_batch_tokens=64), device).start()
+    try:
+        return run_mixed(engine, requests)
+    finally:
+        engine.shutdown()
+
+
+def peft_answers(greedy, requests) -> list[list[int]]:
+    """greedy(adapter name or None, prompts) for each adapter's requests alone, in the requests' order."""
+    out = {}
+    for name in {a for a, _ in requests}:
+        indices = [i for i, (a, _) in enumerate(requests) if a == name]
+        out.update(zip(indices, greedy(name, [requests[i][1] for i in indices])))
+    return [out[i] for i in range(len(requests))]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_dora_and_lora_bias_in_a_mixed_batch_equal_peft(model_dir, tokenizer, variant_dirs, architecture):
+    path, adapters = model_dir(architecture), variant_dirs(architecture)
+    requests = workload(tokenizer, VARIANTS)
+    expected = peft_answers(lambda name, prompts: peft_greedy(path, name and adapters / name, prompts, MAX_NEW),
+                            requests)
+    base_answers = [expected[i] for i, (a, _) in enumerate(requests) if a is None]
+    for name in VARIANTS:  # the oracle is only worth something if each adapter changes the output
+        assert [expected[i] for i, (a, _) in enumerate(requests) if a == name] != base_answers, name
+    model, tok = load_model(path, "none", torch.float32, CPU)
+    assert run(model, tok, adapters, requests) == expected
+
+
+def test_dora_on_an_nf4_base_equals_peft_on_the_same_nf4_base(model_dir, tokenizer, variant_dirs):
+    from peft import PeftModel
+
+    path, adapters = model_dir("llama"), variant_dirs("llama")
+    requests = workload(tokenizer, ["dora"])
+
+    def greedy(name, prompts):
+        model = unpacked_nf4(load_model(path, "nf4", torch.float32, CPU)[0])
+        model = PeftModel.from_pretrained(model, adapters / name) if name else model
+        return [hf_greedy(model.eval(), prompt, MAX_NEW) for prompt in prompts]
+
+    expected = peft_answers(greedy, requests)
+    model, tok = load_model(path, "nf4", torch.float32, CPU)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert run(unpacked_nf4(model), tok, adapters, requests) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_engine_with_dora_and_lora_bias_on_nf4_equals_peft(model_dir, tokenizer, variant_dirs):
+    cuda = torch.device("cuda")
+    path, adapters = model_dir("llama"), variant_dirs("llama")
+    requests = workload(tokenizer, VARIANTS)
+    expected = peft_answers(
+        lambda name, prompts: peft_greedy(path, name and adapters / name, prompts, MAX_NEW, "nf4", device=cuda),
+        requests,
+    )
+    model, tok = load_model(path, "nf4", torch.float32, cuda)
+    assert run(model, tok, adapters, requests, cuda) == expected
