@@ -30,6 +30,7 @@
 // dimension with unit stride, i.e. A [S, R, in] with in innermost and B [S, out, R] with out innermost.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -578,6 +579,17 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tens
 // adds. Where torch's threads already take every CPU the caller may run on (no core left for the helper), and for
 // calls whose scratch would exceed kMaxDelta (long prefill chunks of a wide model), it runs the GEMM, then the
 // kernel, as lora_apply does.
+// The base GEMM: at::linear, or oneDNN's linear when the weight is packed in oneDNN's layout (`packed_linear.py`).
+static at::Tensor base_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (!weight.is_mkldnn()) return at::linear(x, weight, bias);
+  static const auto packed_linear =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  return packed_linear.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
 at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias, at::Tensor A, at::Tensor B,
                        at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
                        at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
@@ -592,7 +604,7 @@ at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor
   static const int64_t cpus = usable_cpus();  // those of the first caller, the engine thread
   const int64_t needed = x.size(0) * weight.size(0);
   if (needed > kMaxDelta || at::get_num_threads() >= cpus) {
-    at::Tensor y = at::linear(x, weight, bias);
+    at::Tensor y = base_linear(x, weight, bias);
     lora_apply(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths, num_segments,
                max_length, out_scale, out_shift, out_mapped);
     return y;
@@ -606,7 +618,7 @@ at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor
     using T = decltype(element);
     const LoraCall<T, float> call(delta, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts,
                                   segment_lengths, num_segments, max_length, affine, /*overwrite=*/true);
-    TileHelper::instance().run_alongside(call, [&] { y = at::linear(x, weight, bias); });
+    TileHelper::instance().run_alongside(call, [&] { y = base_linear(x, weight, bias); });
     call.add_rows_into(y);
   });
   return y;

@@ -5,8 +5,8 @@ the arithmetic of a decode step; the kernel walks the step's segments in one cal
 LONG_SEGMENT tokens (prefill chunks) go through torch's BLAS, one matmul pair each, where BLAS is the faster.
 
 A LoRA layer (`linear`) is one call, `lora_linear`: the base GEMM on the calling thread while a helper thread runs
-the kernel, so the adapter weights stream in from memory during the GEMM. It applies to `nn.Linear` bases of the
-adapters' dtype; others run the base, then the kernel.
+the kernel, so the adapter weights stream in from memory during the GEMM. It applies to `nn.Linear` and
+`PackedLinear` bases of the adapters' dtype; others run the base, then the kernel.
 
 The kernel takes float32 or bfloat16 (x, weights and y of one dtype) and sums in float32. It is one of the compiled
 CPU ops (`cpu_build`), built on first use. When they cannot be built, or the operands do not suit the kernel (another
@@ -23,6 +23,7 @@ from .backend import LoraBackend
 from .cpu_build import cpu_ops
 from .metadata import LoraMeta
 from .operands import LoraOperands
+from .packed_linear import PackedLinear
 from .torch_lora import TorchBackend, run_plan
 from .torch_plan import TorchPlan, plan_segments
 
@@ -57,15 +58,16 @@ class CpuBackend(LoraBackend):
     def linear(self, base: torch.nn.Module, x: torch.Tensor, ops: LoraOperands, meta: LoraMeta) -> torch.Tensor:
         compiled = cpu_ops()
         x_2d = x.reshape(-1, x.shape[-1])  # [T, in]
+        weight = _base_weight(base)  # [out, in], plain or packed
         if (
             compiled is None
             or not self.overlap
-            or type(base) is not torch.nn.Linear
-            or base.weight.dtype != ops.A.dtype
+            or weight is None
+            or weight.dtype != ops.A.dtype
             or not _kernel_reads(ops, x_2d)
         ):
             return super().linear(base, x, ops, meta)
-        y = compiled.lora_linear(x_2d, base.weight, base.bias, *_kernel_operands(ops, meta))  # [T, out]
+        y = compiled.lora_linear(x_2d, weight, base.bias, *_kernel_operands(ops, meta))  # [T, out]
         self._add_long_segments(y, x_2d, ops, meta)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -84,6 +86,16 @@ class CpuBackend(LoraBackend):
             self._long = (meta, meta.step, plan_segments(long, meta.order, x.device, "loop") if long else None)
         if self._long[2] is not None:
             run_plan(y, x, ops, self._long[2], meta)
+
+
+def _base_weight(base: torch.nn.Module) -> torch.Tensor | None:
+    """The weight `lora_linear` multiplies by, for the bases it runs itself (a plain linear, or one packed for
+    oneDNN); None for any other (a quantized linear runs its own forward)."""
+    if type(base) is PackedLinear:
+        return base.packed
+    if type(base) is torch.nn.Linear:
+        return base.weight
+    return None
 
 
 def _kernel_reads(ops: LoraOperands, x: torch.Tensor) -> bool:

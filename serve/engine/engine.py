@@ -31,6 +31,7 @@ from ...adapters.registry_file import RegistryFile
 from ...adapters.stats import BucketCounts
 from ...adapters.store import open_adapters
 from ...kernels.lora import LoraMeta, select_lora_backend
+from ...kernels.packed_linear import pack_linears
 from ...kernels.paged_decode import select_paged_decode
 from ..models.dtype import DtypeChoice, choose_dtype
 from ..models.loader import default_quantize, eos_ids, load_model, resolve_device
@@ -173,6 +174,7 @@ class Engine:
         if config.max_gpu_adapters > 0:
             self.adapters = self._attach_adapters(model, config, shape.dtype)
         if device.type == "cpu":
+            log.info("linears packed for oneDNN: %d", pack_linears(model, config.max_num_seqs))
             log.info("weights on huge pages: %.1f MiB", pack_into_huge_pages(model) / 2**20)
         graphs = self._decode_graphs(model, decode_inputs, decode_graph) if decode_inputs is not None else None
         self.runner = ModelRunner(model, self.context, device, decode_graphs=graphs)

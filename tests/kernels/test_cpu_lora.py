@@ -19,6 +19,7 @@ from lora_cases import (
 from loradock.kernels import cpu_build
 from loradock.kernels.cpu_build import cpu_ops
 from loradock.kernels.cpu_lora import CpuBackend
+from loradock.kernels.packed_linear import PackedLinear
 from loradock.kernels.lora import (
     lora_operands,
 )
@@ -315,12 +316,14 @@ def test_cpu_backend_in_bfloat16_sends_long_segments_to_blas(calls):
     assert calls == {"lora_apply": 1, "lora_linear": 0, "torch": 0}
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", SHORT_CASES, ids=lambda case: case.name)
-def test_cpu_lora_layer_in_bfloat16_overlapped_matches_reference(calls, case, threads, bias):
+def test_cpu_lora_layer_in_bfloat16_overlapped_matches_reference(calls, case, threads, bias, packed):
     base, x, ops, meta, expected = layer_operands(case, "out_innermost", bias, dtype=torch.bfloat16)
-    y = with_threads(threads, CpuBackend().linear, base, x, ops, meta)  # deltas in float32 on the helper
+    layer_base = PackedLinear(base, batch_rows=16) if packed else base  # the base GEMM through oneDNN's layout
+    y = with_threads(threads, CpuBackend().linear, layer_base, x, ops, meta)  # deltas in float32 on the helper
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), expected, **BF16_KERNEL_TOLERANCE)
     base_rows = [t for t, slot in enumerate(case.token_slots) if slot < 0]
