@@ -33,6 +33,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from ..adapters.lora_layer import LoraLinear
+from ..kernels.packed_linear import PackedLinear
 from ..serve.engine import Engine, EngineConfig
 from ..serve.engine.threads import use_serving_threads
 from ..serve.models.dtype import DTYPES, choose_dtype
@@ -68,7 +69,7 @@ def linear_flops_per_token(model: torch.nn.Module, rank: int) -> int:
     for module in model.modules():
         if isinstance(module, LoraLinear):
             flops += 2 * rank * (module.in_features + module.out_features)
-        elif isinstance(module, torch.nn.Linear):
+        elif isinstance(module, (torch.nn.Linear, PackedLinear)):  # a base linear, plain or packed for oneDNN
             flops += 2 * module.in_features * module.out_features
     return flops
 
