@@ -18,9 +18,9 @@ class AdapterError(ValueError):
     modules_to_save  the adapter carries fully trained copies of base modules
     bias             trained base biases (bias other than "none"), a lora_A bias, or a lora_B bias without
                      lora_bias
-    unsupported_feature  another LoRA variant or option that changes the forward pass or the base weights
+    unsupported_feature  another LoRA variant or option that changes the forward pass or the base weights (DoRA
+                     or lora_bias on an embedding, ensure_weight_tying with an embedding or head target)
     wrong_architecture   base_model_name_or_path names a different model family than the base's
-    embedding_target     LoRA on the input embeddings or the output head
     missing_module   a tensor names a module the base model does not have
     unbound_tensor   a tensor that is not a LoRA part (lora_A/lora_B weight, magnitude, lora_B bias) of a module
                      the config targets
@@ -32,7 +32,9 @@ class AdapterError(ValueError):
     bad_dtype        a tensor that is not float16, bfloat16, float32 or float64
     non_finite       a tensor holds NaN or Inf, or DoRA's scale m / ‖W + s·B A‖ is not finite on this base
 
-    And ``missing_extra``: an object-store URL whose filesystem package is not installed (s3://: loradock[s3]).
+    And ``missing_extra``: an object-store URL whose filesystem package is not installed (s3://: loradock[s3]);
+    ``no_slots`` (the adapter manager): the adapter adapts a module the server allocated no LoRA slots for
+    (--lora-target-modules).
     """
 
     def __init__(self, message: str, code: str = "invalid_adapter"):

@@ -12,7 +12,8 @@ PEFT computes a DoRA module's output as g ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias w
 a DoRA slot holds out_scale = g and out_shift = (1 − g) ⊙ bias, a lora_bias slot out_scale = 1 and out_shift = s·b.
 
 Which slot each token uses comes from the step's LoraMeta, shared by every layer through the LoraContext, which also
-holds the one backend chosen at engine start. The LoraMeta is one object for the engine's life, rewritten in place
+holds the one backend chosen at engine start. The output head runs on the rows whose logits the step computes alone,
+so its LoraLinear is given a LoraContext whose LoraMeta groups those rows. The LoraMeta is one object for the engine's life, rewritten in place
 once per step on every path; the LoraContext is frozen: nothing is swapped into it between calls.
 """
 
@@ -94,27 +95,3 @@ class LoraLinear(nn.Module):
         elif bias is not None:
             self.out_shift[slot].copy_(scale * bias.float())
         self.out_mapped[slot] = int(dora_scale is not None or bias is not None)
-
-
-def slot_memory(layers: dict[str, LoraLinear]) -> tuple[int, int]:
-    """Bytes the layers' slot buffers take: the LoRA weights (A, B, scales, ranks), and the output affine's vectors
-    (DoRA's scales, the shifts of DoRA and lora_bias)."""
-    def size(*tensors: torch.Tensor) -> int:
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-
-    weights = sum(size(layer.lora_A, layer.lora_B, layer.scales, layer.ranks) for layer in layers.values())
-    affine = sum(size(layer.out_scale, layer.out_shift, layer.out_mapped) for layer in layers.values())
-    return weights, affine
-
-
-def attach_lora_layers(model: nn.Module, module_names: list[str], context: LoraContext, num_slots: int,
-                       max_rank: int, dtype: torch.dtype) -> dict[str, LoraLinear]:
-    """Replace each named linear of `model` by a LoraLinear around it, sharing `context`. Returns the layers."""
-    layers: dict[str, LoraLinear] = {}
-    for name in module_names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = LoraLinear(getattr(parent, child), context, num_slots, max_rank, dtype)
-        setattr(parent, child, layer)
-        layers[name] = layer
-    return layers

@@ -32,7 +32,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from ..kernels.cpu_build import cache_root
 from .directory import AdapterDirectory, check_name
 from .dora import with_dora_scales
-from .lora_layer import LoraLinear
+from .lora_attach import LoraLayer
 from .merge import MergeRecipe
 from .mixes import Mixes, has_weights
 from .peft_format import (
@@ -122,7 +122,7 @@ class AdapterVersion:
 class AdapterManager:
     def __init__(
         self,
-        layers: dict[str, LoraLinear],
+        layers: dict[str, LoraLayer],
         base: BaseModelInfo,
         num_slots: int,
         max_cpu_adapters: int,
@@ -228,9 +228,22 @@ class AdapterManager:
             path = fetch_adapter(path, name, self.fetch_cache,
                                  lambda config: weights_size_limit(config, self.base, self.max_rank))
         weights = read_adapter(path, self.base, self.max_rank, name)
+        self._check_slotted(weights)
         weights = with_dora_scales(weights, {module: layer.base for module, layer in self.layers.items()})
         self.stats.load_seconds.observe(time.perf_counter() - started)
         return weights
+
+    def _check_slotted(self, weights: AdapterWeights) -> None:
+        """AdapterError (no_slots) if the adapter adapts a module this server has no LoRA slots for: serving it
+        without that module would not be the adapter."""
+        missing = [module for module in weights.modules if module not in self.layers]
+        if missing:
+            short = sorted({module.rsplit(".", 1)[-1] for module in missing})
+            raise AdapterError(
+                f"adapter {weights.name!r}: it adapts {missing[0]}, which this server has no LoRA slots for: restart "
+                f"it with --lora-target-modules naming {', '.join(short)} (with the other modules adapters target)",
+                "no_slots",
+            )
 
     def _count_lookup(self, version: AdapterVersion) -> None:
         on_device, on_host = version.slot is not None, version.weights is not None

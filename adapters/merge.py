@@ -108,7 +108,7 @@ def mix_adapters(name: str, recipe: MergeRecipe, sources: list[AdapterWeights], 
     check_recipe(recipe)
     method = "linear" if len(sources) == 1 else recipe.method  # as peft: one adapter is only ever scaled
     rank = _mix_rank(method, sources, max_rank)
-    _check_sources(sources)
+    _check_sources(sources, base)
     first = sources[0].config
     dora = bool(first.get("use_dora"))
     scale = rank / math.sqrt(rank) if first.get("use_rslora") else 1.0  # lora_alpha = r = rank
@@ -132,8 +132,14 @@ def mix_adapters(name: str, recipe: MergeRecipe, sources: list[AdapterWeights], 
     )
 
 
-def _check_sources(sources: list[AdapterWeights]) -> None:
-    """MixError for sources trained on different bases, or a mix peft would start at random."""
+def _check_sources(sources: list[AdapterWeights], base: BaseModelInfo) -> None:
+    """MixError for sources trained on different bases, a mix peft would start at random, or sources adapting an
+    embedding or the output head (not mixed here)."""
+    for source in sources:
+        vocab = [module for module in source.modules if module in base.vocab_modules]
+        if vocab:
+            raise MixError(f"{source.name} adapts {vocab[0]}: adapters on the embeddings or the output head cannot be "
+                           "mixed", "embedding_target", "adapters")
     bases = {source.config.get("base_model_name_or_path") for source in sources} - {None}
     if len(bases) > 1:
         raise MixError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}): a mix "

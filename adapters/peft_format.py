@@ -9,8 +9,12 @@ An adapter folder as ``PeftModel.save_pretrained`` writes it (peft 0.21; earlier
         base_model.model.<module>.lora_magnitude_vector  [out_features]   DoRA (use_dora) only
         base_model.model.<module>.lora_B.bias            [out_features]   lora_bias only
       where <module> is the module's name in the base causal LM, e.g. ``model.layers.0.self_attn.q_proj``.
-      (Embedding targets add ``.lora_embedding_A``/``_B``, modules_to_save the module's full ``.weight``: both
-      refused here.)
+      The output head (``lm_head``) is a linear like the others. An input embedding has instead
+        base_model.model.<module>.lora_embedding_A      [r, num_embeddings]
+        base_model.model.<module>.lora_embedding_B      [embedding_dim, r]
+      and for a targeted embedding or head peft also saves the base module's own weight (save_embedding_layers
+      "auto") as ``<module>.base_layer.weight``: its shape is checked, and it is not kept (LoRA training leaves it
+      as the base has it). modules_to_save (a module's full trained weight) is refused.
     "all-linear" is expanded by peft before saving: target_modules holds the full names of every linear
     layer but the output head (or, from 20 names up, the shortest suffixes that pick exactly those).
 
@@ -28,6 +32,7 @@ SIGBUS that would kill the server. The cost is a transient second copy of the fi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -53,9 +58,12 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 
 _KEY_PREFIX = "base_model.model."  # PeftModel.base_model (the LoraModel) .model (the causal LM)
-# A module's tensors, by the suffix of their key: its parts
-_PART_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude",
-                  ".lora_B.bias": "bias"}
+# A module's tensors, by the suffix of their key: its part, and whether the part belongs to an input embedding (True),
+# a linear (False), or either (None: the base weight peft saves beside an embedding's or the head's LoRA)
+_PART_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
+                  ".lora_magnitude_vector": ("magnitude", False), ".lora_B.bias": ("bias", False),
+                  ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True),
+                  ".base_layer.weight": ("base_copy", None)}
 # The parts only some adapters have: the config flag that calls for each, its tensor's name, and the refusal's code
 # when one comes without its flag (peft would silently drop it)
 _OPTIONAL_PARTS = {
@@ -106,24 +114,38 @@ class BaseModelInfo:
     """What adapter validation needs to know about the base model; cheap to build, holds no tensors."""
 
     model_type: str
-    # Every linear layer LoRA may target, by its full name in model.named_modules(): (in_features, out_features).
-    # The output head is left out, as peft's "all-linear" leaves it out.
-    linear_modules: dict[str, tuple[int, int]]
-    # The input embeddings and the output head: never targets here.
-    embedding_modules: frozenset[str]
+    # Every module LoRA may target, by its full name in model.named_modules(), in the model's order: each linear
+    # layer and the output head as (in_features, out_features), each input embedding as (num_embeddings,
+    # embedding_dim), the shapes of LoRA's A [r, first] and B [second, r] alike.
+    modules: dict[str, tuple[int, int]]
+    embeddings: frozenset[str]  # the nn.Embedding modules among them
+    head: str | None  # the output head among them (a linear); None when it is not an nn.Linear
 
     @classmethod
     def from_model(cls, model: nn.Module) -> BaseModelInfo:
         """From a loaded HF causal LM, before any of its layers are wrapped. bitsandbytes' Linear4bit and
         Linear8bitLt subclass nn.Linear and keep in_features/out_features, so quantized models work too."""
         head = model.get_output_embeddings()
-        linear, embeddings = {}, set()
+        modules, embeddings, head_name = {}, set(), None
         for name, module in model.named_modules():
-            if module is head or isinstance(module, nn.Embedding):
+            if isinstance(module, nn.Embedding):
+                modules[name] = (module.num_embeddings, module.embedding_dim)
                 embeddings.add(name)
             elif isinstance(module, nn.Linear):
-                linear[name] = (module.in_features, module.out_features)
-        return cls(model.config.model_type, linear, frozenset(embeddings))
+                modules[name] = (module.in_features, module.out_features)
+                head_name = name if module is head else head_name
+        return cls(model.config.model_type, modules, frozenset(embeddings), head_name)
+
+    @functools.cached_property
+    def linear_modules(self) -> dict[str, tuple[int, int]]:
+        """The linear layers but the output head, (in_features, out_features) by name: what peft's "all-linear"
+        targets."""
+        return {name: shape for name, shape in self.modules.items() if name not in self.vocab_modules}
+
+    @functools.cached_property
+    def vocab_modules(self) -> frozenset[str]:
+        """The input embeddings and the output head: the modules sized by the vocabulary."""
+        return self.embeddings | ({self.head} if self.head is not None else set())
 
 
 @dataclass(frozen=True)
@@ -131,8 +153,8 @@ class LoraModuleWeights:
     """One adapted module: its output gains ``scale * B @ A @ x`` (plus ``scale * bias`` with lora_bias; DoRA rescales
     the whole output row, see ``dora.py``). Tensors on the CPU, in the file's dtype."""
 
-    A: torch.Tensor  # [rank, in_features]
-    B: torch.Tensor  # [out_features, rank]
+    A: torch.Tensor  # [rank, in_features]; an embedding's lora_embedding_A [rank, num_embeddings]
+    B: torch.Tensor  # [out_features, rank]; an embedding's lora_embedding_B [embedding_dim, rank]
     rank: int
     scale: float  # lora_alpha / rank, or lora_alpha / sqrt(rank) with use_rslora
     magnitude: torch.Tensor | None = None  # [out_features]: DoRA's lora_magnitude_vector m; None: not DoRA
@@ -198,12 +220,12 @@ def _plan(raw: dict, base: BaseModelInfo, max_rank: int) -> tuple[_LoraConfig, l
     """The parsed config, the base modules it targets, and the weights file's size limit."""
     config = _parse_config(raw)
     _check_architecture(raw.get("base_model_name_or_path"), base.model_type)
-    targeted = _targeted_modules(config, base)
+    targeted = _targeted_modules(config, raw, base)
     # No valid file is larger: each module's pair is at most max_rank * (in + out) float64 values, its magnitude
-    # vector or bias out more.
+    # vector or bias out more, an embedding's or the head's base weight in * out more.
     vectors = config.use_dora + config.lora_bias
-    most = sum((max_rank * (i + o) + vectors * o) * 8 + _HEADER_BYTES_PER_MODULE for i, o in
-               (base.linear_modules[m] for m in targeted))
+    most = sum((max_rank * (i + o) + vectors * o + (m in base.vocab_modules) * i * o) * 8 + _HEADER_BYTES_PER_MODULE
+               for m, (i, o) in ((m, base.modules[m]) for m in targeted))
     return config, targeted, _HEADER_BYTES + most
 
 
@@ -454,32 +476,38 @@ def _check_architecture(base_model: object, model_type: str) -> None:
 # ---- peft's matching rules -----------------------------------------------------------------------------------
 
 
-def _targeted_modules(config: _LoraConfig, base: BaseModelInfo) -> list[str]:
-    """The base modules the config adapts, in the base model's order. Refuses embedding and head targets."""
+def _targeted_modules(config: _LoraConfig, raw: dict, base: BaseModelInfo) -> list[str]:
+    """The base modules the config adapts, in the base model's order: linear layers, the output head, the input
+    embeddings (plain LoRA only on these, as peft: it refuses lora_bias there, and DoRA is not served)."""
     from peft.tuners.tuners_utils import check_target_module_exists  # seconds to import: only when reading adapters
 
     if isinstance(config.target_modules, tuple):
-        # peft fails only when no entry matches; an entry naming no linear layer (a generic list) is noted.
-        names = base.linear_modules
+        # peft fails only when no entry matches; an entry naming no module (a generic list) is noted.
+        names = base.modules
         absent = [t for t in config.target_modules if not any(m == t or m.endswith(f".{t}") for m in names)]
         if absent:
-            log.warning("target_modules %s name no linear layer of the base model", absent)
+            log.warning("target_modules %s name no module of the base model", absent)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         # What peft's _maybe_include_all_linear_layers does before matching: every linear layer but the head.
         config = replace(config, target_modules=tuple(base.linear_modules))
-    for module in sorted(base.embedding_modules):
-        if check_target_module_exists(config, module):
-            raise AdapterError(
-                f"target_modules {_show(config.target_modules)} selects {module}: LoRA on the embeddings or the "
-                f"output head is not supported",
-                "embedding_target",
-            )
-    targeted = [module for module in base.linear_modules if check_target_module_exists(config, module)]
+    targeted = [module for module in base.modules if check_target_module_exists(config, module)]
     if not targeted:
         raise AdapterError(
-            f"target_modules {_show(config.target_modules)} matches no linear layer of the base model "
+            f"target_modules {_show(config.target_modules)} matches no module of the base model "
             f"({base.model_type}; its layers are named like {_show(_short_names(base.linear_modules))})",
             "missing_module",
+        )
+    vocab = [module for module in targeted if module in base.vocab_modules]
+    embeddings = [module for module in vocab if module in base.embeddings]
+    if embeddings and (config.use_dora or config.lora_bias):
+        raise AdapterError(
+            f"{'use_dora' if config.use_dora else 'lora_bias'} is set and target_modules selects the embedding "
+            f"{embeddings[0]}: only plain LoRA is served on embeddings", "unsupported_feature",
+        )
+    if vocab and _flag(raw, "ensure_weight_tying"):
+        raise AdapterError(
+            f"ensure_weight_tying is set and target_modules selects {vocab[0]}: LoRA shared between tied embeddings "
+            f"and head is not supported", "unsupported_feature",
         )
     return targeted
 
@@ -494,37 +522,34 @@ def _bind_tensors(keys: Iterable[str], base: BaseModelInfo, targeted: list[str])
     bound: dict[str, dict[str, str]] = {}
     unbound = []
     for key in sorted(keys):  # sorted: the same file gives the same message
-        for suffix, part in _PART_SUFFIXES.items():
+        for suffix, (part, of_embedding) in _PART_SUFFIXES.items():
             if key.startswith(_KEY_PREFIX) and key.endswith(suffix):
                 module = key[len(_KEY_PREFIX) : -len(suffix)]
                 break
         else:
-            if ".lora_embedding_" in key:
-                raise AdapterError(
-                    f"{key} is a LoRA embedding weight: LoRA on embeddings is not supported", "embedding_target"
-                )
             if ".lora_A.bias" in key:
                 raise AdapterError(f"{key} is a bias on lora_A, which peft never trains: not supported", "bias")
             unbound.append(key)
             continue
-        if module in base.embedding_modules:
+        if module not in base.modules:
             raise AdapterError(
-                f"{key} adapts {module}: LoRA on the embeddings or the output head is not supported", "embedding_target"
-            )
-        if module not in base.linear_modules:
-            raise AdapterError(
-                f"{key} is for {module}, which the base model ({base.model_type}) does not have as a linear layer: "
-                f"the adapter was trained for a different model",
+                f"{key} is for {module}, which the base model ({base.model_type}) does not have as a linear layer "
+                f"or embedding: the adapter was trained for a different model",
                 "missing_module",
             )
         if module not in targeted_set:
             unbound.append(key)
             continue
+        is_embedding = module in base.embeddings
+        if of_embedding is None and module not in base.vocab_modules or of_embedding not in (None, is_embedding):
+            kind = "an embedding" if is_embedding else "a linear layer"
+            raise AdapterError(f"{key} is not a LoRA part of {module}, which is {kind} of the base model",
+                               "unbound_tensor")
         bound.setdefault(module, {})[part] = key
     if unbound:
         raise AdapterError(
-            f"{len(unbound)} tensor(s) in {WEIGHTS_FILE} are not the lora_A/lora_B weights (or DoRA magnitude, or "
-            f"lora_B bias) of a module the config targets: {_show(unbound)}",
+            f"{len(unbound)} tensor(s) in {WEIGHTS_FILE} are not the lora_A/lora_B weights (or lora_embedding_A/B, "
+            f"DoRA magnitude, lora_B bias) of a module the config targets: {_show(unbound)}",
             "unbound_tensor",
         )
     return bound
@@ -563,9 +588,11 @@ def _module_weights(
             f"--max-lora-rank {rank} or more to serve this adapter",
             "rank_too_large",
         )
-    in_features, out_features = base.linear_modules[module]
+    in_features, out_features = base.modules[module]
+    # the base weight peft saved: an embedding's [num_embeddings, dim], a linear's [out, in]
+    base_copy = [in_features, out_features] if module in base.embeddings else [out_features, in_features]
     expected = {"A": [rank, in_features], "B": [out_features, rank], "magnitude": [out_features],
-                "bias": [out_features]}
+                "bias": [out_features], "base_copy": base_copy}
     weights = {}
     for part, key in keys.items():
         entry = tensors[key]
@@ -584,6 +611,7 @@ def _module_weights(
             count = int((~torch.isfinite(tensor)).sum())
             raise AdapterError(f"{key} holds {count} non-finite value(s) (NaN or Inf)", "non_finite")
         weights[part] = tensor
+    weights.pop("base_copy", None)  # checked, not kept: the base's own weight
     scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank  # as peft's LoraLayer.update_layer
     return LoraModuleWeights(rank=rank, scale=scale, **weights)
 

@@ -63,7 +63,8 @@ triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__ver
 for step in $steps; do
     case $step in
     tests) run tests 270 python -m pytest -q -p no:cacheprovider tests/kernels tests/serve/engine/test_cuda.py \
-               tests/serve/engine/test_dora_engine.py tests/serve/engine/test_grammar.py \
+               tests/serve/engine/test_dora_engine.py tests/serve/engine/test_vocab_targets_engine.py \
+               tests/serve/engine/test_grammar.py \
                tests/serve/engine/test_logits_processors.py tests/train/test_train.py -k "triton or paged or cuda or (test_train and not torchrun)" ;;
     kernels) run kernels 150 python -m loradock.loadtest.kernel_bench --json "$out/kernels.json" ;;
     model8b) [ -f "$model8b/config.json" ] ||

@@ -16,11 +16,15 @@ def write_random_adapter(base_path: Path, out_dir: Path, seed: int, std: float =
 
     The base is built from its config on the meta device: only its module names and shapes matter here, so no
     weight is read (an 8B base costs nothing), and only the LoRA layers are given memory; DoRA's magnitudes need the
-    base weights, so for DoRA the base is loaded for real (on the CPU, float32)."""
+    base weights, and peft saves the base weights of a targeted embed_tokens or lm_head beside their LoRA, so for
+    those the base is loaded for real (on the CPU, float32)."""
     from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if lora_config.get("use_dora"):
+    targets = lora_config.get("target_modules") or ()
+    vocab_targets = not isinstance(targets, str) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
+    if lora_config.get("use_dora") or vocab_targets:
         base = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=torch.float32)
     else:
         config = AutoConfig.from_pretrained(base_path, local_files_only=True)

@@ -62,3 +62,18 @@ def run_mixed(engine, workload) -> list[list[int]]:
         )
 
     return [ids for ids, _text, _reason in asyncio.run(main())]
+
+
+def interleaved(tokenizer, names) -> list[tuple[str | None, list[int]]]:
+    """Three requests per adapter of `names` and three on the base model, interleaved: (adapter or None, prompt)."""
+    names = [*names, None]
+    return [(names[i % len(names)], p) for i, p in enumerate(varied_prompts(tokenizer, 3 * len(names), seed=5))]
+
+
+def peft_answers(greedy, requests) -> list[list[int]]:
+    """greedy(adapter name or None, prompts) for each adapter's requests alone, in the requests' order."""
+    out = {}
+    for name in {a for a, _ in requests}:
+        indices = [i for i, (a, _) in enumerate(requests) if a == name]
+        out.update(zip(indices, greedy(name, [requests[i][1] for i in indices])))
+    return [out[i] for i in range(len(requests))]

@@ -123,7 +123,7 @@ BAD_ADAPTERS: dict[str, tuple[Callable[[object, Path], Path], str]] = {
     "not_lora": (_ia3, "not_lora"),
     "dora": (_without_flag("use_dora"), "dora"),
     "modules_to_save": (_lora(modules_to_save=["lm_head"]), "modules_to_save"),
-    "embedding_target": (_lora(target_modules=["q_proj", "embed_tokens"]), "embedding_target"),
+    "no_slots": (_lora(target_modules=["q_proj", "embed_tokens"]), "no_slots"),  # a server of default targets
     "bias": (_lora(bias="all"), "bias"),
     "bin_only": (_bin_only, "pickle_weights"),
     "missing_target": (_edited(config={"target_modules": ["c_attn", "c_proj"]}), "missing_module"),

@@ -53,10 +53,11 @@ def resolve_targets(spec: str, base: BaseModelInfo) -> list[str]:
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
     if not wanted:
         raise ValueError("--targets is empty: give all-linear or names like q_proj,v_proj")
-    heads = {name.rsplit(".", 1)[-1] for name in base.embedding_modules}
+    heads = {name.rsplit(".", 1)[-1] for name in base.vocab_modules}
     for name in wanted:
         if name in heads:
-            raise ValueError(f"--targets {name}: LoRA on the embeddings or the output head cannot be served")
+            raise ValueError(f"--targets {name}: loradock train adapts linear layers only, not the embeddings or the "
+                             f"output head")
         if name not in available:
             raise ValueError(f"--targets {name} names no linear layer of this model; its linear layers are: "
                              f"{', '.join(available)}")

@@ -67,6 +67,7 @@ class EngineConfig(BaseModel):
         default=True, description="on CUDA, replay decode steps from CUDA graphs captured per batch-size bucket"
     )
     lora_target_modules: list[str] | None = Field(
-        default=None, description="comma-separated short names of the linears adapters may target, e.g. "
-        "q_proj,v_proj (default: every linear but the output head)", json_schema_extra={"metavar": "NAMES"},
+        default=None, description="comma-separated short names of the modules adapters may target, e.g. "
+        "q_proj,v_proj; embed_tokens and lm_head too, each slot there taking vocab x max-lora-rank values "
+        "(default: every linear but the output head)", json_schema_extra={"metavar": "NAMES"},
     )

@@ -8,7 +8,8 @@ the bucket, are padding: token 0 at position 0, written to a reserved scratch bl
 to it alone, adapter slot -1.
 
 The LoRA metadata is the forward context's, read by eager steps too: sized for the larger of a step and a bucket, it
-copies its own part of the buffer to the device on an eager step (`LoraMeta.update`).
+copies its own part of the buffer to the device on an eager step (`LoraMeta.update`). With `lora_rows` a second one
+groups the logits rows for the output head's LoRA: on a decode step every row is a logits row, so it holds the same.
 """
 
 from __future__ import annotations
@@ -24,27 +25,32 @@ from .request import Request
 
 class DecodeInputs:
     def __init__(self, max_seqs: int, cache: PagedKVCache, max_model_len: int, device: torch.device,
-                 kernel: PagedDecode, num_slots: int, lora_tokens: int):
+                 kernel: PagedDecode, num_slots: int, lora_tokens: int, lora_rows: bool = False):
         """kernel: the paged decode attention for the device; num_slots: adapter slots (0: no LoRA metadata);
-        lora_tokens: tokens the LoRA metadata holds, >= max_seqs."""
+        lora_tokens: tokens the LoRA metadata holds, >= max_seqs; lora_rows: the logits rows' metadata too."""
         self.max_seqs, self.cache, self.kernel = max_seqs, cache, kernel
         self.max_blocks = cache.blocks_needed(max_model_len)
         self.scratch_block = cache.allocator.allocate(1)[0]  # padding rows write and read here, never a request
         sizes = [max_seqs] * 4 + [max_seqs * self.max_blocks]
-        lora_size = LoraMeta.size(lora_tokens, num_slots) if num_slots else 0
+        metas = (1 + lora_rows) if num_slots else 0
+        lora_size = LoraMeta.size(lora_tokens, num_slots)
         on_cuda = device.type == "cuda"
-        self._staging = torch.zeros(sum(sizes) + lora_size, dtype=torch.int32, pin_memory=on_cuda)
+        self._staging = torch.zeros(sum(sizes) + metas * lora_size, dtype=torch.int32, pin_memory=on_cuda)
         self._packed = self._staging.to(device) if on_cuda else self._staging.clone()  # copied like the device's
         self._host = self._staging.numpy()
         fields = self._packed[: sum(sizes)].split(sizes)
         self.input_ids, self.positions, self.slot_mapping, self.context_lens = fields[:4]  # [max_seqs] int32 each
         self.block_tables = fields[4].view(max_seqs, self.max_blocks)  # [max_seqs, max_blocks] int32
         self.slot_mapping_long = torch.zeros(max_seqs, dtype=torch.int64, device=device)  # index_copy_ wants int64
-        self.lora_meta = None
-        if num_slots:
-            start = sum(sizes)
-            self.lora_meta = LoraMeta(lora_tokens, num_slots, device,
-                                      storage=(self._staging[start:], self._packed[start:]))
+        lora_start = sum(sizes)
+
+        def meta(index: int) -> LoraMeta | None:  # the index-th LoRA metadata's part of the buffers
+            if index >= metas:
+                return None
+            part = slice(lora_start + index * lora_size, lora_start + (index + 1) * lora_size)
+            return LoraMeta(lora_tokens, num_slots, device, storage=(self._staging[part], self._packed[part]))
+
+        self.lora_meta, self.lora_rows = meta(0), meta(1)
 
     def write(self, requests: list[Request], bucket: int) -> bool:
         """Fill rows 0..B-1 with the requests' next token (their blocks must cover it) and rows B..bucket-1 with
@@ -63,11 +69,16 @@ class DecodeInputs:
         ids[count:], positions[count:], lengths[count:] = 0, 0, 1
         slots[count:] = self.scratch_block * size
         tables[count:bucket, 0] = self.scratch_block
-        active = False
-        if self.lora_meta is not None:
-            active = self.lora_meta.write([r.adapter_slot for r in requests] + [-1] * (bucket - count))
+        active = self.write_lora([r.adapter_slot for r in requests] + [-1] * (bucket - count))
         self.copy()
         return active
+
+    def write_lora(self, token_slots: list[int]) -> bool:
+        """The LoRA metadata of a decode step's rows (tokens and logits rows alike) into the host buffer; returns
+        whether a token uses an adapter."""
+        if self.lora_rows is not None:
+            self.lora_rows.write(token_slots)
+        return self.lora_meta is not None and self.lora_meta.write(token_slots)
 
     def copy(self) -> None:
         """The host buffer to the device: the step's one copy (non-blocking from pinned memory on CUDA; the previous

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ...adapters.directory import check_name
-from ...adapters.lora_layer import LoraContext, attach_lora_layers, slot_memory
+from ...adapters.lora_attach import attach_lora_layers, slot_memory, slotted_modules
+from ...adapters.lora_layer import LoraContext
 from ...adapters.manager import AdapterManager, AdapterVersion, UnknownAdapter
 from ...adapters.merge import MergeRecipe
 from ...adapters.peft_format import AdapterError, BaseModelInfo
@@ -168,11 +169,14 @@ class Engine:
                                    config.prefix_caching)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self.adapters: AdapterManager | None = None
+        base = BaseModelInfo.from_model(model)
+        slotted = slotted_modules(base, config.lora_target_modules) if config.max_gpu_adapters > 0 else []
         decode_graph = decode_graph or default_decode_graph(device, config)
-        decode_inputs = self._decode_inputs() if decode_graph is not None else None
-        self.context = self._forward_context(decode_inputs)
+        head = base.head in slotted  # the output head's LoRA reads the logits rows' metadata
+        decode_inputs = self._decode_inputs(head) if decode_graph is not None else None
+        self.context = self._forward_context(decode_inputs, head)
         if config.max_gpu_adapters > 0:
-            self.adapters = self._attach_adapters(model, config, shape.dtype)
+            self.adapters = self._attach_adapters(model, base, slotted, config, shape.dtype)
         if device.type == "cpu":
             log.info("linears packed for oneDNN: %d", pack_linears(model, config.max_num_seqs))
             log.info("weights on huge pages: %.1f MiB", pack_into_huge_pages(model) / 2**20)
@@ -198,20 +202,20 @@ class Engine:
         )
         return cls(model, tokenizer, config, device, dtype=choice)
 
-    def _attach_adapters(self, model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype) -> AdapterManager:
-        """Wrap the linears adapters may target in LoRA layers with preallocated slots, the backend chosen once;
-        register the adapter directory's adapters."""
-        base = BaseModelInfo.from_model(model)
-        targets = config.lora_target_modules
-        names = [n for n in base.linear_modules if targets is None or n.rsplit(".", 1)[-1] in targets]
+    def _attach_adapters(self, model: torch.nn.Module, base: BaseModelInfo, slotted: list[str], config: EngineConfig,
+                         dtype: torch.dtype) -> AdapterManager:
+        """Wrap the modules adapters may target (`slotted`) in LoRA layers with preallocated slots, the backend chosen
+        once; register the adapter directory's adapters."""
         backend = select_lora_backend(self.device)
         backend.prepare()
-        lora = LoraContext(backend, self.context.lora)
-        layers = attach_lora_layers(model, names, lora, config.max_gpu_adapters, config.max_lora_rank, dtype)
-        weights, affine = slot_memory(layers)
+        lora, rows = LoraContext(backend, self.context.lora), LoraContext(backend, self.context.lora_rows)
+        contexts = {name: rows if name == base.head else lora for name in slotted}
+        layers = attach_lora_layers(model, contexts, config.max_gpu_adapters, config.max_lora_rank, dtype)
+        memory = slot_memory(layers, base.vocab_modules)
         log.info("LoRA backend: %s; slot buffers %.1f MiB for %d slots of rank %d on %d layers (of which DoRA's and "
-                 "lora_bias' output affine %.1f MiB)", backend.name, (weights + affine) / 2**20,
-                 config.max_gpu_adapters, config.max_lora_rank, len(layers), affine / 2**20)
+                 "lora_bias' output affine %.1f MiB, the embeddings' and output head's %.1f MiB)", backend.name,
+                 memory.total / 2**20, config.max_gpu_adapters, config.max_lora_rank, len(layers),
+                 memory.affine / 2**20, memory.vocab / 2**20)
         directory = open_adapters(config.adapters_dir) if config.adapters_dir is not None else None
         registry_file = RegistryFile(config.adapter_registry) if config.adapter_registry is not None else None
         manager = AdapterManager(
@@ -232,20 +236,26 @@ class Engine:
             log.info("adapters in %s: %s", directory.root, ", ".join(found) or "none")
         return manager
 
-    def _decode_inputs(self) -> DecodeInputs:
+    def _decode_inputs(self, head: bool) -> DecodeInputs:
         """The decode graphs' persistent inputs. Their packed buffer holds the LoRA metadata of every step, eager ones
-        included: sized for the larger of a step and a bucket (buckets pad up to max_num_seqs rows)."""
+        included (the logits rows' too when the output `head` has slots): sized for the larger of a step and a bucket
+        (buckets pad up to max_num_seqs rows)."""
         config = self.config
         return DecodeInputs(config.max_num_seqs, self.cache, self.max_model_len, self.device,
                             select_paged_decode(self.device), num_slots=config.max_gpu_adapters,
-                            lora_tokens=max(config.max_batch_tokens, config.max_num_seqs))
+                            lora_tokens=max(config.max_batch_tokens, config.max_num_seqs), lora_rows=head)
 
-    def _forward_context(self, decode_inputs: DecodeInputs | None) -> ForwardContext:
-        """The one forward context of every step; its LoRA metadata inside the decode inputs' buffer when given."""
-        slots = self.config.max_gpu_adapters
+    def _forward_context(self, decode_inputs: DecodeInputs | None, head: bool) -> ForwardContext:
+        """The one forward context of every step; its LoRA metadata (the tokens', and the logits rows' when the output
+        `head` has slots) inside the decode inputs' buffer when given."""
         if decode_inputs is not None:
-            return ForwardContext(self.cache, decode_inputs.lora_meta)
-        return ForwardContext(self.cache, LoraMeta(self.config.max_batch_tokens, slots, self.device) if slots else None)
+            return ForwardContext(self.cache, decode_inputs.lora_meta, decode_inputs.lora_rows)
+        slots = self.config.max_gpu_adapters
+
+        def meta() -> LoraMeta:
+            return LoraMeta(self.config.max_batch_tokens, slots, self.device)
+
+        return ForwardContext(self.cache, meta() if slots else None, meta() if slots and head else None)
 
     def _decode_graphs(self, model: torch.nn.Module, inputs: DecodeInputs, graph: GraphFactory) -> DecodeGraphs:
         pool = torch.cuda.graph_pool_handle() if graph is CudaGraph else None

@@ -2,11 +2,12 @@
 
 The attention layers find it in the model's forward kwargs (`loradock_context`) and read the KV cache and the step's
 attention metadata; the LoRA layers read its `lora`, the very `LoraMeta` their `LoraContext` was given when they were
-attached (HF modules call `self.q_proj(x)` without kwargs). The eager path and the decode graphs' path run the same
-object: `lora` is allocated once and rewritten in place each step (inside the decode inputs' packed buffer when
-decode graphs run, so a decode step's one copy covers it), and `forward` points `attention` at the metadata of the
-step it runs: an eager step's `GroupedAttention`, or the `PagedDecodeAttention` over the decode inputs' persistent
-buffers that the decode graphs made for the step's bucket.
+attached (HF modules call `self.q_proj(x)` without kwargs); the output head's LoRA layer reads `lora_rows`, the same
+grouping for the rows whose logits the step computes (the head runs on those alone). The eager path and the decode
+graphs' path run the same object: `lora` and `lora_rows` are allocated once and rewritten in place each step
+(inside the decode inputs' packed buffer when decode graphs run, so a decode step's one copy covers them), and
+`forward` points `attention` at the metadata of the step it runs: an eager step's `GroupedAttention`, or the
+`PagedDecodeAttention` over the decode inputs' persistent buffers that the decode graphs made for the step's bucket.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ class ForwardContext:
     """The KV cache, the LoRA metadata (allocated once, rewritten in place) and the running forward's attention
     metadata."""
 
-    def __init__(self, kv_cache: PagedKVCache, lora: LoraMeta | None):
-        """lora: the LoRA metadata every step rewrites in place; None without adapter slots."""
+    def __init__(self, kv_cache: PagedKVCache, lora: LoraMeta | None, lora_rows: LoraMeta | None = None):
+        """lora: the LoRA metadata of the step's tokens, rewritten in place each step; None without adapter slots.
+        lora_rows: that of its logits rows, for the output head's LoRA; None when the head has no slots."""
         self.kv_cache = kv_cache
         self.lora = lora
+        self.lora_rows = lora_rows
         self.attention: StepAttention | None = None  # the running forward's, set by `forward`
 
     def forward(

@@ -110,5 +110,5 @@ class DecodeGraphs:
         """Padding in every row, with adapter slot 0 for every row when `adapters`."""
         self.inputs.write([], bucket)
         if adapters:
-            self.inputs.lora_meta.write([0] * bucket)
+            self.inputs.write_lora([0] * bucket)
             self.inputs.copy()

@@ -66,9 +66,12 @@ class ModelRunner:
         return StepResult(logits, rows.sampled, rows.prompt_rows, sum(n for _, n in entries))
 
     def _run_eager(self, step: StepBatch) -> torch.Tensor:
-        """The step's logits [N + P, vocab]: its LoRA metadata written in place, then the model over its flat batch."""
+        """The step's logits [N + P, vocab]: its LoRA metadata (the tokens', the logits rows') written in place, then
+        the model over its flat batch."""
         context = self.context
         if context.lora is not None:
             context.lora.update(step.adapter_slots)
+        if context.lora_rows is not None:  # the output head runs on the logits rows alone
+            context.lora_rows.update([step.adapter_slots[row] for row in step.rows.indices])
         return context.forward(self.model, step.attention, step.input_ids, step.position_ids,
                                logits_to_keep=step.logits_rows)

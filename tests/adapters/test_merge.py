@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 import torch
-from peft_adapters import edit_config
+from peft import LoraConfig
+from peft_adapters import edit_config, write_adapter
 from peft_mix import peft_mix, write_sources
 
 from loradock.adapters.merge import MergeRecipe, MixError, mix_adapters
@@ -100,6 +101,15 @@ def test_a_mix_led_by_a_dora_adapter_with_a_random_start_is_refused(sources, bas
     with pytest.raises(MixError) as refused:
         ours(MergeRecipe((("dora", 1.0), ("a", 1.0))), tmp_path / "sources", base, model)
     assert refused.value.code == "dora_mix"
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_a_mix_of_an_adapter_on_the_embeddings_or_head_is_refused(sources, base, model, tmp_path, target):
+    shutil.copytree(sources, tmp_path / "sources")
+    write_adapter(model, tmp_path / "sources" / "vocab", LoraConfig(r=4, target_modules=["q_proj", target]))
+    with pytest.raises(MixError, match=target) as refused:
+        ours(MergeRecipe((("a", 1.0), ("vocab", 1.0))), tmp_path / "sources", base, model)
+    assert refused.value.code == "embedding_target" and refused.value.field == "adapters"
 
 
 def test_peft_refuses_the_mixes_refused_for_its_reasons(sources, model_dir):

@@ -119,7 +119,7 @@ def test_peft_writes_all_linear_as_full_module_names(base_model, base, tmp_path)
     write_adapter(base_model, tmp_path / "a", LoraConfig(r=4, target_modules="all-linear"))
     config = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
     assert sorted(config["target_modules"]) == sorted(base.linear_modules)  # every linear layer but lm_head
-    assert "lm_head" not in base.linear_modules and {"lm_head", "model.embed_tokens"} == base.embedding_modules
+    assert "lm_head" not in base.linear_modules and {"lm_head", "model.embed_tokens"} == base.vocab_modules
 
 
 def test_peft_writes_all_linear_of_20_modules_or_more_as_suffixes(tmp_path):
@@ -156,7 +156,10 @@ def test_tensors_keep_the_file_dtype_and_own_their_memory(adapter, base):
 def test_base_model_info_of_each_architecture(model_dir, architecture):
     model, _ = load_model(model_dir(architecture), "none", torch.float32, CPU)
     base = BaseModelInfo.from_model(model)
-    assert base.model_type == architecture and base.embedding_modules == {"model.embed_tokens", "lm_head"}
+    assert base.model_type == architecture and base.vocab_modules == {"model.embed_tokens", "lm_head"}
+    assert base.embeddings == {"model.embed_tokens"} and base.head == "lm_head"
+    assert base.modules["model.embed_tokens"] == (len(model.model.embed_tokens.weight), 64)  # (vocab, dim)
+    assert base.modules["lm_head"] == (64, len(model.model.embed_tokens.weight))  # (in, out)
     assert len(base.linear_modules) == 14 and base.linear_modules[V1] == (64, 32)
     assert {name.rsplit(".", 1)[-1] for name in base.linear_modules} == set(LINEAR_NAMES)
 
@@ -202,7 +205,7 @@ def test_the_parsed_config_targets_what_peft_targets(base, kwargs):
     same modules through peft's matching function as peft's own LoraConfig does."""
     theirs = LoraConfig(**kwargs)
     ours = _parse_config(json.loads(json.dumps(theirs.to_dict(), default=list)))
-    for module in [*base.linear_modules, *base.embedding_modules, *OTHER_NAMES]:
+    for module in [*base.modules, *OTHER_NAMES]:
         assert bool(check_target_module_exists(ours, module)) == bool(check_target_module_exists(theirs, module)), module
 
 
@@ -274,12 +277,86 @@ def test_modules_to_save(base_model, base, tmp_path):
     refused(tmp_path / "mts", base, "modules_to_save", "modules_to_save", "lm_head")
 
 
-@pytest.mark.parametrize("target, module", [("embed_tokens", "model.embed_tokens"), ("lm_head", "lm_head")])
-def test_embedding_target(base_model, base, tmp_path, target, module):
-    write_adapter(base_model, tmp_path / "emb", LoraConfig(r=4, target_modules=["q_proj", target]))
-    refused(tmp_path / "emb", base, "embedding_target", module, "embeddings or the output head")
-    edit_config(tmp_path / "emb", target_modules=["q_proj"])  # the tensors alone give it away
-    refused(tmp_path / "emb", base, "embedding_target", module)
+# ---- the embeddings and the output head ----------------------------------------------------------------------
+
+EMBED = "model.embed_tokens"
+
+
+@pytest.fixture(scope="module")
+def vocab_adapter(base_model, tmp_path_factory):
+    """r=4 on q_proj, the embeddings and the head, as peft saves it (with the base weights of the two)."""
+    path = tmp_path_factory.mktemp("vocab") / "vocab"
+    write_adapter(base_model, path, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens", "lm_head"]))
+    return path
+
+
+@pytest.fixture
+def vocab_copy(vocab_adapter, tmp_path):
+    return shutil.copytree(vocab_adapter, tmp_path / "vocab")
+
+
+def test_embedding_and_head_targets_read_back_as_peft_loads_them(base_model, base, vocab_adapter):
+    adapter = read_adapter(vocab_adapter, base)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), vocab_adapter)
+    embedding, head = peft_model.get_submodule(f"{PREFIX}{EMBED}"), peft_model.get_submodule(f"{PREFIX}lm_head")
+    assert list(adapter.modules) == [EMBED, Q0, "model.layers.1.self_attn.q_proj", "lm_head"]
+    assert torch.equal(adapter.modules[EMBED].A, embedding.lora_embedding_A["default"])  # [r, vocab]
+    assert torch.equal(adapter.modules[EMBED].B, embedding.lora_embedding_B["default"])  # [dim, r]
+    assert torch.equal(adapter.modules["lm_head"].A, head.lora_A["default"].weight)  # [r, dim]
+    assert torch.equal(adapter.modules["lm_head"].B, head.lora_B["default"].weight)  # [vocab, r]
+    assert adapter.modules[EMBED].scale == embedding.scaling["default"] == 2.0
+    assert adapter.target_names == ("embed_tokens", "lm_head", "q_proj")
+    # the base weights peft saved beside them are checked, not kept
+    assert adapter.nbytes == sum(m.A.nbytes + m.B.nbytes for m in adapter.modules.values())
+
+
+def test_all_linear_leaves_the_head_out(base_model, base, tmp_path):
+    write_adapter(base_model, tmp_path / "a", LoraConfig(r=4, target_modules="all-linear"))
+    assert set(read_adapter(tmp_path / "a", base).modules) == set(base.linear_modules)
+
+
+@pytest.mark.parametrize("part, shape", [("lora_embedding_A", (4, 100)), ("lora_embedding_B", (64, 5)),
+                                         ("base_layer.weight", (100, 64))])
+def test_embedding_tensors_of_the_wrong_shape(base, vocab_copy, part, shape):
+    key = f"{PREFIX}{EMBED}.{part}"
+    edit_tensors(vocab_copy, lambda t: t.update({key: torch.ones(shape)}))
+    refused(vocab_copy, base, "shape_mismatch", key, str(list(shape)))
+
+
+def test_embedding_tensors_not_finite(base, vocab_copy):
+    key = f"{PREFIX}{EMBED}.lora_embedding_A"
+    edit_tensors(vocab_copy, lambda t: t[key].__setitem__((1, 7), math.inf))
+    refused(vocab_copy, base, "non_finite", key, "1 non-finite")
+
+
+def test_an_embedding_without_its_b(base, vocab_copy):
+    edit_tensors(vocab_copy, lambda t: t.pop(f"{PREFIX}{EMBED}.lora_embedding_B"))
+    refused(vocab_copy, base, "incomplete_pair", f"{PREFIX}{EMBED}.lora_embedding_A", "lora_B")
+
+
+@pytest.mark.parametrize("key, moved", [(f"{EMBED}.lora_embedding_A", f"{EMBED}.lora_A.weight"),
+                                        (f"{Q0}.lora_A.weight", f"{Q0}.lora_embedding_A"),
+                                        ("lm_head.lora_A.weight", "lm_head.lora_embedding_A")])
+def test_an_embedding_part_on_a_linear_or_the_reverse(base, vocab_copy, key, moved):
+    edit_tensors(vocab_copy, lambda t: t.update({f"{PREFIX}{moved}": t.pop(f"{PREFIX}{key}")}))
+    refused(vocab_copy, base, "unbound_tensor", f"{PREFIX}{moved}")
+
+
+def test_a_base_weight_beside_a_linear_layer(base, vocab_copy):
+    key = f"{PREFIX}{Q0}.base_layer.weight"
+    edit_tensors(vocab_copy, lambda t: t.update({key: torch.ones(64, 64)}))
+    refused(vocab_copy, base, "unbound_tensor", key, "linear layer")
+
+
+def test_an_embedding_rank_above_the_limit(base, vocab_adapter):
+    refused(vocab_adapter, base, "rank_too_large", "rank 4", "--max-lora-rank 4", max_rank=3)
+
+
+@pytest.mark.parametrize("option, named", [(dict(use_dora=True), "use_dora"), (dict(lora_bias=True), "lora_bias"),
+                                           (dict(ensure_weight_tying=True), "ensure_weight_tying")])
+def test_embedding_options_not_served(base, vocab_copy, option, named):
+    edit_config(vocab_copy, **option)
+    refused(vocab_copy, base, "unsupported_feature", named)
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_workload import ADAPTERS, MAX_NEW, run_mixed
-from support import CPU, hf_greedy, peft_greedy, unpacked_nf4, varied_prompts
+from lora_workload import ADAPTERS, MAX_NEW, interleaved, peft_answers, run_mixed
+from support import CPU, hf_greedy, peft_greedy, unpacked_nf4
 
 from loradock.loadtest.random_adapters import write_random_adapter
 from loradock.serve.engine import Engine, EngineConfig
@@ -39,12 +39,6 @@ def variant_dirs(model_dir, tmp_path_factory):
     return get
 
 
-def workload(tokenizer, names) -> list[tuple[str | None, list[int]]]:
-    """Three requests per adapter and three on the base model, interleaved."""
-    names = [*names, None]
-    return [(names[i % len(names)], p) for i, p in enumerate(varied_prompts(tokenizer, 3 * len(names), seed=5))]
-
-
 def run(model, tokenizer, adapters: Path, requests, device: torch.device = CPU) -> list[list[int]]:
     engine = Engine(model, tokenizer, EngineConfig(adapters_dir=str(adapters), max_gpu_adapters=4,
                                                    max_batch_tokens=64), device).start()
@@ -54,19 +48,10 @@ def run(model, tokenizer, adapters: Path, requests, device: torch.device = CPU) 
         engine.shutdown()
 
 
-def peft_answers(greedy, requests) -> list[list[int]]:
-    """greedy(adapter name or None, prompts) for each adapter's requests alone, in the requests' order."""
-    out = {}
-    for name in {a for a, _ in requests}:
-        indices = [i for i, (a, _) in enumerate(requests) if a == name]
-        out.update(zip(indices, greedy(name, [requests[i][1] for i in indices])))
-    return [out[i] for i in range(len(requests))]
-
-
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_dora_and_lora_bias_in_a_mixed_batch_equal_peft(model_dir, tokenizer, variant_dirs, architecture):
     path, adapters = model_dir(architecture), variant_dirs(architecture)
-    requests = workload(tokenizer, VARIANTS)
+    requests = interleaved(tokenizer, VARIANTS)
     expected = peft_answers(lambda name, prompts: peft_greedy(path, name and adapters / name, prompts, MAX_NEW),
                             requests)
     base_answers = [expected[i] for i, (a, _) in enumerate(requests) if a is None]
@@ -80,7 +65,7 @@ def test_dora_on_an_nf4_base_equals_peft_on_the_same_nf4_base(model_dir, tokeniz
     from peft import PeftModel
 
     path, adapters = model_dir("llama"), variant_dirs("llama")
-    requests = workload(tokenizer, ["dora"])
+    requests = interleaved(tokenizer, ["dora"])
 
     def greedy(name, prompts):
         model = unpacked_nf4(load_model(path, "nf4", torch.float32, CPU)[0])
@@ -97,7 +82,7 @@ def test_dora_on_an_nf4_base_equals_peft_on_the_same_nf4_base(model_dir, tokeniz
 def test_cuda_engine_with_dora_and_lora_bias_on_nf4_equals_peft(model_dir, tokenizer, variant_dirs):
     cuda = torch.device("cuda")
     path, adapters = model_dir("llama"), variant_dirs("llama")
-    requests = workload(tokenizer, VARIANTS)
+    requests = interleaved(tokenizer, VARIANTS)
     expected = peft_answers(
         lambda name, prompts: peft_greedy(path, name and adapters / name, prompts, MAX_NEW, "nf4", device=cuda),
         requests,
