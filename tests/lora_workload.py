@@ -77,3 +77,30 @@ def peft_answers(greedy, requests) -> list[list[int]]:
         indices = [i for i, (a, _) in enumerate(requests) if a == name]
         out.update(zip(indices, greedy(name, [requests[i][1] for i in indices])))
     return [out[i] for i in range(len(requests))]
+
+
+def variant_writer(model_dir, root_of, variants: dict[str, dict]):
+    """architecture -> a folder holding `variants` (name -> LoraConfig fields) as PEFT adapters for that tiny model,
+    written on first use; root_of(architecture) makes the folder."""
+    written: dict[str, Path] = {}
+
+    def get(architecture: str) -> Path:
+        if architecture not in written:
+            root = root_of(architecture)
+            for seed, (name, config) in enumerate(variants.items()):
+                write_random_adapter(model_dir(architecture), root / name, seed=seed, **config)
+            written[architecture] = root
+        return written[architecture]
+
+    return get
+
+
+def peft_answers_that_differ(path: Path, adapters: Path, requests, names) -> list[list[int]]:
+    """PEFT's greedy answers (fp32) for `requests` on the adapters under `adapters`, each adapter of `names` checked to
+    change the base's answers: the oracle is only worth something if it does."""
+    expected = peft_answers(lambda name, prompts: peft_greedy(path, name and adapters / name, prompts, MAX_NEW),
+                            requests)
+    base_answers = [expected[i] for i, (a, _) in enumerate(requests) if a is None]
+    for name in names:
+        assert [expected[i] for i, (a, _) in enumerate(requests) if a == name] != base_answers, name
+    return expected

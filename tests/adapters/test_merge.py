@@ -9,23 +9,14 @@ import pytest
 import torch
 from peft import LoraConfig
 from peft_adapters import edit_config, write_adapter
+from peft_mix import RECIPES as MIX_RECIPES
 from peft_mix import peft_mix, write_sources
 
 from loradock.adapters.merge import MergeRecipe, MixError, mix_adapters
 from loradock.adapters.peft_format import BaseModelInfo, read_adapter
 from loradock.serve.models.loader import load_model
 
-RECIPES = {
-    "linear": MergeRecipe((("a", 0.7), ("b", -0.4)), "linear"),
-    "cat": MergeRecipe((("a", 0.7), ("c", 0.5)), "cat"),
-    "ties": MergeRecipe((("a", 0.6), ("b", 0.9)), "ties", density=0.5),
-    "dare_linear": MergeRecipe((("a", 0.7), ("b", 0.3)), "dare_linear", density=0.6, seed=3),
-    "dare_ties": MergeRecipe((("b", 1.2), ("a", 0.5)), "dare_ties", density=0.4, seed=11),
-    "svd": MergeRecipe((("c", 0.8), ("a", 0.6)), "svd"),
-    "one_adapter": MergeRecipe((("c", 1.5),), "svd"),  # peft makes it linear
-    "dora_led": MergeRecipe((("dora", 0.6), ("a", 0.5)), "linear"),  # DoRA, magnitude ‖W‖
-    "dora_second": MergeRecipe((("a", 0.6), ("dora", 0.5)), "ties", density=0.7),  # plain
-}
+RECIPES = {**MIX_RECIPES, "one_adapter": MergeRecipe((("c", 1.5),), "svd")}  # peft makes one adapter's mix linear
 
 
 @pytest.fixture(scope="module")

@@ -214,6 +214,17 @@ async def test_a_shared_system_prompt_is_read_from_the_prefix_cache_and_answers_
     assert [first, *rest] == [(expected[0], 0)] + [(ids, shared // 16 * 16) for ids in expected[1:]]
 
 
+def chat_prompts(built, questions: list[str]) -> list[list[int]]:
+    """Each question as one user turn in the model's chat template, ready for the assistant's answer: token ids."""
+    tokenizer = AutoTokenizer.from_pretrained(built)
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for question in questions
+    ]
+
+
 def test_the_engine_in_bf16_agrees_with_peft_in_bf16_on_mixed_adapters(built, tmp_path):
     # two random adapters (std 0.02, as the benchmarks') and the base in one batch, scored teacher-forced by PEFT in
     # bf16 (bf16_oracle.py). On these requests PEFT in bf16 is itself about as far from the exact fp32 engine (largest
@@ -222,13 +233,7 @@ def test_the_engine_in_bf16_agrees_with_peft_in_bf16_on_mixed_adapters(built, tm
                 "all-r16": dict(r=16, lora_alpha=32, target_modules="all-linear")}
     for seed, (name, config) in enumerate(adapters.items()):
         write_random_adapter(built, tmp_path / name, seed=seed, std=0.02, **config)
-    tokenizer = AutoTokenizer.from_pretrained(built)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        for question in QUESTIONS[:2]
-    ]
+    prompts = chat_prompts(built, QUESTIONS[:2])
     workload = [(adapter, prompt) for prompt in prompts for adapter in (None, *adapters)]
     engine = Engine.from_config(EngineConfig(model=str(built), dtype="bfloat16", device="cpu",
                                              adapters_dir=str(tmp_path), max_gpu_adapters=2, max_lora_rank=16,
@@ -246,13 +251,7 @@ def test_dora_beside_a_plain_adapter_and_the_base_equals_peft(built, tmp_path):
                 "qv-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])}
     for seed, (name, config) in enumerate(adapters.items()):
         write_random_adapter(built, tmp_path / name, seed=seed, std=0.02, **config)
-    tokenizer = AutoTokenizer.from_pretrained(built)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        for question in QUESTIONS[:2]
-    ]
+    prompts = chat_prompts(built, QUESTIONS[:2])
     workload = [(adapter, prompt) for prompt in prompts for adapter in (None, *adapters)]
     expected = {name: peft_greedy(built, name and tmp_path / name, prompts, 12) for name in (None, *adapters)}
     assert expected["dora-r8"] != expected[None]  # the oracle is only worth something if DoRA changes the output

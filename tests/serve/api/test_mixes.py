@@ -13,7 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from peft_mix import peft_mix_greedy, write_sources
+from peft_mix import RECIPES, peft_mix_greedy, write_sources
 
 from http_client import call
 from loradock.adapters.merge import MergeRecipe
@@ -22,16 +22,6 @@ from server_support import MODEL_NAME, ServerThread
 from support import varied_prompts, wait_until
 
 MAX_NEW = 8
-METHODS = {
-    "linear": MergeRecipe((("a", 0.7), ("b", -0.4)), "linear"),
-    "cat": MergeRecipe((("a", 0.7), ("c", 0.5)), "cat"),
-    "ties": MergeRecipe((("a", 0.6), ("b", 0.9)), "ties", density=0.5),
-    "dare_linear": MergeRecipe((("a", 0.7), ("b", 0.3)), "dare_linear", density=0.6, seed=3),
-    "dare_ties": MergeRecipe((("b", 1.2), ("a", 0.5)), "dare_ties", density=0.4, seed=11),
-    "svd": MergeRecipe((("c", 0.8), ("a", 0.6)), "svd"),
-    "dora_led": MergeRecipe((("dora", 0.6), ("a", 0.5)), "linear"),  # a DoRA mix: magnitude ‖W‖, as peft's
-    "dora_second": MergeRecipe((("a", 0.6), ("dora", 0.5)), "ties", density=0.7),  # plain: magnitude not used
-}
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +78,10 @@ def mix(server, name: str, recipe: MergeRecipe | dict):
     return call(server.url, "POST", "/v1/adapters", {"name": name, "merge": merge}, headers=server.admin_headers)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", RECIPES)
 def test_a_named_mix_and_a_mix_per_request_decode_what_peft_decodes(method, server, sources, prompts,
                                                                     model_dir):
-    recipe = METHODS[method]
+    recipe = RECIPES[method]
     expected = peft_mix_greedy(model_dir("llama"), sources, recipe, prompts, MAX_NEW)
     assert mix(server, f"mix-{method}", recipe).status == 201
     assert [tokens(server, p, model=f"mix-{method}") for p in prompts] == expected
@@ -99,8 +89,8 @@ def test_a_named_mix_and_a_mix_per_request_decode_what_peft_decodes(method, serv
 
 
 def test_mixes_decode_in_a_batch_with_other_adapters_as_they_do_alone(server, prompts):
-    assert mix(server, "batched", METHODS["cat"]).status == 201
-    requests = [{"model": "batched"}, per_request(METHODS["ties"]), {"model": "a"}, {}] * 2
+    assert mix(server, "batched", RECIPES["cat"]).status == 201
+    requests = [{"model": "batched"}, per_request(RECIPES["ties"]), {"model": "a"}, {}] * 2
     alone = [tokens(server, prompts[i % 2], **body) for i, body in enumerate(requests)]
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda i: tokens(server, prompts[i % 2], **requests[i]), range(len(requests))))
@@ -108,7 +98,7 @@ def test_mixes_decode_in_a_batch_with_other_adapters_as_they_do_alone(server, pr
 
 
 def test_a_chat_through_the_openai_client_mixes_per_request_as_the_admin_api_does(server):
-    recipe = METHODS["dare_linear"]
+    recipe = RECIPES["dare_linear"]
     assert mix(server, "chat-mix", recipe).status == 201
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "Say something."}]
@@ -221,7 +211,7 @@ def first_life(cache, model_dir, sources, prompts, tmp_path_factory):
     """A server with a registry file makes a named mix: (the registry, the mix's folder, its greedy tokens)."""
     registry = tmp_path_factory.mktemp("mix-registry") / "registry.json"
     with ServerThread(model_dir("llama"), adapters_dir=sources, adapter_registry=str(registry)) as first:
-        created = mix(first, "tone", METHODS["dare_ties"])
+        created = mix(first, "tone", RECIPES["dare_ties"])
         assert created.status == 201
         yield registry, Path(created.json()["path"]), [tokens(first, p, model="tone") for p in prompts]
 
@@ -232,7 +222,7 @@ def restarted(model_dir, sources, registry):
 
 def test_a_named_mix_comes_back_after_a_restart(first_life, model_dir, sources, prompts):
     registry, _, before = first_life
-    assert json.loads(registry.read_text())["adapters"]["tone"]["merge"] == METHODS["dare_ties"].to_dict()
+    assert json.loads(registry.read_text())["adapters"]["tone"]["merge"] == RECIPES["dare_ties"].to_dict()
     with restarted(model_dir, sources, registry) as second:
         assert [tokens(second, p, model="tone") for p in prompts] == before
 

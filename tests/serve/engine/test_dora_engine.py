@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_workload import ADAPTERS, MAX_NEW, interleaved, peft_answers, run_mixed
+from lora_workload import (
+    ADAPTERS, MAX_NEW, interleaved, peft_answers, peft_answers_that_differ, run_mixed, variant_writer,
+)
 from support import CPU, hf_greedy, peft_greedy, unpacked_nf4
 
-from loradock.loadtest.random_adapters import write_random_adapter
 from loradock.serve.engine import Engine, EngineConfig
 from loradock.serve.models.loader import load_model
 
@@ -26,17 +27,7 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def variant_dirs(model_dir, tmp_path_factory):
     """architecture -> a folder holding VARIANTS for that tiny model, written once."""
-    written: dict[str, Path] = {}
-
-    def get(architecture: str) -> Path:
-        if architecture not in written:
-            root = tmp_path_factory.mktemp(f"variants-{architecture}")
-            for seed, (name, config) in enumerate(VARIANTS.items()):
-                write_random_adapter(model_dir(architecture), root / name, seed=seed, **config)
-            written[architecture] = root
-        return written[architecture]
-
-    return get
+    return variant_writer(model_dir, lambda architecture: tmp_path_factory.mktemp(f"variants-{architecture}"), VARIANTS)
 
 
 def run(model, tokenizer, adapters: Path, requests, device: torch.device = CPU) -> list[list[int]]:
@@ -52,11 +43,7 @@ def run(model, tokenizer, adapters: Path, requests, device: torch.device = CPU) 
 def test_dora_and_lora_bias_in_a_mixed_batch_equal_peft(model_dir, tokenizer, variant_dirs, architecture):
     path, adapters = model_dir(architecture), variant_dirs(architecture)
     requests = interleaved(tokenizer, VARIANTS)
-    expected = peft_answers(lambda name, prompts: peft_greedy(path, name and adapters / name, prompts, MAX_NEW),
-                            requests)
-    base_answers = [expected[i] for i, (a, _) in enumerate(requests) if a is None]
-    for name in VARIANTS:  # the oracle is only worth something if each adapter changes the output
-        assert [expected[i] for i, (a, _) in enumerate(requests) if a == name] != base_answers, name
+    expected = peft_answers_that_differ(path, adapters, requests, VARIANTS)
     model, tok = load_model(path, "none", torch.float32, CPU)
     assert run(model, tok, adapters, requests) == expected
 

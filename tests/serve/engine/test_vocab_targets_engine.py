@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from bf16_oracle import agreement, generate_greedy, peft_bf16
-from lora_workload import ADAPTERS, MAX_NEW, interleaved, peft_answers, run_mixed
+from lora_workload import (
+    ADAPTERS, MAX_NEW, interleaved, peft_answers, peft_answers_that_differ, run_mixed, variant_writer,
+)
 from support import CPU, peft_greedy, varied_prompts
 
 from loradock.adapters.errors import AdapterError
 from loradock.kernels.packed_linear import PackedLinear, packing_available
-from loradock.loadtest.random_adapters import write_random_adapter
 from loradock.serve.engine import Engine, EngineConfig, SamplingParams
 from loradock.serve.engine.graph_runner import EagerGraph
 from loradock.serve.models.loader import load_model
@@ -34,17 +35,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @pytest.fixture(scope="module")
 def variant_dirs(model_dir, tmp_path_factory):
     """architecture -> a folder holding VARIANTS for that tiny model, written once."""
-    written: dict[str, Path] = {}
-
-    def get(architecture: str) -> Path:
-        if architecture not in written:
-            root = tmp_path_factory.mktemp(f"vocab-{architecture}")
-            for seed, (name, config) in enumerate(VARIANTS.items()):
-                write_random_adapter(model_dir(architecture), root / name, seed=seed, **config)
-            written[architecture] = root
-        return written[architecture]
-
-    return get
+    return variant_writer(model_dir, lambda architecture: tmp_path_factory.mktemp(f"vocab-{architecture}"), VARIANTS)
 
 
 def start(path: Path, adapters: Path, decode_graph=None, **config) -> Engine:
@@ -58,11 +49,7 @@ def test_embedding_and_head_adapters_in_a_mixed_batch_equal_peft(model_dir, toke
                                                                  decode_graph):
     path, adapters = model_dir(architecture), variant_dirs(architecture)
     requests = interleaved(tokenizer, VARIANTS)
-    expected = peft_answers(lambda name, prompts: peft_greedy(path, name and adapters / name, prompts, MAX_NEW),
-                            requests)
-    base_answers = [expected[i] for i, (a, _) in enumerate(requests) if a is None]
-    for name in VARIANTS:  # the oracle is only worth something if each adapter changes the output
-        assert [expected[i] for i, (a, _) in enumerate(requests) if a == name] != base_answers, name
+    expected = peft_answers_that_differ(path, adapters, requests, VARIANTS)
     engine = start(path, adapters, decode_graph, lora_target_modules=TARGETS)
     try:
         assert run_mixed(engine, requests) == expected
