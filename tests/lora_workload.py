@@ -95,11 +95,14 @@ def variant_writer(model_dir, root_of, variants: dict[str, dict]):
     return get
 
 
-def peft_answers_that_differ(path: Path, adapters: Path, requests, names) -> list[list[int]]:
-    """PEFT's greedy answers (fp32) for `requests` on the adapters under `adapters`, each adapter of `names` checked to
-    change the base's answers: the oracle is only worth something if it does."""
-    expected = peft_answers(lambda name, prompts: peft_greedy(path, name and adapters / name, prompts, MAX_NEW),
-                            requests)
+def peft_answers_that_differ(path: Path, adapters: Path, requests, names, quantize: str = "none",
+                             device=CPU) -> list[list[int]]:
+    """PEFT's greedy answers for `requests` on the adapters under `adapters` (the base `quantize`d, on `device`), each
+    adapter of `names` checked to change the base's answers: the oracle is only worth something if it does."""
+    expected = peft_answers(
+        lambda name, prompts: peft_greedy(path, name and adapters / name, prompts, MAX_NEW, quantize, device=device),
+        requests,
+    )
     base_answers = [expected[i] for i, (a, _) in enumerate(requests) if a is None]
     for name in names:
         assert [expected[i] for i, (a, _) in enumerate(requests) if a == name] != base_answers, name

@@ -14,9 +14,9 @@ import pytest
 import torch
 from bf16_oracle import agreement, generate_greedy, peft_bf16
 from lora_workload import (
-    ADAPTERS, MAX_NEW, interleaved, peft_answers, peft_answers_that_differ, run_mixed, variant_writer,
+    ADAPTERS, MAX_NEW, interleaved, peft_answers_that_differ, run_mixed, variant_writer,
 )
-from support import CPU, peft_greedy, varied_prompts
+from support import CPU, varied_prompts
 
 from loradock.adapters.errors import AdapterError
 from loradock.kernels.packed_linear import PackedLinear, packing_available
@@ -129,10 +129,7 @@ def test_cuda_engine_with_embedding_and_head_adapters_on_nf4_equals_peft(model_d
     cuda = torch.device("cuda")
     path, adapters = model_dir("llama"), variant_dirs("llama")
     requests = interleaved(tokenizer, VARIANTS)
-    expected = peft_answers(
-        lambda name, prompts: peft_greedy(path, name and adapters / name, prompts, MAX_NEW, "nf4", device=cuda),
-        requests,
-    )
+    expected = peft_answers_that_differ(path, adapters, requests, VARIANTS, "nf4", cuda)
     model, tok = load_model(path, "nf4", torch.float32, cuda)
     config = EngineConfig(adapters_dir=str(adapters), max_gpu_adapters=4, max_batch_tokens=64,
                           lora_target_modules=TARGETS)
