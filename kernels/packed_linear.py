@@ -38,10 +38,6 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.packed.dtype
-
-    @property
     def weight(self) -> torch.Tensor:
         """The weight as a plain [out, in] tensor: a copy, made on each read, for readers at load time."""
         return self.packed.to_dense()

@@ -22,7 +22,7 @@ def test_a_packed_linear_gives_f_linear_bit_for_bit(rows, bias):
     x = torch.randn(*rows, 200, dtype=torch.bfloat16)
     packed = PackedLinear(linear, batch_rows=16)
     assert torch.equal(packed(x), linear(x))
-    assert torch.equal(packed.weight, linear.weight) and packed.dtype == torch.bfloat16
+    assert torch.equal(packed.weight, linear.weight) and packed.packed.dtype == torch.bfloat16
 
 
 def tied_model(dtype: torch.dtype) -> torch.nn.Module:
