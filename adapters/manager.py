@@ -146,7 +146,7 @@ class AdapterManager:
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.slots: dict[int, AdapterVersion] = {}
         self.host: dict[AdapterVersion, None] = {}  # insertion-ordered: the host LRU, oldest first
-        self.mixes = Mixes(self.registry, base, {m: layer.base for m, layer in layers.items()}, max_rank,
+        self.mixes = Mixes(self.registry, base, max_rank,
                            cache_root() / "mixes", self._pool,
                            lambda v: v.weights or self._load(v.path, v.name, v.recipe),
                            lambda name, source, recipe: AdapterVersion(name, source, recipe=recipe))

@@ -1,7 +1,7 @@
-"""Mixes of loaded adapters, computed as peft's `LoraModel.add_weighted_adapter` computes them (peft 0.21).
+"""Mixes of loaded adapters, computed as peft's `LoraModel.add_weighted_adapter` computes them (peft 0.22).
 
-A mix is a new adapter, all of whose modules have the same scale: lora_alpha = r = its rank, so s = 1 (√r with the
-first source's use_rslora). Per module, with source i's weight wᵢ and scale sᵢ (A: [r, in], B: [out, r]):
+A mix is a new adapter, all of whose modules have the same scale: lora_alpha = r = its rank and no rsLoRA, so s = 1
+(the sources' scales are folded into its weights). Per module, with source i's weight wᵢ and scale sᵢ (A: [r, in], B: [out, r]):
 
     linear       A = Σ √|wᵢsᵢ|·sign(wᵢsᵢ) · Aᵢ       B = Σ √|wᵢsᵢ| · Bᵢ           same rank r for every source
     ties         the same terms, each Aᵢ and Bᵢ pruned to its `density` largest magnitudes, summed only where they
@@ -17,10 +17,8 @@ when torch's global generator is seeded with that seed as its merge loop starts.
 source is always `linear`; linear, ties and dare want equal ranks; sources' target_modules must all be lists or all
 regexes. Beyond peft, the sources must name one base model (base_model_name_or_path). The mix targets what the
 first source's config targets with the sources' target_modules joined (its layer and exclude options apply); a
-module it targets that no source adapts is refused, as peft fails there. A mix keeps no lora_bias (peft's new bias
-starts at zero and is never merged). A mix led by a DoRA adapter is DoRA too: peft starts it as any new DoRA adapter,
-B = 0, so its magnitude is ‖W‖ per output row of the base weight, and the merge leaves it so; other sources' magnitudes
-are not used. (Its B would start random with init_lora_weights false, and so would its magnitude: refused.)
+module it targets that no source adapts is refused, as peft fails there. DoRA sources are refused, as peft refuses
+them; so are lora_bias sources (peft merges their biases; not served here yet).
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,17 +98,14 @@ def check_recipe(recipe: MergeRecipe) -> None:
 
 
 def mix_adapters(name: str, recipe: MergeRecipe, sources: list[AdapterWeights], base: BaseModelInfo,
-                 max_rank: int, base_norm: Callable[[str], torch.Tensor] | None = None) -> AdapterWeights:
+                 max_rank: int) -> AdapterWeights:
     """The mix of `sources` (the recipe's adapters, in its order) on `base`; MixError for what peft refuses or what
-    the server could not serve (a rank above `max_rank`, non-finite values). base_norm(module): ‖W‖ per output row
-    of the base module's weight, [out] float32, the magnitude of a mix led by a DoRA adapter."""
+    the server could not serve (a rank above `max_rank`, non-finite values)."""
     check_recipe(recipe)
     method = "linear" if len(sources) == 1 else recipe.method  # as peft: one adapter is only ever scaled
     rank = _mix_rank(method, sources, max_rank)
     _check_sources(sources, base)
     first = sources[0].config
-    dora = bool(first.get("use_dora"))
-    scale = rank / math.sqrt(rank) if first.get("use_rslora") else 1.0  # lora_alpha = r = rank
     generator = torch.Generator().manual_seed(recipe.seed)
     modules = {}
     for module in _mix_targets(sources, base):
@@ -122,8 +116,7 @@ def mix_adapters(name: str, recipe: MergeRecipe, sources: list[AdapterWeights], 
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise MixError(f"the mix of {module} holds non-finite values", "non_finite", "adapters")
         A, B = _padded(A, B, rank)
-        magnitude = base_norm(module) if dora else None  # [out]
-        modules[module] = LoraModuleWeights(A=A, B=B, rank=rank, scale=scale, magnitude=magnitude)
+        modules[module] = LoraModuleWeights(A=A, B=B, rank=rank, scale=1.0)
     return AdapterWeights(
         name=name, path=Path(name), modules=modules, max_rank=rank,
         target_names=tuple(sorted({m.rsplit(".", 1)[-1] for m in modules})),
@@ -133,8 +126,8 @@ def mix_adapters(name: str, recipe: MergeRecipe, sources: list[AdapterWeights], 
 
 
 def _check_sources(sources: list[AdapterWeights], base: BaseModelInfo) -> None:
-    """MixError for sources trained on different bases, a mix peft would start at random, or sources adapting an
-    embedding or the output head (not mixed here)."""
+    """MixError for sources trained on different bases, DoRA sources (peft refuses them), lora_bias sources, or sources
+    adapting an embedding or the output head (these two not mixed here)."""
     for source in sources:
         vocab = [module for module in source.modules if module in base.vocab_modules]
         if vocab:
@@ -144,10 +137,13 @@ def _check_sources(sources: list[AdapterWeights], base: BaseModelInfo) -> None:
     if len(bases) > 1:
         raise MixError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}): a mix "
                        "needs one base", "other_base", "adapters")
-    first = sources[0].config
-    if first.get("use_dora") and first.get("init_lora_weights", True) is False:
-        raise MixError(f"{sources[0].name} is a DoRA adapter whose init_lora_weights is false: peft would start the "
-                       "mix's B, hence its magnitude, at random; put another adapter first", "dora_mix", "adapters")
+    for source in sources:
+        if source.config.get("use_dora"):
+            raise MixError(f"{source.name} is a DoRA adapter: mixes of DoRA adapters are not defined (peft's "
+                           "add_weighted_adapter refuses them too)", "dora_mix", "adapters")
+        if source.config.get("lora_bias"):
+            raise MixError(f"{source.name} has lora_B biases: mixes of such adapters are not served yet",
+                           "lora_bias_mix", "adapters")
 
 
 def _config_rank(config: dict) -> int:
@@ -281,7 +277,7 @@ _MIXERS = {"linear": _task_arithmetic, "ties": _task_arithmetic, "dare_linear": 
 def _mix_config(first: dict, modules: list[str], rank: int) -> dict:
     """The mix's adapter_config.json: the first source's as peft's add_weighted_adapter replaces it, targeting the
     mix's modules by their full names."""
-    return {**first, "r": rank, "lora_alpha": rank, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
+    return {**first, "r": rank, "lora_alpha": rank, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "use_rslora": False,
             "target_modules": modules, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None}
 
 

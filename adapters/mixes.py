@@ -25,11 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
-from torch import nn
 
-from .dora import base_weight, with_dora_scales
 from .errors import AdapterError
 from .merge import MergeRecipe, MixError, check_recipe, mix_adapters
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterWeights, BaseModelInfo, read_adapter
@@ -42,15 +39,13 @@ _KEPT = 256  # per-request mixes remembered by digest (their weights live in the
 class Mixes:
     """The manager's mixes: builds them from its registered sources and keeps the per-request ones by digest."""
 
-    def __init__(self, registry: AdapterRegistry, base: BaseModelInfo, bases: dict[str, nn.Module], max_rank: int,
+    def __init__(self, registry: AdapterRegistry, base: BaseModelInfo, max_rank: int,
                  root: Path, pool: ThreadPoolExecutor, weights_of: Callable[[Any], AdapterWeights],
                  make: Callable[[str, str, MergeRecipe], Any]):
-        """bases: the base linears by full module name (DoRA mixes read their weights); weights_of(version): a
-        source's weights, its host copy or read now (in the pool's thread); make(name, source, recipe): a new version
+        """weights_of(version): a source's weights, its host copy or read now (in the pool's thread); make(name, source, recipe): a new version
         of a per-request mix."""
         self.registry = registry
         self.base = base
-        self.bases = bases
         self.max_rank = max_rank
         self.root = root  # named mixes' folders
         self._pool = pool
@@ -72,22 +67,15 @@ class Mixes:
         """The mix of the sources registered now (pool thread); with `folder`, written there as a PEFT adapter and
         read back through the adapter checks. MixError (an AdapterError) when it cannot be mixed."""
         sources = [self._weights_of(self._source(source)) for source, _ in recipe.adapters]
-        mix = mix_adapters(name, recipe, sources, self.base, self.max_rank, self._row_norm)
+        mix = mix_adapters(name, recipe, sources, self.base, self.max_rank)
         if folder is None:
-            return with_dora_scales(mix, self.bases)
+            return mix
         _write(mix, folder)
         try:
-            return with_dora_scales(read_adapter(folder, self.base, self.max_rank, name), self.bases)
+            return read_adapter(folder, self.base, self.max_rank, name)
         except AdapterError:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-
-    def _row_norm(self, module: str) -> torch.Tensor:
-        """‖W‖ per output row of a base module's weight (dequantized): [out] float32 on the CPU."""
-        if module not in self.bases:  # a module this server's LoRA layers leave alone: never served
-            return torch.ones(self.base.linear_modules[module][1])
-        with torch.no_grad():
-            return torch.linalg.norm(base_weight(self.bases[module]).float(), dim=1).cpu()
 
     def _source(self, name: str):
         try:
@@ -136,8 +124,6 @@ def _write(mix: AdapterWeights, folder: Path) -> None:
         for module, weights in mix.modules.items():
             tensors[f"base_model.model.{module}.lora_A.weight"] = weights.A.contiguous()  # [r, in]
             tensors[f"base_model.model.{module}.lora_B.weight"] = weights.B.contiguous()  # [out, r]
-            if weights.magnitude is not None:
-                tensors[f"base_model.model.{module}.lora_magnitude_vector"] = weights.magnitude  # [out]
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         os.replace(staging, folder)
     except OSError as error:

@@ -23,7 +23,7 @@ SOURCES = {
     "regex": dict(r=4, lora_alpha=8, target_modules=r".*\.k_proj"),
     "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], use_dora=True),
 }
-# One recipe per method over SOURCES, and two with a DoRA source
+# One recipe per method over SOURCES
 RECIPES = {
     "linear": MergeRecipe((("a", 0.7), ("b", -0.4)), "linear"),
     "cat": MergeRecipe((("a", 0.7), ("c", 0.5)), "cat"),
@@ -31,8 +31,6 @@ RECIPES = {
     "dare_linear": MergeRecipe((("a", 0.7), ("b", 0.3)), "dare_linear", density=0.6, seed=3),
     "dare_ties": MergeRecipe((("b", 1.2), ("a", 0.5)), "dare_ties", density=0.4, seed=11),
     "svd": MergeRecipe((("c", 0.8), ("a", 0.6)), "svd"),
-    "dora_led": MergeRecipe((("dora", 0.6), ("a", 0.5)), "linear"),  # a DoRA mix: magnitude ‖W‖, as peft's
-    "dora_second": MergeRecipe((("a", 0.6), ("dora", 0.5)), "ties", density=0.7),  # plain: magnitude not used
 }
 
 
