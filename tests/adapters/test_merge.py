@@ -14,6 +14,7 @@ from peft_mix import peft_mix, write_sources
 
 from loradock.adapters.merge import MergeRecipe, MixError, mix_adapters
 from loradock.adapters.peft_format import BaseModelInfo, read_adapter
+from loradock.loadtest.random_adapters import write_random_adapter
 from loradock.serve.models.loader import load_model
 
 RECIPES = {**MIX_RECIPES, "one_adapter": MergeRecipe((("c", 1.5),), "svd")}  # peft makes one adapter's mix linear
@@ -106,3 +107,12 @@ def test_peft_refuses_the_mixes_refused_for_its_reasons(sources, model_dir):
         peft_mix(model_dir("llama"), sources, MergeRecipe((("a", 1.0), ("c", 1.0)), "linear"))
     with pytest.raises(ValueError, match="target modules type"):
         peft_mix(model_dir("llama"), sources, MergeRecipe((("a", 1.0), ("regex", 1.0)), "linear"))
+
+
+def test_a_mix_with_a_lora_bias_adapter_is_refused(sources, base, model, model_dir, tmp_path):
+    shutil.copytree(sources, tmp_path / "sources")
+    write_random_adapter(model_dir("llama"), tmp_path / "sources" / "biased", seed=5, r=4, lora_alpha=8,
+                         target_modules=["q_proj", "v_proj"], lora_bias=True)
+    with pytest.raises(MixError) as refused:
+        ours(MergeRecipe((("a", 0.5), ("biased", 0.5))), tmp_path / "sources", base, model)
+    assert refused.value.code == "lora_bias_mix"
