@@ -24,10 +24,14 @@ from .cpu_features import cpu_flags_line
 
 log = logging.getLogger("loradock.kernels")
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_lora.cpp", "cpu_attention.cpp")]
-HEADERS = [Path(__file__).with_name("cpu_element.h")]  # included by the sources: part of the build's key
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_lora.cpp", "cpu_linear.cpp",
+                                                      "cpu_attention.cpp")]
+# included by the sources: part of the build's key
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_element.h", "cpu_helper.h", "cpu_linear.h")]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the tensors' dtypes the compiled ops take
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP: at::parallel_for runs in parallel (torch's libgomp)
+# "off": no helper thread; the LoRA kernel after each GEMM and every GEMM whole, on the engine thread
+HELPER_ENV = "LORADOCK_CPU_LORA_HELPER"
 
 _lock = threading.Lock()
 _built: dict[str, ModuleType | None] = {}  # "ops": the module, or None when the build failed
@@ -40,6 +44,12 @@ def cpu_ops() -> ModuleType | None:
             if "ops" not in _built:
                 _built["ops"] = _build()
     return _built["ops"]
+
+
+def helper_has_a_core() -> bool:
+    """Whether the compiled ops' helper thread (`cpu_helper.h`) gets a core of its own: torch's compute threads
+    leave one free, and the helper is not turned off."""
+    return os.environ.get(HELPER_ENV, "on") != "off" and torch.get_num_threads() < len(os.sched_getaffinity(0))
 
 
 def cache_root() -> Path:

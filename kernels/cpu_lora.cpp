@@ -17,8 +17,8 @@
 // as it reads its own.
 //
 // Two entry points: lora_apply adds the deltas into y (tiles spread over torch's intra-op threads); lora_linear
-// is a whole LoRA layer, the base linear plus the deltas, with the kernel running on a helper thread while the
-// caller runs the base GEMM (TileHelper below), so the step's adapter weights stream in during the GEMM instead
+// is a whole LoRA layer, the base linear plus the deltas, the base GEMM's chunks and the kernel's tiles shared by
+// the caller and the helper thread (cpu_helper.h), so the step's adapter weights stream in during the GEMM instead
 // of after it. Figures for each of these choices: loadtest/RESULTS.md, "The CPU kernels' design figures".
 //
 // Element types: x, A and B are all float32 or all bfloat16 (T below); y is T too, or float32 for lora_linear's
@@ -30,21 +30,11 @@
 // dimension with unit stride, i.e. A [S, R, in] with in innermost and B [S, out, R] with out innermost.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
-#include <pthread.h>
-#include <sched.h>
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <mutex>
 #include <optional>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -53,6 +43,8 @@
 #endif
 
 #include "cpu_element.h"
+#include "cpu_helper.h"
+#include "cpu_linear.h"
 
 namespace {
 
@@ -60,6 +52,8 @@ constexpr int kTile = 4;         // tokens per work item
 constexpr int64_t kRankChunk = 64;  // ranks shrunk (into registers / stack) before their expand
 
 using loradock::BFloat16;
+using loradock::TileHelper;
+using loradock::Tiles;
 using loradock::kLine;
 using loradock::narrow;
 using loradock::widen;
@@ -262,21 +256,6 @@ void apply_tile(const T* const* xs, float* const* ys, const SlotWeights<T>& w, i
   }
 }
 
-// What the helper thread runs: numbered tiles that any thread may run, each once.
-class Tiles {
- public:
-  virtual ~Tiles() = default;
-  virtual int64_t num_tiles() const = 0;
-  virtual void run_tile(int64_t tile) const = 0;
-
-  // Every tile, spread over torch's intra-op threads.
-  void run_all() const {
-    at::parallel_for(0, num_tiles(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) run_tile(tile);
-    });
-  }
-};
-
 // One call's operands as raw pointers, and its work: tiles of up to four tokens of one segment. Tiles write
 // disjoint rows of y, so any thread may run any tile. T: the element type of x, A and B; Y: y's. The expand adds
 // into float32 rows: y's own when Y is float, else a tile's float32 rows, added into y's once at the tile's end.
@@ -400,152 +379,6 @@ class LoraCall final : public Tiles {
   bool overwrite_;  // y holds scratch: each tile zeroes its rows before adding
 };
 
-// A second thread that runs a call's tiles while the caller runs the base GEMM, so the LoRA work, which mostly
-// waits on its weights from memory, overlaps the GEMM instead of following it. Tiles are claimed one at a time
-// from one atomic word, [job:16 | tiles:24 | next tile:24], by the helper and, once the GEMM is done, by the
-// caller too: the caller never waits for the helper to wake up, only for a tile the helper has started.
-//
-// The helper runs at idle priority (SCHED_IDLE on Linux): it takes only cycles no other thread wants, so the
-// core it shares with the server's event loop and the clients stays theirs. Between jobs it spins for up to
-// kSpin (the LoRA layers of one forward pass come tens to hundreds of microseconds apart, and waking a sleeping
-// thread costs the caller more than spinning costs the idle core), then sleeps until the next job.
-// A caller whose last tile is still on the helper spins for up to kCallerSpin, then sleeps too: if something
-// else has the helper's core, the caller's own, now idle core lets the scheduler move the helper there.
-class TileHelper {
- public:
-  static constexpr int64_t kMaxTiles = (int64_t{1} << 24) - 1;
-
-  static TileHelper& instance() {
-    static TileHelper* helper = [] {
-      pthread_atfork(nullptr, nullptr, [] { forked_ = true; });  // a forked child has no helper thread
-      return new TileHelper();  // never destroyed: its detached thread may outlive static destruction
-    }();
-    return *helper;
-  }
-
-  // Runs call's tiles, part on the helper, while `meanwhile` runs on the caller; returns once all are done.
-  template <typename F>
-  void run_alongside(const Tiles& call, F&& meanwhile) {
-    std::unique_lock<std::mutex> caller(caller_, std::try_to_lock);
-    const int64_t tiles = call.num_tiles();
-    if (!caller.owns_lock() || forked_ || tiles == 0 || tiles > kMaxTiles) {  // e.g. another caller has it
-      meanwhile();
-      call.run_all();
-      return;
-    }
-    job_ = &call;
-    done_.store(0, std::memory_order_relaxed);
-    const uint64_t job = (job_of(state_.load(std::memory_order_relaxed)) + 1) & 0xffff;
-    state_.store(job << 48 | static_cast<uint64_t>(tiles) << 24, std::memory_order_seq_cst);
-    if (helper_sleeping_.load(std::memory_order_seq_cst)) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      wake_helper_.notify_one();
-    }
-    try {
-      meanwhile();
-    } catch (...) {
-      finish(tiles);  // the helper may be running a tile of `call`: let it end before call goes away
-      throw;
-    }
-    finish(tiles);
-  }
-
- private:
-  TileHelper() { std::thread([this] { serve(); }).detach(); }
-
-  static uint64_t job_of(uint64_t state) { return state >> 48; }
-  static int64_t tiles_of(uint64_t state) { return (state >> 24) & 0xffffff; }
-  static int64_t next_of(uint64_t state) { return state & 0xffffff; }
-
-  static void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
-
-  // Spins until done() or for `spin`, then sleeps on `wake` under mutex_ (flagged in `sleeping`) until done().
-  template <typename Done>
-  void wait_until(Done&& done, std::chrono::microseconds spin, std::atomic<bool>& sleeping,
-                  std::condition_variable& wake) {
-    const auto spin_until = std::chrono::steady_clock::now() + spin;
-    while (!done()) {
-      if (std::chrono::steady_clock::now() < spin_until) {
-        pause();
-        continue;
-      }
-      std::unique_lock<std::mutex> lock(mutex_);
-      sleeping.store(true, std::memory_order_seq_cst);
-      wake.wait(lock, done);
-      sleeping.store(false, std::memory_order_relaxed);
-    }
-  }
-
-  // The caller's part: the tiles nobody has claimed (on torch's intra-op threads), then a wait for those the
-  // helper is running.
-  void finish(int64_t tiles) {
-    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      while (claim_and_run()) {
-      }
-    });
-    wait_until([&] { return done_.load(std::memory_order_seq_cst) == tiles; }, kCallerSpin, caller_sleeping_,
-               wake_caller_);
-  }
-
-  // Claims the current job's next tile and runs it; false when none is left.
-  bool claim_and_run() {
-    uint64_t state = state_.load(std::memory_order_acquire);
-    while (next_of(state) < tiles_of(state)) {
-      if (state_.compare_exchange_weak(state, state + 1, std::memory_order_acq_rel)) {
-        job_->run_tile(next_of(state));
-        done_.fetch_add(1, std::memory_order_seq_cst);
-        return true;
-      }
-    }
-    return false;
-  }
-
-  void serve() {
-#ifdef __linux__
-    sched_param idle{};
-    pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle);  // best effort: without it the helper still works
-#endif
-    uint64_t seen = job_of(state_.load(std::memory_order_acquire));
-    for (;;) {
-      wait_until([&] { return job_of(state_.load(std::memory_order_seq_cst)) != seen; }, kSpin, helper_sleeping_,
-                 wake_helper_);
-      seen = job_of(state_.load(std::memory_order_acquire));
-      bool ran = false;
-      while (claim_and_run()) ran = true;
-      if (ran && caller_sleeping_.load(std::memory_order_seq_cst)) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        wake_caller_.notify_one();
-      }
-    }
-  }
-
-  static constexpr std::chrono::microseconds kSpin{1000};
-  static constexpr std::chrono::microseconds kCallerSpin{20};
-  static inline bool forked_ = false;
-  std::mutex caller_;  // one caller at a time owns the job slot
-  const Tiles* job_ = nullptr;  // published by the release of state_, valid until done_ reaches its tiles
-  std::atomic<uint64_t> state_{0};
-  std::atomic<int64_t> done_{0};
-  std::mutex mutex_;  // guards the sleeps below
-  std::atomic<bool> helper_sleeping_{false}, caller_sleeping_{false};
-  std::condition_variable wake_helper_, wake_caller_;
-};
-
-// CPUs the calling thread may run on.
-int64_t usable_cpus() {
-#ifdef __linux__
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
-#endif
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
 // The element type of x, A and B: float32 or bfloat16, the same for the three.
 at::ScalarType element_type(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B) {
   const at::ScalarType type = x.scalar_type();
@@ -574,51 +407,41 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tens
   });
 }
 
-// linear(x, weight, bias) [T, out] plus the LoRA deltas of the step's segments shorter than max_length. The deltas
-// are computed on the helper thread while the caller runs the GEMM, into a float32 scratch buffer the caller then
-// adds. Where torch's threads already take every CPU the caller may run on (no core left for the helper), and for
-// calls whose scratch would exceed kMaxDelta (long prefill chunks of a wide model), it runs the GEMM, then the
-// kernel, as lora_apply does.
-// The base GEMM: at::linear, or oneDNN's linear when the weight is packed in oneDNN's layout (`packed_linear.py`).
-static at::Tensor base_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  if (!weight.is_mkldnn()) return at::linear(x, weight, bias);
-  static const auto packed_linear =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
-                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
-  return packed_linear.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
-}
-
-at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias, at::Tensor A, at::Tensor B,
-                       at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
-                       at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
-                       int64_t max_length, std::optional<at::Tensor> out_scale,
+// linear(x, W, bias) [T, out] plus the LoRA deltas of the step's segments shorter than max_length, W given as chunks
+// of its output rows (one or more, cpu_linear.h). The chunks' GEMMs and the deltas are tiles of one job, run by the
+// caller and the helper thread together: the deltas into a float32 scratch buffer the caller then adds, so the
+// adapter weights stream in from memory alongside the base weights instead of after them. Where torch's threads
+// already take every CPU the caller may run on (no core left for the helper), and for calls whose scratch would
+// exceed kMaxDelta (long prefill chunks of a wide model), it runs the GEMMs, then the kernel, as lora_apply does.
+at::Tensor lora_linear(at::Tensor x, std::vector<at::Tensor> weights, std::optional<at::Tensor> bias, at::Tensor A,
+                       at::Tensor B, at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens,
+                       at::Tensor segment_slots, at::Tensor segment_starts, at::Tensor segment_lengths,
+                       int64_t num_segments, int64_t max_length, std::optional<at::Tensor> out_scale,
                        std::optional<at::Tensor> out_shift, std::optional<at::Tensor> out_mapped) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(1) == A.size(2) &&
-                  weight.size(0) == B.size(1),
-              "lora_linear: expected x [T, in], weight [out, in], A [S, R, in] and B [S, out, R]");
+  const loradock::LinearChunks base(x, weights, bias);
+  TORCH_CHECK(x.size(1) == A.size(2) && base.out_features() == B.size(1),
+              "lora_linear: expected x [T, in], weights [out, in] in chunks, A [S, R, in] and B [S, out, R]");
   const at::ScalarType type = element_type(x, A, B);
-  TORCH_CHECK(weight.scalar_type() == type, "lora_linear: the base weight must have x's dtype");
   constexpr int64_t kMaxDelta = int64_t{1} << 22;  // floats (16 MB)
-  static const int64_t cpus = usable_cpus();  // those of the first caller, the engine thread
-  const int64_t needed = x.size(0) * weight.size(0);
-  if (needed > kMaxDelta || at::get_num_threads() >= cpus) {
-    at::Tensor y = base_linear(x, weight, bias);
+  const int64_t needed = x.size(0) * base.out_features();
+  if (needed > kMaxDelta || !loradock::helper_has_a_cpu()) {
+    loradock::run_with_helper(base);
+    at::Tensor y = base.result();
     lora_apply(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths, num_segments,
                max_length, out_scale, out_shift, out_mapped);
     return y;
   }
   thread_local at::Tensor scratch;  // [>= T * out] float32, kept between calls (a fresh one would page-fault)
   if (!scratch.defined() || scratch.numel() < needed) scratch = at::empty({needed}, x.options().dtype(at::kFloat));
-  at::Tensor delta = scratch.narrow(0, 0, needed).view({x.size(0), weight.size(0)});  // [T, out]
+  at::Tensor delta = scratch.narrow(0, 0, needed).view({x.size(0), base.out_features()});  // [T, out]
   const OutputAffine affine = output_affine(out_scale, out_shift, out_mapped, B);
   at::Tensor y;
   with_element_type(type, [&](auto element) {
     using T = decltype(element);
     const LoraCall<T, float> call(delta, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts,
                                   segment_lengths, num_segments, max_length, affine, /*overwrite=*/true);
-    TileHelper::instance().run_alongside(call, [&] { y = base_linear(x, weight, bias); });
+    TileHelper::instance().run_alongside(loradock::TilesPair(base, call), [] {});
+    y = base.result();
     call.add_rows_into(y);
   });
   return y;

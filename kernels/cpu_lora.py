@@ -4,9 +4,10 @@ The torch path pays a fixed cost per op and per group of tokens (index_select, t
 the arithmetic of a decode step; the kernel walks the step's segments in one call. Segments of at least
 LONG_SEGMENT tokens (prefill chunks) go through torch's BLAS, one matmul pair each, where BLAS is the faster.
 
-A LoRA layer (`linear`) is one call, `lora_linear`: the base GEMM on the calling thread while a helper thread runs
-the kernel, so the adapter weights stream in from memory during the GEMM. It applies to `nn.Linear` and
-`PackedLinear` bases of the adapters' dtype; others run the base, then the kernel.
+A LoRA layer (`linear`) is one call, `lora_linear`: the base GEMM (in chunks where the base is a chunked
+`PackedLinear`) and the kernel's tiles run by the calling thread and a helper thread together, so the adapter weights
+stream in from memory during the GEMM. It applies to `nn.Linear` and `PackedLinear` bases of the adapters' dtype;
+others run the base, then the kernel.
 
 The kernel takes float32 or bfloat16 (x, weights and y of one dtype) and sums in float32. It is one of the compiled
 CPU ops (`cpu_build`), built on first use. When they cannot be built, or the operands do not suit the kernel (another
@@ -20,7 +21,7 @@ import os
 import torch
 
 from .backend import LoraBackend
-from .cpu_build import cpu_ops
+from .cpu_build import HELPER_ENV, cpu_ops
 from .metadata import LoraMeta
 from .operands import LoraOperands
 from .packed_linear import PackedLinear
@@ -29,7 +30,6 @@ from .torch_plan import TorchPlan, plan_segments
 
 # Segments from this many tokens up go through torch's BLAS (loadtest/RESULTS.md: the crossover, 128-256 tokens).
 LONG_SEGMENT = 192
-HELPER_ENV = "LORADOCK_CPU_LORA_HELPER"  # "off": the kernel after each GEMM, on the engine thread
 
 
 class CpuBackend(LoraBackend):
@@ -39,7 +39,7 @@ class CpuBackend(LoraBackend):
 
     def __init__(self):
         self._torch = TorchBackend()
-        self.overlap = os.environ.get(HELPER_ENV, "on") != "off"  # the kernel alongside the GEMM, on a helper thread
+        self.overlap = os.environ.get(HELPER_ENV, "on") != "off"  # the kernel alongside the GEMM, with a helper thread
         self._long: tuple[LoraMeta, int, TorchPlan | None] | None = None  # (meta, its step, the long segments' plan)
 
     def prepare(self) -> None:
@@ -58,16 +58,16 @@ class CpuBackend(LoraBackend):
     def linear(self, base: torch.nn.Module, x: torch.Tensor, ops: LoraOperands, meta: LoraMeta) -> torch.Tensor:
         compiled = cpu_ops()
         x_2d = x.reshape(-1, x.shape[-1])  # [T, in]
-        weight = _base_weight(base)  # [out, in], plain or packed
+        weights = _base_weights(base)  # [out, in] in chunks of its rows, plain or packed
         if (
             compiled is None
             or not self.overlap
-            or weight is None
-            or weight.dtype != ops.A.dtype
+            or weights is None
+            or weights[0].dtype != ops.A.dtype
             or not _kernel_reads(ops, x_2d)
         ):
             return super().linear(base, x, ops, meta)
-        y = compiled.lora_linear(x_2d, weight, base.bias, *_kernel_operands(ops, meta))  # [T, out]
+        y = compiled.lora_linear(x_2d, weights, base.bias, *_kernel_operands(ops, meta))  # [T, out]
         self._add_long_segments(y, x_2d, ops, meta)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -88,13 +88,13 @@ class CpuBackend(LoraBackend):
             run_plan(y, x, ops, self._long[2], meta)
 
 
-def _base_weight(base: torch.nn.Module) -> torch.Tensor | None:
-    """The weight `lora_linear` multiplies by, for the bases it runs itself (a plain linear, or one packed for
-    oneDNN); None for any other (a quantized linear runs its own forward)."""
+def _base_weights(base: torch.nn.Module) -> list[torch.Tensor] | None:
+    """The weight `lora_linear` multiplies by, in chunks of its output rows, for the bases it runs itself (a plain
+    linear, or one packed for oneDNN); None for any other (a quantized linear runs its own forward)."""
     if type(base) is PackedLinear:
         return base.packed
     if type(base) is torch.nn.Linear:
-        return base.weight
+        return [base.weight]
     return None
 
 

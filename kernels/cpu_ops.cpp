@@ -11,11 +11,14 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tens
                 std::optional<at::Tensor> out_scale, std::optional<at::Tensor> out_shift,
                 std::optional<at::Tensor> out_mapped);  // cpu_lora.cpp
 
-at::Tensor lora_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias, at::Tensor A, at::Tensor B,
-                       at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens, at::Tensor segment_slots,
-                       at::Tensor segment_starts, at::Tensor segment_lengths, int64_t num_segments,
-                       int64_t max_length, std::optional<at::Tensor> out_scale,
+at::Tensor lora_linear(at::Tensor x, std::vector<at::Tensor> weights, std::optional<at::Tensor> bias, at::Tensor A,
+                       at::Tensor B, at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens,
+                       at::Tensor segment_slots, at::Tensor segment_starts, at::Tensor segment_lengths,
+                       int64_t num_segments, int64_t max_length, std::optional<at::Tensor> out_scale,
                        std::optional<at::Tensor> out_shift, std::optional<at::Tensor> out_mapped);  // cpu_lora.cpp
+
+at::Tensor chunked_linear(at::Tensor x, std::vector<at::Tensor> weights,
+                          std::optional<at::Tensor> bias);  // cpu_linear.cpp
 
 void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                       at::Tensor kv_index, at::Tensor query_pos, double scale,
@@ -31,12 +34,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_shift") = py::none(), py::arg("out_mapped") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_linear", &lora_linear,
-        "linear(x, weight, bias) plus the gathered LoRA deltas, computed on a helper thread during the GEMM",
-        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"), py::arg("scales"),
+        "linear(x, W, bias) plus the gathered LoRA deltas, W in chunks of its output rows; the GEMMs and the deltas "
+        "shared with a helper thread",
+        py::arg("x"), py::arg("weights"), py::arg("bias"), py::arg("A"), py::arg("B"), py::arg("scales"),
         py::arg("ranks"), py::arg("sorted_tokens"), py::arg("segment_slots"), py::arg("segment_starts"),
         py::arg("segment_lengths"), py::arg("num_segments"), py::arg("max_length"),
         py::arg("out_scale") = py::none(), py::arg("out_shift") = py::none(), py::arg("out_mapped") = py::none(),
         py::call_guard<py::gil_scoped_release>());
+  m.def("chunked_linear", &chunked_linear,
+        "linear(x, W, bias), W in chunks of its output rows, the chunks shared with a helper thread",
+        py::arg("x"), py::arg("weights"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention,
         "decode queries against the paged KV cache, in place (float32 or bfloat16, CPU)",
         py::call_guard<py::gil_scoped_release>());

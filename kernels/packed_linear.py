@@ -5,6 +5,11 @@ layout (the one its AMX and AVX512-BF16 kernels read) on every call: for the few
 costs about as much as the product. Packing once removes it; results are bit-identical to `F.linear` (oneDNN runs
 the same kernel on the same blocks). Figures: loadtest/RESULTS.md, "bf16 on a CPU with AMX (issue 29)".
 
+A weight is packed in chunks of its output rows where torch's compute threads leave a core to the compiled ops'
+helper thread (`cpu_build`, `cpu_helper.h`): the engine thread and the helper each run some of the chunks' GEMMs.
+A decode step's few rows make every GEMM wait on the weights coming from memory, and two cores read memory about
+twice as fast as one. The chunks of one weight give exactly the columns the whole weight gives.
+
 float32 is left as it is: MKL's packed GEMM would keep a second copy of every weight, and the CPUs that serve in
 float32 (those without bf16 instructions) are not the ones this is for.
 """
@@ -16,8 +21,22 @@ import os
 import torch
 from torch import nn
 
+from .cpu_build import cpu_ops
+
 PACKED_DTYPES = (torch.bfloat16,)
 PACKED_ENV = "LORADOCK_CPU_PACKED_WEIGHTS"  # "off": plain weights, F.linear (to measure what packing gives)
+# Chunks of a split weight (loadtest/RESULTS.md, "Packed bf16 linears in chunks"): an even count, one or more per
+# thread, since an odd one leaves a thread a chunk more; at most PAIR_ROWS rows per pair of chunks (the output head's
+# 49152 rows go in four); none for a weight under SPLIT_ROWS rows, whose GEMM is too short to share.
+SPLIT_ROWS = 256
+PAIR_ROWS = 24576
+
+
+def chunk_count(out_features: int, split: bool) -> int:
+    """How many chunks a weight of `out_features` rows is packed in: one unless `split` (a helper thread has a core)."""
+    if not split or out_features < SPLIT_ROWS:
+        return 1
+    return 2 * -(-out_features // PAIR_ROWS)
 
 
 def packing_available() -> bool:
@@ -26,33 +45,44 @@ def packing_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` (no gradients) whose weight lives packed in oneDNN's layout. `batch_rows` is the number of rows
-    the layout is chosen for: the decode batch, the calls that matter most; any other count runs correctly."""
+    """An `nn.Linear` (no gradients) whose weight lives packed in oneDNN's layout, in `chunks` pieces of its output
+    rows. `batch_rows` is the number of rows the layout is chosen for: the decode batch, the calls that matter most;
+    any other count runs correctly."""
 
-    def __init__(self, linear: nn.Linear, batch_rows: int):
+    def __init__(self, linear: nn.Linear, batch_rows: int, chunks: int = 1):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # [out, in] as an opaque oneDNN tensor: a plain attribute, not a buffer, since state dicts and .to() cannot
-        # carry it; the module stays on the CPU
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_rows)
+        # [rows, in] each, as opaque oneDNN tensors: a plain attribute, not buffers, since state dicts and .to()
+        # cannot carry them; the module stays on the CPU
+        self.packed = [
+            torch.ops.mkldnn._reorder_linear_weight(rows.contiguous(), batch_rows)
+            for rows in linear.weight.detach().tensor_split(chunks)
+        ]
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight as a plain [out, in] tensor: a copy, made on each read, for readers at load time."""
-        return self.packed.to_dense()
+        return torch.cat([chunk.to_dense() for chunk in self.packed])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        compiled = cpu_ops()
+        if compiled is None:
+            biases = [None] * len(self.packed) if self.bias is None else self.bias.tensor_split(len(self.packed))
+            return torch.cat([torch.ops.mkldnn._linear_pointwise(x, chunk, bias, "none", [], "")
+                              for chunk, bias in zip(self.packed, biases)], dim=-1)
+        y = compiled.chunked_linear(x.reshape(-1, self.in_features), self.packed, self.bias)  # [T, out]
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack_linears(model: nn.Module, batch_rows: int) -> int:
+def pack_linears(model: nn.Module, batch_rows: int, split: bool = False) -> int:
     """Replace every bf16 `nn.Linear` of a CPU model (the LoRA layers' bases and the output head included) by a
-    PackedLinear; returns how many. A weight shared with another module (a head tied to the embeddings) is packed as a
-    copy, the sharer keeps its own; any other weight is freed once its module is replaced."""
+    PackedLinear, in chunks when `split` (see `chunk_count`); returns how many. A weight shared with another module (a
+    head tied to the embeddings) is packed as a copy, the sharer keeps its own; any other weight is freed once its
+    module is replaced."""
     if not packing_available() or os.environ.get(PACKED_ENV, "on") == "off":
         return 0
     swaps = [
@@ -62,5 +92,5 @@ def pack_linears(model: nn.Module, batch_rows: int) -> int:
         if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in PACKED_DTYPES
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child, batch_rows))
+        setattr(parent, name, PackedLinear(child, batch_rows, chunk_count(child.out_features, split)))
     return len(swaps)

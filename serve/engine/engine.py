@@ -32,6 +32,7 @@ from ...adapters.registry_file import RegistryFile
 from ...adapters.stats import BucketCounts
 from ...adapters.store import open_adapters
 from ...kernels.lora import LoraMeta, select_lora_backend
+from ...kernels.cpu_build import helper_has_a_core
 from ...kernels.packed_linear import pack_linears
 from ...kernels.paged_decode import select_paged_decode
 from ..models.dtype import DtypeChoice, choose_dtype
@@ -178,7 +179,9 @@ class Engine:
         if config.max_gpu_adapters > 0:
             self.adapters = self._attach_adapters(model, base, slotted, config, shape.dtype)
         if device.type == "cpu":
-            log.info("linears packed for oneDNN: %d", pack_linears(model, config.max_num_seqs))
+            split = helper_has_a_core()  # the helper thread runs some of each GEMM's chunks
+            log.info("linears packed for oneDNN: %d (%s)", pack_linears(model, config.max_num_seqs, split),
+                     "in chunks shared with the helper thread" if split else "whole")
             log.info("weights on huge pages: %.1f MiB", pack_into_huge_pages(model) / 2**20)
         graphs = self._decode_graphs(model, decode_inputs, decode_graph) if decode_inputs is not None else None
         self.runner = ModelRunner(model, self.context, device, decode_graphs=graphs)

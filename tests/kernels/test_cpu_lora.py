@@ -316,13 +316,14 @@ def test_cpu_backend_in_bfloat16_sends_long_segments_to_blas(calls):
     assert calls == {"lora_apply": 1, "lora_linear": 0, "torch": 0}
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("packed", [0, 1, 2, 3], ids=["plain", "packed", "packed-2-chunks", "packed-3-chunks"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("case", SHORT_CASES, ids=lambda case: case.name)
 def test_cpu_lora_layer_in_bfloat16_overlapped_matches_reference(calls, case, threads, bias, packed):
     base, x, ops, meta, expected = layer_operands(case, "out_innermost", bias, dtype=torch.bfloat16)
-    layer_base = PackedLinear(base, batch_rows=16) if packed else base  # the base GEMM through oneDNN's layout
+    # the base GEMM through oneDNN's layout, whole or in chunks of its rows shared with the helper
+    layer_base = PackedLinear(base, batch_rows=16, chunks=packed) if packed else base
     y = with_threads(threads, CpuBackend().linear, layer_base, x, ops, meta)  # deltas in float32 on the helper
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), expected, **BF16_KERNEL_TOLERANCE)

@@ -1,28 +1,48 @@
-"""bf16 linears packed for oneDNN (`packed_linear.py`): the same numbers as `F.linear`, bit for bit, alone and
-through a whole engine (under the compiled LoRA layer: test_cpu_lora.py)."""
+"""bf16 linears packed for oneDNN (`packed_linear.py`): the same numbers as `F.linear`, bit for bit, whole or in
+chunks (run by the engine thread and the compiled ops' helper thread together), alone and through a whole engine
+(under the compiled LoRA layer: test_cpu_lora.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
 
-from loradock.kernels.packed_linear import PACKED_ENV, PackedLinear, pack_linears, packing_available
+from loradock.kernels.packed_linear import PACKED_ENV, PackedLinear, chunk_count, pack_linears, packing_available
 from loradock.serve.engine import Engine, EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN")
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # one: the helper thread has the other core and runs chunks
+@pytest.mark.parametrize("chunks", [1, 2, 3])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [(1,), (5,), (16,), (33,), (300,), (2, 7)])
-def test_a_packed_linear_gives_f_linear_bit_for_bit(rows, bias):
+def test_a_packed_linear_gives_f_linear_bit_for_bit(rows, bias, chunks, threads):
     torch.manual_seed(0)
     linear = torch.nn.Linear(200, 96, bias=bias, dtype=torch.bfloat16).requires_grad_(False)
     x = torch.randn(*rows, 200, dtype=torch.bfloat16)
-    packed = PackedLinear(linear, batch_rows=16)
-    assert torch.equal(packed(x), linear(x))
-    assert torch.equal(packed.weight, linear.weight) and packed.packed.dtype == torch.bfloat16
+    packed = PackedLinear(linear, batch_rows=16, chunks=chunks)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(3):  # the chunks go to whichever thread claims them first
+            assert torch.equal(packed(x), linear(x))
+        with torch.inference_mode():
+            assert torch.equal(packed(x), linear(x))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(packed.weight, linear.weight) and len(packed.packed) == chunks
+    assert all(chunk.dtype == torch.bfloat16 for chunk in packed.packed)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_weights_are_split_in_an_even_number_of_chunks_where_a_helper_has_a_core(split):
+    assert [chunk_count(rows, split) for rows in (192, 576, 1536, 24576, 49152)] == (
+        [1, 2, 2, 2, 4] if split else [1, 1, 1, 1, 1]
+    )
 
 
 def tied_model(dtype: torch.dtype) -> torch.nn.Module:
@@ -58,22 +78,31 @@ def test_a_bf16_engine_packs_its_linears_and_answers_as_unpacked(model_dir, toke
     prompts = [tokenizer.encode(text) for text in ("The cat sat on", "Numbers: 1, 2, 3,", "Paris is the capital")]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
 
-    def answers() -> tuple[list, int]:
-        engine = Engine.from_config(EngineConfig(model=str(model_dir("llama")), dtype="bfloat16", device="cpu",
-                                                 max_gpu_adapters=2, kv_cache_memory="8MiB"))
-        with engine:
-            async def one(prompt):
-                return [(e.token_id, e.logprobs) async for e in engine.generate(prompt, params)]
+    def answers(threads: int) -> tuple[list, int, int]:
+        """The answers, the packed linears and those in chunks, with torch on `threads` compute threads."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            engine = Engine.from_config(EngineConfig(model=str(model_dir("llama")), dtype="bfloat16", device="cpu",
+                                                     max_gpu_adapters=2, kv_cache_memory="8MiB"))
+            with engine:
+                async def one(prompt):
+                    return [(e.token_id, e.logprobs) async for e in engine.generate(prompt, params)]
 
-            async def all_of_them():
-                return await asyncio.gather(*(one(p) for p in prompts))
+                async def all_of_them():
+                    return await asyncio.gather(*(one(p) for p in prompts))
 
-            found = asyncio.run(all_of_them())
-            packed = sum(type(m) is PackedLinear for m in engine.runner.model.modules())
-        return found, packed
+                found = asyncio.run(all_of_them())
+                packed = [m for m in engine.runner.model.modules() if type(m) is PackedLinear]
+        finally:
+            torch.set_num_threads(previous)
+        return found, len(packed), sum(len(m.packed) > 1 for m in packed)
 
-    packed_answers, packed = answers()
+    cores = len(os.sched_getaffinity(0))
+    whole_answers, whole, whole_split = answers(cores)  # no core left to the helper thread: weights whole
+    split_answers, split, chunked = answers(1) if cores > 1 else (whole_answers, whole, 1)
     monkeypatch.setenv(PACKED_ENV, "off")
-    plain_answers, unpacked = answers()
-    assert packed > 0 and unpacked == 0
-    assert packed_answers == plain_answers
+    plain_answers, unpacked, _ = answers(cores)
+    assert whole > 0 and split == whole and unpacked == 0
+    assert whole_split == 0 and chunked > 0
+    assert whole_answers == plain_answers and split_answers == plain_answers

@@ -1,0 +1,80 @@
+// The base linear of the compiled CPU ops: whole, or in chunks of the weight's output rows run by the caller and the
+// helper thread together (cpu_linear.h).
+
+#include "cpu_linear.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <c10/core/InferenceMode.h>
+
+namespace loradock {
+
+at::Tensor base_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (!weight.is_mkldnn()) return at::linear(x, weight, bias);
+  static const auto packed_linear =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  return packed_linear.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+LinearChunks::LinearChunks(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                           const std::optional<at::Tensor>& bias)
+    : x_(x), weights_(weights), offsets_{0}, inference_(c10::InferenceMode::is_enabled()) {
+  TORCH_CHECK(x.dim() == 2 && !weights.empty(), "linear: expected x [T, in] and at least one weight chunk");
+  for (const at::Tensor& weight : weights) {
+    TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) && weight.scalar_type() == x.scalar_type(),
+                "linear: every weight chunk [rows, in] in x's dtype");
+    offsets_.push_back(offsets_.back() + weight.size(0));
+  }
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == offsets_.back()),
+              "linear: the bias [out] spans every chunk");
+  for (size_t c = 0; c < weights.size(); ++c)
+    biases_.push_back(bias.has_value() && weights.size() > 1
+                          ? std::optional<at::Tensor>(bias->narrow(0, offsets_[c], weights[c].size(0)))
+                          : bias);
+  if (weights.size() > 1) y_ = at::empty({x.size(0), offsets_.back()}, x.options());
+}
+
+void LinearChunks::run_tile(int64_t tile) const {
+  try {
+    c10::InferenceMode mode(inference_);
+    at::Tensor part = base_linear(x_, weights_[tile], biases_[tile]);  // [T, rows of the chunk]
+    if (weights_.size() == 1)
+      y_ = part;
+    else
+      y_.narrow(1, offsets_[tile], part.size(1)).copy_(part);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    if (!error_) error_ = std::current_exception();
+  }
+}
+
+at::Tensor LinearChunks::result() const {
+  if (error_) std::rethrow_exception(error_);
+  return y_;
+}
+
+bool helper_has_a_cpu() {
+  static const int64_t cpus = usable_cpus();  // those of the first caller, the engine thread
+  return at::get_num_threads() < cpus;
+}
+
+void run_with_helper(const Tiles& call) {
+  if (call.num_tiles() > 1 && helper_has_a_cpu()) {
+    TileHelper::instance().run_alongside(call, [] {});
+    return;
+  }
+  for (int64_t tile = 0; tile < call.num_tiles(); ++tile) call.run_tile(tile);  // each GEMM on all of torch's threads
+}
+
+}  // namespace loradock
+
+// x [T, in] @ W [out, in]ᵀ + bias, W given as chunks of its output rows.
+at::Tensor chunked_linear(at::Tensor x, std::vector<at::Tensor> weights, std::optional<at::Tensor> bias) {
+  const loradock::LinearChunks chunks(x, weights, bias);
+  loradock::run_with_helper(chunks);
+  return chunks.result();
+}
