@@ -25,7 +25,7 @@ from .cpu_features import cpu_flags_line
 log = logging.getLogger("loradock.kernels")
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_lora.cpp", "cpu_linear.cpp",
-                                                      "cpu_attention.cpp")]
+                                                      "cpu_fused.cpp", "cpu_attention.cpp")]
 # included by the sources: part of the build's key
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_element.h", "cpu_helper.h", "cpu_linear.h")]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the tensors' dtypes the compiled ops take

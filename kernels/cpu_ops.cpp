@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tensor scales, at::Tensor ranks,
@@ -19,6 +20,12 @@ at::Tensor lora_linear(at::Tensor x, std::vector<at::Tensor> weights, std::optio
 
 at::Tensor chunked_linear(at::Tensor x, std::vector<at::Tensor> weights,
                           std::optional<at::Tensor> bias);  // cpu_linear.cpp
+
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);  // cpu_fused.cpp
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight,
+                                                double eps);  // cpu_fused.cpp
+at::Tensor silu_and_mul(at::Tensor gate, at::Tensor up);  // cpu_fused.cpp
+at::Tensor rotary(at::Tensor x, at::Tensor cos, at::Tensor sin);  // cpu_fused.cpp
 
 void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                       at::Tensor kv_index, at::Tensor query_pos, double scale,
@@ -44,6 +51,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunked_linear", &chunked_linear,
         "linear(x, W, bias), W in chunks of its output rows, the chunks shared with a helper thread",
         py::arg("x"), py::arg("weights"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows, as HF's LlamaRMSNorm", py::arg("x"), py::arg("weight"),
+        py::arg("eps"), py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm", &add_rms_norm, "(residual + x, its RMSNorm) of bfloat16 rows", py::arg("x"),
+        py::arg("residual"), py::arg("weight"), py::arg("eps"), py::call_guard<py::gil_scoped_release>());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of bfloat16 rows, as HF's llama MLP", py::arg("gate"),
+        py::arg("up"), py::call_guard<py::gil_scoped_release>());
+  m.def("rotary", &rotary, "x * cos + rotate_half(x) * sin of bfloat16 x [T, H, D], as HF's rotary", py::arg("x"),
+        py::arg("cos"), py::arg("sin"), py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention,
         "decode queries against the paged KV cache, in place (float32 or bfloat16, CPU)",
         py::call_guard<py::gil_scoped_release>());

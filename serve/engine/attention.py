@@ -46,13 +46,27 @@ def paged_attention(
         raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside the loradock engine")
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping is not supported")
-    attention, cache = loradock_context.attention, loradock_context.kv_cache
-    k_cache = cache.keys[module.layer_idx]  # [slots, Hkv, D]
-    v_cache = cache.values[module.layer_idx]
-    k_cache.index_copy_(0, attention.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.index_copy_(0, attention.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
-    q = query[0].transpose(0, 1)  # [T, H, D]
-    return attention.attend(q, k_cache, v_cache, scaling, sliding_window)[None], None  # [1, T, H, D]
+    q, k, v = (states[0].transpose(0, 1) for states in (query, key, value))  # [T, H or Hkv, D]
+    return attend_in_cache(loradock_context, module.layer_idx, q, k, v, scaling, sliding_window)[None], None
+
+
+def attend_in_cache(
+    context: ForwardContext,
+    layer: int,
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:  # [T, H, D]
+    """Layer `layer`'s attention for the step: its new keys and values written into the cache, then each query
+    against its context through the step's attention metadata."""
+    attention, cache = context.attention, context.kv_cache
+    k_cache = cache.keys[layer]  # [slots, Hkv, D]
+    v_cache = cache.values[layer]
+    k_cache.index_copy_(0, attention.slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, attention.slot_mapping, v.to(v_cache.dtype))
+    return attention.attend(q, k_cache, v_cache, scaling, sliding_window)
 
 
 # Key position given to padding in a gathered context: larger than any query position, so the causal

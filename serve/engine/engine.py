@@ -42,6 +42,7 @@ from .config import EngineConfig
 from .decode_inputs import DecodeInputs
 from .errors import RequestError
 from .forward_context import ForwardContext
+from .fused_layers import fuse_decoder_layers
 from .grammar import Grammars
 from .graph_runner import CudaGraph, DecodeGraphs, EagerGraph, GraphFactory
 from .detokenizer import IncrementalDetokenizer, StopMatch, StopStringMatcher
@@ -183,6 +184,7 @@ class Engine:
             log.info("linears packed for oneDNN: %d (%s)", pack_linears(model, config.max_num_seqs, split),
                      "in chunks shared with the helper thread" if split else "whole")
             log.info("weights on huge pages: %.1f MiB", pack_into_huge_pages(model) / 2**20)
+            log.info("decoder layers on fused CPU ops: %d", fuse_decoder_layers(model))
         graphs = self._decode_graphs(model, decode_inputs, decode_graph) if decode_inputs is not None else None
         self.runner = ModelRunner(model, self.context, device, decode_graphs=graphs)
         if graphs is not None:
