@@ -19,12 +19,14 @@ once per step on every path; the LoraContext is frozen: nothing is swapped into 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..kernels.lora import LoraBackend, LoraMeta, LoraOperands, OutputAffine, lora_operands
+from ..kernels.packed_linear import run_linears
 
 
 @dataclass(frozen=True)
@@ -95,3 +97,18 @@ class LoraLinear(nn.Module):
         elif bias is not None:
             self.out_shift[slot].copy_(scale * bias.float())
         self.out_mapped[slot] = int(dora_scale is not None or bias is not None)
+
+
+def run_lora_linears(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each module applied to x [T, in] (a decoder layer's q, k and v projections): LoRA layers of one context in one
+    backend call (`LoraBackend.linear_group`), or their bases together in a step without adapters
+    (`packed_linear.run_linears`); any other group one by one."""
+    if not all(type(module) is LoraLinear for module in modules):
+        return run_linears(modules, x)
+    context = modules[0].context
+    if any(module.context is not context for module in modules):
+        return [module(x) for module in modules]
+    if not context.meta.active:  # no token of this step uses an adapter
+        return run_linears([module.base for module in modules], x)
+    return context.backend.linear_group([module.base for module in modules], x,
+                                        [module.operands for module in modules], context.meta)

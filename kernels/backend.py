@@ -12,6 +12,7 @@ calls it, so nothing on the hot path switches on a backend's name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -57,6 +58,12 @@ class LoraBackend:
         x_2d = x.reshape(-1, x.shape[-1])  # [T, in]
         self.add_lora(y.view(-1, y.shape[-1]), x_2d if x_2d.dtype == ops.A.dtype else x_2d.to(ops.A.dtype), ops, meta)
         return y
+
+    def linear_group(self, bases: Sequence[torch.nn.Module], x: torch.Tensor, operands: Sequence[LoraOperands],
+                     meta: LoraMeta) -> list[torch.Tensor]:
+        """The forwards of LoRA layers that read the same x (a decoder layer's q, k and v projections): each base
+        with its operands, as `linear` gives them; a backend may run the group in one call."""
+        return [self.linear(base, x, ops, meta) for base, ops in zip(bases, operands)]
 
     def _add(self, y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraMeta) -> None:
         """`add_lora` once x and y are checked and some token uses an adapter."""

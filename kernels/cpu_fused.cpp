@@ -58,7 +58,8 @@ void norm_row(BFloat16* __restrict out, const BFloat16* __restrict x, const BFlo
 #pragma omp simd reduction(+ : squares)
   for (int64_t c = 0; c < n; ++c) squares += widen(x[c]) * widen(x[c]);
   const float inv = 1.f / std::sqrt(squares / static_cast<float>(n) + eps);
-  for (int64_t c = 0; c < n; ++c) out[c] = narrow<BFloat16>(widen(weight[c]) * widen(narrow<BFloat16>(widen(x[c]) * inv)));
+  for (int64_t c = 0; c < n; ++c)
+    out[c] = narrow<BFloat16>(widen(weight[c]) * widen(narrow<BFloat16>(widen(x[c]) * inv)));
 }
 
 }  // namespace

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <mutex>
 #include <thread>
+#include <utility>
+#include <vector>
 
 namespace loradock {
 
@@ -181,19 +183,21 @@ inline int64_t usable_cpus() {
 }
 
 
-// Two jobs run as one: the first's tiles, then the second's.
-class TilesPair final : public Tiles {
+// Several jobs run as one: the first's tiles, then the second's, and so on.
+class TilesList final : public Tiles {
  public:
-  TilesPair(const Tiles& first, const Tiles& second) : first_(first), second_(second) {}
-  int64_t num_tiles() const override { return first_.num_tiles() + second_.num_tiles(); }
+  explicit TilesList(std::vector<const Tiles*> jobs) : jobs_(std::move(jobs)), first_tile_{0} {
+    for (const Tiles* job : jobs_) first_tile_.push_back(first_tile_.back() + job->num_tiles());
+  }
+  int64_t num_tiles() const override { return first_tile_.back(); }
   void run_tile(int64_t tile) const override {
-    const int64_t split = first_.num_tiles();
-    tile < split ? first_.run_tile(tile) : second_.run_tile(tile - split);
+    const size_t job = std::upper_bound(first_tile_.begin(), first_tile_.end(), tile) - first_tile_.begin() - 1;
+    jobs_[job]->run_tile(tile - first_tile_[job]);
   }
 
  private:
-  const Tiles& first_;
-  const Tiles& second_;
+  std::vector<const Tiles*> jobs_;
+  std::vector<int64_t> first_tile_;  // [jobs + 1]
 };
 
 }  // namespace loradock

@@ -70,11 +70,24 @@ void run_with_helper(const Tiles& call) {
   for (int64_t tile = 0; tile < call.num_tiles(); ++tile) call.run_tile(tile);  // each GEMM on all of torch's threads
 }
 
+std::vector<const Tiles*> jobs_of(const std::vector<std::unique_ptr<LinearChunks>>& linears) {
+  std::vector<const Tiles*> jobs;
+  for (const auto& linear : linears) jobs.push_back(linear.get());
+  return jobs;
+}
+
 }  // namespace loradock
 
-// x [T, in] @ W [out, in]ᵀ + bias, W given as chunks of its output rows.
-at::Tensor chunked_linear(at::Tensor x, std::vector<at::Tensor> weights, std::optional<at::Tensor> bias) {
-  const loradock::LinearChunks chunks(x, weights, bias);
-  loradock::run_with_helper(chunks);
-  return chunks.result();
+// x [T, in] @ W_i [out_i, in]ᵀ + bias_i for each linear i of a group (a layer's q, k and v projections, say), W_i
+// given as chunks of its output rows: every chunk of the group one tile of one job.
+std::vector<at::Tensor> linear_group(at::Tensor x, std::vector<std::vector<at::Tensor>> weights,
+                                     std::vector<std::optional<at::Tensor>> biases) {
+  TORCH_CHECK(weights.size() == biases.size(), "linear_group: one bias (or None) per linear");
+  std::vector<std::unique_ptr<loradock::LinearChunks>> linears;
+  for (size_t i = 0; i < weights.size(); ++i)
+    linears.push_back(std::make_unique<loradock::LinearChunks>(x, weights[i], biases[i]));
+  loradock::run_with_helper(loradock::TilesList(loradock::jobs_of(linears)));
+  std::vector<at::Tensor> ys;
+  for (const auto& linear : linears) ys.push_back(linear->result());
+  return ys;
 }

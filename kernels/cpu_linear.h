@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -41,6 +42,9 @@ class LinearChunks final : public Tiles {
   mutable std::mutex error_mutex_;
   mutable std::exception_ptr error_;
 };
+
+// Every chunk's tiles of a group of linears as one job (their weights' chunks, module after module).
+std::vector<const Tiles*> jobs_of(const std::vector<std::unique_ptr<LinearChunks>>& linears);
 
 // Runs call's tiles on the caller and, where there are several and torch's compute threads leave a CPU free, on the
 // helper thread too.

@@ -34,6 +34,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -407,42 +408,69 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tens
   });
 }
 
-// linear(x, W, bias) [T, out] plus the LoRA deltas of the step's segments shorter than max_length, W given as chunks
-// of its output rows (one or more, cpu_linear.h). The chunks' GEMMs and the deltas are tiles of one job, run by the
-// caller and the helper thread together: the deltas into a float32 scratch buffer the caller then adds, so the
-// adapter weights stream in from memory alongside the base weights instead of after them. Where torch's threads
-// already take every CPU the caller may run on (no core left for the helper), and for calls whose scratch would
-// exceed kMaxDelta (long prefill chunks of a wide model), it runs the GEMMs, then the kernel, as lora_apply does.
-at::Tensor lora_linear(at::Tensor x, std::vector<at::Tensor> weights, std::optional<at::Tensor> bias, at::Tensor A,
-                       at::Tensor B, at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens,
-                       at::Tensor segment_slots, at::Tensor segment_starts, at::Tensor segment_lengths,
-                       int64_t num_segments, int64_t max_length, std::optional<at::Tensor> out_scale,
-                       std::optional<at::Tensor> out_shift, std::optional<at::Tensor> out_mapped) {
-  const loradock::LinearChunks base(x, weights, bias);
-  TORCH_CHECK(x.size(1) == A.size(2) && base.out_features() == B.size(1),
-              "lora_linear: expected x [T, in], weights [out, in] in chunks, A [S, R, in] and B [S, out, R]");
-  const at::ScalarType type = element_type(x, A, B);
-  constexpr int64_t kMaxDelta = int64_t{1} << 22;  // floats (16 MB)
-  const int64_t needed = x.size(0) * base.out_features();
-  if (needed > kMaxDelta || !loradock::helper_has_a_cpu()) {
-    loradock::run_with_helper(base);
-    at::Tensor y = base.result();
-    lora_apply(y, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts, segment_lengths, num_segments,
-               max_length, out_scale, out_shift, out_mapped);
-    return y;
+// For each LoRA layer i of a group that reads the same x (a layer's q, k and v projections, say): linear(x, W_i,
+// bias_i) [T, out_i] plus the LoRA deltas of the step's segments shorter than max_length, W_i given as chunks of its
+// output rows (one or more, cpu_linear.h). Every GEMM chunk and every delta tile of the group is a tile of one job,
+// run by the caller and the helper thread together: the deltas into float32 scratch the caller then adds, so the
+// adapter weights stream in from memory alongside the base weights instead of after them, and one call covers what
+// would be a call per layer. Where torch's threads already take every CPU the caller may run on (no core left for
+// the helper), and for groups whose scratch would exceed kMaxDelta (long prefill chunks of a wide model), it runs the
+// GEMMs, then the kernel, as lora_apply does. The affine's lists hold one optional tensor per layer.
+std::vector<at::Tensor> lora_linear(
+    at::Tensor x, std::vector<std::vector<at::Tensor>> weights, std::vector<std::optional<at::Tensor>> biases,
+    std::vector<at::Tensor> A, std::vector<at::Tensor> B, std::vector<at::Tensor> scales,
+    std::vector<at::Tensor> ranks, at::Tensor sorted_tokens, at::Tensor segment_slots, at::Tensor segment_starts,
+    at::Tensor segment_lengths, int64_t num_segments, int64_t max_length,
+    std::vector<std::optional<at::Tensor>> out_scale, std::vector<std::optional<at::Tensor>> out_shift,
+    std::vector<std::optional<at::Tensor>> out_mapped) {
+  const size_t layers = weights.size();
+  TORCH_CHECK(biases.size() == layers && A.size() == layers && B.size() == layers && scales.size() == layers &&
+                  ranks.size() == layers && out_scale.size() == layers && out_shift.size() == layers &&
+                  out_mapped.size() == layers,
+              "lora_linear: one entry per layer in every list");
+  std::vector<std::unique_ptr<loradock::LinearChunks>> bases;
+  std::vector<OutputAffine> affines;
+  int64_t needed = 0;
+  for (size_t i = 0; i < layers; ++i) {
+    bases.push_back(std::make_unique<loradock::LinearChunks>(x, weights[i], biases[i]));
+    TORCH_CHECK(x.size(1) == A[i].size(2) && bases[i]->out_features() == B[i].size(1),
+                "lora_linear: expected x [T, in], weights [out, in] in chunks, A [S, R, in] and B [S, out, R]");
+    TORCH_CHECK(element_type(x, A[i], B[i]) == x.scalar_type(), "lora_linear: x, A and B of one dtype");
+    affines.push_back(output_affine(out_scale[i], out_shift[i], out_mapped[i], B[i]));
+    needed += x.size(0) * bases[i]->out_features();
   }
-  thread_local at::Tensor scratch;  // [>= T * out] float32, kept between calls (a fresh one would page-fault)
+  std::vector<at::Tensor> ys(layers);
+  constexpr int64_t kMaxDelta = int64_t{1} << 22;  // floats (16 MB)
+  if (needed > kMaxDelta || !loradock::helper_has_a_cpu()) {
+    loradock::run_with_helper(loradock::TilesList(loradock::jobs_of(bases)));
+    for (size_t i = 0; i < layers; ++i) {
+      ys[i] = bases[i]->result();
+      lora_apply(ys[i], x, A[i], B[i], scales[i], ranks[i], sorted_tokens, segment_slots, segment_starts,
+                 segment_lengths, num_segments, max_length, out_scale[i], out_shift[i], out_mapped[i]);
+    }
+    return ys;
+  }
+  thread_local at::Tensor scratch;  // [>= T * sum(out)] float32, kept between calls (a fresh one would page-fault)
   if (!scratch.defined() || scratch.numel() < needed) scratch = at::empty({needed}, x.options().dtype(at::kFloat));
-  at::Tensor delta = scratch.narrow(0, 0, needed).view({x.size(0), base.out_features()});  // [T, out]
-  const OutputAffine affine = output_affine(out_scale, out_shift, out_mapped, B);
-  at::Tensor y;
-  with_element_type(type, [&](auto element) {
+  with_element_type(x.scalar_type(), [&](auto element) {
     using T = decltype(element);
-    const LoraCall<T, float> call(delta, x, A, B, scales, ranks, sorted_tokens, segment_slots, segment_starts,
-                                  segment_lengths, num_segments, max_length, affine, /*overwrite=*/true);
-    TileHelper::instance().run_alongside(loradock::TilesPair(base, call), [] {});
-    y = base.result();
-    call.add_rows_into(y);
+    std::vector<std::unique_ptr<LoraCall<T, float>>> calls;
+    std::vector<const Tiles*> jobs = loradock::jobs_of(bases);
+    int64_t offset = 0;
+    for (size_t i = 0; i < layers; ++i) {
+      const int64_t out = bases[i]->out_features();
+      at::Tensor delta = scratch.narrow(0, offset, x.size(0) * out).view({x.size(0), out});  // [T, out_i]
+      offset += x.size(0) * out;
+      calls.push_back(std::make_unique<LoraCall<T, float>>(delta, x, A[i], B[i], scales[i], ranks[i], sorted_tokens,
+                                                           segment_slots, segment_starts, segment_lengths,
+                                                           num_segments, max_length, affines[i], /*overwrite=*/true));
+      jobs.push_back(calls.back().get());
+    }
+    TileHelper::instance().run_alongside(loradock::TilesList(std::move(jobs)), [] {});
+    for (size_t i = 0; i < layers; ++i) {
+      ys[i] = bases[i]->result();
+      calls[i]->add_rows_into(ys[i]);
+    }
   });
-  return y;
+  return ys;
 }

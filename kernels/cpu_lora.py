@@ -4,10 +4,10 @@ The torch path pays a fixed cost per op and per group of tokens (index_select, t
 the arithmetic of a decode step; the kernel walks the step's segments in one call. Segments of at least
 LONG_SEGMENT tokens (prefill chunks) go through torch's BLAS, one matmul pair each, where BLAS is the faster.
 
-A LoRA layer (`linear`) is one call, `lora_linear`: the base GEMM (in chunks where the base is a chunked
-`PackedLinear`) and the kernel's tiles run by the calling thread and a helper thread together, so the adapter weights
-stream in from memory during the GEMM. It applies to `nn.Linear` and `PackedLinear` bases of the adapters' dtype;
-others run the base, then the kernel.
+A LoRA layer (`linear`), or a group of them reading one x (`linear_group`: a decoder layer's q, k and v), is one
+call, `lora_linear`: the base GEMMs (in chunks where a base is a chunked `PackedLinear`) and the kernel's tiles run
+by the calling thread and a helper thread together, so the adapter weights stream in from memory during the GEMMs.
+It applies to `nn.Linear` and `PackedLinear` bases of the adapters' dtype; others run the base, then the kernel.
 
 The kernel takes float32 or bfloat16 (x, weights and y of one dtype) and sums in float32. It is one of the compiled
 CPU ops (`cpu_build`), built on first use. When they cannot be built, or the operands do not suit the kernel (another
@@ -17,6 +17,7 @@ dtype, or another memory layout), the torch path serves instead.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -56,20 +57,29 @@ class CpuBackend(LoraBackend):
         return A, B
 
     def linear(self, base: torch.nn.Module, x: torch.Tensor, ops: LoraOperands, meta: LoraMeta) -> torch.Tensor:
+        return self.linear_group([base], x, [ops], meta)[0]
+
+    def linear_group(self, bases: Sequence[torch.nn.Module], x: torch.Tensor, operands: Sequence[LoraOperands],
+                     meta: LoraMeta) -> list[torch.Tensor]:
+        """One `lora_linear` call for the group: every base GEMM chunk and LoRA tile one job shared with the helper."""
         compiled = cpu_ops()
         x_2d = x.reshape(-1, x.shape[-1])  # [T, in]
-        weights = _base_weights(base)  # [out, in] in chunks of its rows, plain or packed
+        weights = [_base_weights(base) for base in bases]  # each [out, in] in chunks of its rows, plain or packed
         if (
             compiled is None
             or not self.overlap
-            or weights is None
-            or weights[0].dtype != ops.A.dtype
-            or not _kernel_reads(ops, x_2d)
+            or not _kernel_reads_all(weights, operands, x_2d)
         ):
-            return super().linear(base, x, ops, meta)
-        y = compiled.lora_linear(x_2d, weights, base.bias, *_kernel_operands(ops, meta))  # [T, out]
-        self._add_long_segments(y, x_2d, ops, meta)
-        return y.view(*x.shape[:-1], y.shape[-1])
+            return [LoraBackend.linear(self, base, x, ops, meta) for base, ops in zip(bases, operands)]
+        affines = [ops.affine or (None, None, None) for ops in operands]
+        ys = compiled.lora_linear(
+            x_2d, weights, [base.bias for base in bases], [ops.A for ops in operands], [ops.B for ops in operands],
+            [ops.scales for ops in operands], [ops.ranks for ops in operands], meta.sorted_tokens, meta.segment_slots,
+            meta.segment_starts, meta.segment_lengths, len(meta.segments), LONG_SEGMENT, *map(list, zip(*affines)),
+        )  # each [T, out]
+        for y, ops in zip(ys, operands):
+            self._add_long_segments(y, x_2d, ops, meta)
+        return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
     def _add(self, y: torch.Tensor, x: torch.Tensor, ops: LoraOperands, meta: LoraMeta) -> None:
         compiled = cpu_ops()
@@ -96,6 +106,15 @@ def _base_weights(base: torch.nn.Module) -> list[torch.Tensor] | None:
     if type(base) is torch.nn.Linear:
         return [base.weight]
     return None
+
+
+def _kernel_reads_all(weights: list[list[torch.Tensor] | None], operands: Sequence[LoraOperands],
+                      x: torch.Tensor) -> bool:
+    """Whether `lora_linear` takes every layer of the group: a base it runs itself in the adapters' dtype, and
+    operands the kernel reads."""
+    return all(
+        w is not None and w[0].dtype == ops.A.dtype and _kernel_reads(ops, x) for w, ops in zip(weights, operands)
+    )
 
 
 def _kernel_reads(ops: LoraOperands, x: torch.Tensor) -> bool:

@@ -12,14 +12,16 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor A, at::Tensor B, at::Tens
                 std::optional<at::Tensor> out_scale, std::optional<at::Tensor> out_shift,
                 std::optional<at::Tensor> out_mapped);  // cpu_lora.cpp
 
-at::Tensor lora_linear(at::Tensor x, std::vector<at::Tensor> weights, std::optional<at::Tensor> bias, at::Tensor A,
-                       at::Tensor B, at::Tensor scales, at::Tensor ranks, at::Tensor sorted_tokens,
-                       at::Tensor segment_slots, at::Tensor segment_starts, at::Tensor segment_lengths,
-                       int64_t num_segments, int64_t max_length, std::optional<at::Tensor> out_scale,
-                       std::optional<at::Tensor> out_shift, std::optional<at::Tensor> out_mapped);  // cpu_lora.cpp
+std::vector<at::Tensor> lora_linear(
+    at::Tensor x, std::vector<std::vector<at::Tensor>> weights, std::vector<std::optional<at::Tensor>> biases,
+    std::vector<at::Tensor> A, std::vector<at::Tensor> B, std::vector<at::Tensor> scales,
+    std::vector<at::Tensor> ranks, at::Tensor sorted_tokens, at::Tensor segment_slots, at::Tensor segment_starts,
+    at::Tensor segment_lengths, int64_t num_segments, int64_t max_length,
+    std::vector<std::optional<at::Tensor>> out_scale, std::vector<std::optional<at::Tensor>> out_shift,
+    std::vector<std::optional<at::Tensor>> out_mapped);  // cpu_lora.cpp
 
-at::Tensor chunked_linear(at::Tensor x, std::vector<at::Tensor> weights,
-                          std::optional<at::Tensor> bias);  // cpu_linear.cpp
+std::vector<at::Tensor> linear_group(at::Tensor x, std::vector<std::vector<at::Tensor>> weights,
+                                     std::vector<std::optional<at::Tensor>> biases);  // cpu_linear.cpp
 
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);  // cpu_fused.cpp
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight,
@@ -41,16 +43,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_shift") = py::none(), py::arg("out_mapped") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_linear", &lora_linear,
-        "linear(x, W, bias) plus the gathered LoRA deltas, W in chunks of its output rows; the GEMMs and the deltas "
-        "shared with a helper thread",
-        py::arg("x"), py::arg("weights"), py::arg("bias"), py::arg("A"), py::arg("B"), py::arg("scales"),
+        "for each LoRA layer of a group reading one x: linear(x, W, bias) plus its gathered LoRA deltas, W in chunks "
+        "of its output rows; every GEMM chunk and delta tile shared with a helper thread",
+        py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("A"), py::arg("B"), py::arg("scales"),
         py::arg("ranks"), py::arg("sorted_tokens"), py::arg("segment_slots"), py::arg("segment_starts"),
-        py::arg("segment_lengths"), py::arg("num_segments"), py::arg("max_length"),
-        py::arg("out_scale") = py::none(), py::arg("out_shift") = py::none(), py::arg("out_mapped") = py::none(),
-        py::call_guard<py::gil_scoped_release>());
-  m.def("chunked_linear", &chunked_linear,
-        "linear(x, W, bias), W in chunks of its output rows, the chunks shared with a helper thread",
-        py::arg("x"), py::arg("weights"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
+        py::arg("segment_lengths"), py::arg("num_segments"), py::arg("max_length"), py::arg("out_scale"),
+        py::arg("out_shift"), py::arg("out_mapped"), py::call_guard<py::gil_scoped_release>());
+  m.def("linear_group", &linear_group,
+        "linear(x, W, bias) for each linear of a group reading one x, W in chunks of its output rows, the chunks "
+        "shared with a helper thread",
+        py::arg("x"), py::arg("weights"), py::arg("biases"), py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows, as HF's LlamaRMSNorm", py::arg("x"), py::arg("weight"),
         py::arg("eps"), py::call_guard<py::gil_scoped_release>());
   m.def("add_rms_norm", &add_rms_norm, "(residual + x, its RMSNorm) of bfloat16 rows", py::arg("x"),

@@ -17,6 +17,7 @@ float32 (those without bf16 instructions) are not the ones this is for.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -71,11 +72,21 @@ class PackedLinear(nn.Module):
             biases = [None] * len(self.packed) if self.bias is None else self.bias.tensor_split(len(self.packed))
             return torch.cat([torch.ops.mkldnn._linear_pointwise(x, chunk, bias, "none", [], "")
                               for chunk, bias in zip(self.packed, biases)], dim=-1)
-        y = compiled.chunked_linear(x.reshape(-1, self.in_features), self.packed, self.bias)  # [T, out]
+        y = compiled.linear_group(x.reshape(-1, self.in_features), [self.packed], [self.bias])[0]  # [T, out]
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def run_linears(linears: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each linear applied to x [T, in]: packed ones in one call of the compiled ops, every chunk of the group a tile of
+    one job shared with the helper thread (a decoder layer's k and v projections are too small to split alone, but
+    not beside q); any other, one by one."""
+    compiled = cpu_ops()
+    if compiled is None or not all(type(linear) is PackedLinear for linear in linears):
+        return [linear(x) for linear in linears]
+    return compiled.linear_group(x, [linear.packed for linear in linears], [linear.bias for linear in linears])
 
 
 def pack_linears(model: nn.Module, batch_rows: int, split: bool = False) -> int:

@@ -6,7 +6,9 @@ wrapper and keyword argument between them is Python. On a 2-core CPU serving a s
 step (loadtest/RESULTS.md, "Fused decoder layers"). The forward here runs the same computation from the layer's own
 modules (its LoRA layers and packed linears included) with one compiled op (`kernels/cpu_fused.cpp`) for each
 RMSNorm (the residual add fused into the second), for the rotary embedding of q and of k, and for silu(gate) * up,
-and writes and attends the KV cache as the registered attention function does (`attention.attend_in_cache`).
+runs q, k and v, and gate and up, as one call each (`run_lora_linears`: every GEMM chunk and LoRA tile of the group
+one job for the engine thread and the helper), and writes and attends the KV cache as the registered attention
+function does (`attention.attend_in_cache`).
 
 The ops round to bfloat16 where HF's code does: rotary is bit-identical, the norms may differ in the last bit where
 the variance's summation order does, the activation where the exponential's last bit does. So this runs in bfloat16
@@ -25,6 +27,7 @@ from types import MethodType
 import torch
 from torch import nn
 
+from ...adapters.lora_layer import run_lora_linears
 from ...kernels.cpu_build import cpu_ops
 from .attention import attend_in_cache
 
@@ -95,12 +98,14 @@ def _layer_forward(
     x = hidden_states[0]  # [T, C]
     h = ops.rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
     head_dim = attention.head_dim
-    q = _heads(attention.q_proj(h), head_dim, getattr(attention, "q_norm", None))  # [T, H, D]
-    k = _heads(attention.k_proj(h), head_dim, getattr(attention, "k_norm", None))  # [T, Hkv, D]
-    v = attention.v_proj(h).view(x.shape[0], -1, head_dim)  # [T, Hkv, D]
+    q, k, v = run_lora_linears((attention.q_proj, attention.k_proj, attention.v_proj), h)  # [T, (H or Hkv) * D]
+    q = _heads(q, head_dim, getattr(attention, "q_norm", None))  # [T, H, D]
+    k = _heads(k, head_dim, getattr(attention, "k_norm", None))  # [T, Hkv, D]
+    v = v.view(x.shape[0], -1, head_dim)  # [T, Hkv, D]
     cos, sin = (part[0] for part in position_embeddings)  # [T, D]
     attended = attend_in_cache(loradock_context, attention.layer_idx, ops.rotary(q, cos, sin), ops.rotary(k, cos, sin),
                                v, attention.scaling, layer.fused_window)  # [T, H, D]
     norm = layer.post_attention_layernorm
     x, h = ops.add_rms_norm(attention.o_proj(attended.reshape(x.shape[0], -1)), x, norm.weight, norm.variance_epsilon)
-    return (x + mlp.down_proj(ops.silu_and_mul(mlp.gate_proj(h), mlp.up_proj(h))))[None]
+    gate, up = run_lora_linears((mlp.gate_proj, mlp.up_proj), h)  # [T, I] each
+    return (x + mlp.down_proj(ops.silu_and_mul(gate, up)))[None]

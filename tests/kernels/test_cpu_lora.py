@@ -341,3 +341,22 @@ def test_cpu_kernel_refuses_mixed_dtypes(cpu_ops_built):
         kernel_call(cpu_ops_built, y, x.float(), ops, meta, max_length=10_000)
     with pytest.raises(RuntimeError, match="y of x's dtype"):
         kernel_call(cpu_ops_built, y.float(), x, ops, meta, max_length=10_000)
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # one: the helper thread has the other core
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_a_group_of_lora_layers_in_one_call_gives_each_layers_own_forward(calls, case, threads):
+    """q, k and v of a layer in one `lora_linear` call (every GEMM chunk and LoRA tile one job): bit for bit what
+    each layer gives alone, in bfloat16, the bases packed whole, in chunks, and plain."""
+    layers = [layer_operands(case, "out_innermost", bias, seed=seed, dtype=torch.bfloat16)
+              for seed, bias in ((0, True), (1, False), (2, True))]
+    x, meta = layers[0][1], layers[0][3]  # one x for the group, as a decoder layer's projections read
+    bases = [PackedLinear(layers[0][0], batch_rows=16, chunks=2), PackedLinear(layers[1][0], batch_rows=16),
+             layers[2][0]]
+    operands = [ops for _, _, ops, _, _ in layers]
+    backend = CpuBackend()
+    grouped = with_threads(threads, backend.linear_group, bases, x, operands, meta)
+    assert calls["lora_linear"] == 1
+    for base, ops, y in zip(bases, operands, grouped):
+        assert torch.equal(y, with_threads(threads, backend.linear, base, x, ops, meta))
+    assert calls == {"lora_apply": 0, "lora_linear": 4, "torch": 0}

@@ -10,7 +10,9 @@ import os
 import pytest
 import torch
 
-from loradock.kernels.packed_linear import PACKED_ENV, PackedLinear, chunk_count, pack_linears, packing_available
+from loradock.kernels.packed_linear import (
+    PACKED_ENV, PackedLinear, chunk_count, pack_linears, packing_available, run_linears,
+)
 from loradock.serve.engine import Engine, EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN")
@@ -106,3 +108,22 @@ def test_a_bf16_engine_packs_its_linears_and_answers_as_unpacked(model_dir, toke
     assert whole > 0 and split == whole and unpacked == 0
     assert whole_split == 0 and chunked > 0
     assert whole_answers == plain_answers and split_answers == plain_answers
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_linears_run_together_give_each_ones_f_linear(threads):
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(200, out, bias=bias, dtype=torch.bfloat16).requires_grad_(False)
+               for out, bias in ((96, True), (24, False), (300, True))]
+    group = [PackedLinear(linear, batch_rows=16, chunks=chunks) for linear, chunks in zip(linears, (2, 1, 3))]
+    x = torch.randn(16, 200, dtype=torch.bfloat16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            ys = run_linears(group, x)
+            assert all(torch.equal(y, linear(x)) for y, linear in zip(ys, linears))
+            mixed = run_linears([group[0], linears[1]], x)  # not all packed: one by one
+            assert torch.equal(mixed[0], linears[0](x)) and torch.equal(mixed[1], linears[1](x))
+    finally:
+        torch.set_num_threads(previous)
