@@ -11,7 +11,7 @@
 //     out[b, h_g]  = sum_j softmax_j(scores[g]) * V[slot_j, kvh]
 //
 // Work items are sequences, or runs of a sequence's kv heads when there are too few sequences for the threads,
-// spread over torch's intra-op threads. Keys and values are prefetched a few keys ahead. Against the gather + SDPA
+// spread over torch's intra-op threads and the compiled ops' helper thread where it has a core. Keys and values are prefetched a few keys ahead. Against the gather + SDPA
 // path: loadtest/RESULTS.md, "The CPU kernels' design figures".
 //
 // q, out and the caches share one element type, float32 or bfloat16 (a bfloat16 cache: half the bytes per token);
@@ -26,101 +26,122 @@
 #include <vector>
 
 #include "cpu_element.h"
+#include "cpu_helper.h"
 
 namespace {
 
 constexpr int64_t kAhead = 8;  // keys prefetched ahead
 
+using loradock::exp_approx;
 using loradock::kLine;
 using loradock::narrow;
 using loradock::widen;
 
+// One call's work: items of a sequence's kv heads in runs, each a tile any thread may run (they write disjoint
+// heads of out). There are enough runs per sequence for the threads to share: torch's, plus the compiled ops' helper
+// thread where it has a core (cpu_helper.h; reading a long context is bound by memory, and two cores read it about
+// twice as fast as one).
 template <typename T>
-void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-            const at::Tensor& kv_index, const int64_t* positions, float scale, int64_t window) {
-  const int64_t B = q.size(0), D = q.size(2), Hkv = k_cache.size(1);
-  const int64_t G = q.size(1) / Hkv, L = kv_index.size(1);
-  const T* q_data = q.data_ptr<T>();
-  T* out_data = out.data_ptr<T>();
-  const T* k_data = k_cache.data_ptr<T>();
-  const T* v_data = v_cache.data_ptr<T>();
-  const int64_t* index_data = kv_index.data_ptr<int64_t>();
-  const int64_t row_stride = k_cache.stride(0), head_stride = k_cache.stride(1);  // the same for v_cache
+class DecodeAttention final : public loradock::Tiles {
+ public:
+  DecodeAttention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& kv_index, const int64_t* positions, float scale, int64_t window, int64_t threads)
+      : B_(q.size(0)), D_(q.size(2)), Hkv_(k_cache.size(1)), G_(q.size(1) / Hkv_),
+        q_(q.data_ptr<T>()), q_seq_(q.stride(0)), q_head_(q.stride(1)), out_(out.data_ptr<T>()),
+        out_seq_(out.stride(0)), out_head_(out.stride(1)), k_(k_cache.data_ptr<T>()), v_(v_cache.data_ptr<T>()),
+        index_(kv_index.data_ptr<int64_t>()), index_row_(kv_index.stride(0)), positions_(positions),
+        row_stride_(k_cache.stride(0)), head_stride_(k_cache.stride(1)), scale_(scale), window_(window) {
+    // a sequence's kv heads in `chunks_` runs: a whole cache row ([Hkv, D], contiguous) read at once when there are
+    // enough sequences to keep the threads busy, the heads split when there are not
+    const int64_t wanted = std::min<int64_t>(Hkv_, (4 * threads + B_ - 1) / B_);  // runs per sequence
+    per_chunk_ = (Hkv_ + wanted - 1) / wanted;  // kv heads per run
+    chunks_ = (Hkv_ + per_chunk_ - 1) / per_chunk_;  // runs per sequence, none of them empty
+  }
 
-  // Work items: a sequence's kv heads in `chunks` runs, so a whole cache row ([Hkv, D], contiguous) is read at once
-  // when there are enough sequences to keep the threads busy, and the heads are split when there are not.
-  const int64_t wanted = std::min<int64_t>(Hkv, (4 * at::get_num_threads() + B - 1) / B);  // runs per sequence
-  const int64_t per_chunk = (Hkv + wanted - 1) / wanted;  // kv heads per run
-  const int64_t chunks = (Hkv + per_chunk - 1) / per_chunk;  // runs per sequence, none of them empty
+  int64_t num_tiles() const override { return B_ * chunks_; }
 
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(per_chunk * G * L);  // [heads of the item, keys]
-    std::vector<float> acc(per_chunk * G * D);     // [heads of the item, D]
-    std::vector<float> queries(per_chunk * G * D);  // [heads of the item, D]: the item's queries in float32
-    std::vector<float> totals(per_chunk * G);
-    std::vector<int64_t> kv_of(per_chunk * G);  // where the item's query head h finds its kv head in a cache row
-    for (int64_t h = 0; h < per_chunk * G; ++h) kv_of[h] = (h / G) * head_stride;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / chunks;
-      const int64_t kv_first = (item % chunks) * per_chunk, kv_end = std::min(Hkv, kv_first + per_chunk);
-      const int64_t heads = (kv_end - kv_first) * G;  // query heads kv_first * G .. kv_end * G - 1
-      const int64_t last = positions[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-      const int64_t keys = last - first + 1;
-      const int64_t* slots = index_data + b * kv_index.stride(0) + first;
-      const T* qs = q_data + b * q.stride(0) + kv_first * G * q.stride(1);
-      for (int64_t h = 0; h < heads; ++h)
-        for (int64_t d = 0; d < D; ++d) queries[h * D + d] = widen(qs[h * q.stride(1) + d]);
+  void run_tile(int64_t item) const override {
+    thread_local std::vector<float> scores, acc, queries, totals;  // [heads, keys], [heads, D], [heads, D], [heads]
+    const int64_t b = item / chunks_;
+    const int64_t kv_first = (item % chunks_) * per_chunk_, kv_end = std::min(Hkv_, kv_first + per_chunk_);
+    const int64_t heads = (kv_end - kv_first) * G_;  // query heads kv_first * G .. kv_end * G - 1
+    const int64_t last = positions_[b];
+    const int64_t first = window_ > 0 ? std::max<int64_t>(0, last - window_ + 1) : 0;
+    const int64_t keys = last - first + 1;
+    scores.resize(heads * keys);
+    acc.assign(heads * D_, 0.f);
+    queries.resize(heads * D_);
+    totals.resize(heads);
+    const int64_t* slots = index_ + b * index_row_ + first;
+    const T* qs = q_ + b * q_seq_ + kv_first * G_ * q_head_;
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t d = 0; d < D_; ++d) queries[h * D_ + d] = widen(qs[h * q_head_ + d]);
+    auto kv_of = [&](int64_t h) { return (h / G_) * head_stride_; };  // query head h's kv head in a cache row
 
-      // keys are prefetched kAhead ahead: consecutive keys sit in cache blocks scattered over memory
-      const int64_t span = (kv_end - kv_first - 1) * head_stride + D;  // elements of a row the item reads
-      auto row_of = [&](const T* cache, int64_t j) { return cache + slots[j] * row_stride + kv_first * head_stride; };
-      auto prefetch_row = [&](const T* cache, int64_t j) {
-        const T* row = row_of(cache, j);
-        for (int64_t f = 0; f < span; f += kLine<T>) __builtin_prefetch(row + f, 0, 3);  // one 64-byte line each
-      };
-      for (int64_t j = 0; j < std::min<int64_t>(kAhead, keys); ++j) prefetch_row(k_data, j);
-      for (int64_t j = 0; j < keys; ++j) {
-        if (j + kAhead < keys) prefetch_row(k_data, j + kAhead);
-        const T* k_row = row_of(k_data, j);
-        for (int64_t h = 0; h < heads; ++h) {
-          const T* __restrict k = k_row + kv_of[h];
-          const float* __restrict qh = queries.data() + h * D;
-          float s = 0.f;
+    // keys are prefetched kAhead ahead: consecutive keys sit in cache blocks scattered over memory
+    const int64_t span = (kv_end - kv_first - 1) * head_stride_ + D_;  // elements of a row the item reads
+    auto row_of = [&](const T* cache, int64_t j) { return cache + slots[j] * row_stride_ + kv_first * head_stride_; };
+    auto prefetch_row = [&](const T* cache, int64_t j) {
+      const T* row = row_of(cache, j);
+      for (int64_t f = 0; f < span; f += kLine<T>) __builtin_prefetch(row + f, 0, 3);  // one 64-byte line each
+    };
+    for (int64_t j = 0; j < std::min<int64_t>(kAhead, keys); ++j) prefetch_row(k_, j);
+    for (int64_t j = 0; j < keys; ++j) {
+      if (j + kAhead < keys) prefetch_row(k_, j + kAhead);
+      const T* k_row = row_of(k_, j);
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* __restrict k = k_row + kv_of(h);
+        const float* __restrict qh = queries.data() + h * D_;
+        float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qh[d] * widen(k[d]);
-          scores[h * keys + j] = s * scale;
-        }
-      }
-      for (int64_t j = 0; j < std::min<int64_t>(kAhead, keys); ++j) prefetch_row(v_data, j);
-      for (int64_t h = 0; h < heads; ++h) {
-        float* row = scores.data() + h * keys;
-        const float top = *std::max_element(row, row + keys);
-        float total = 0.f;
-        for (int64_t j = 0; j < keys; ++j) total += row[j] = std::exp(row[j] - top);
-        totals[h] = total;
-      }
-
-      std::fill(acc.begin(), acc.begin() + heads * D, 0.f);
-      for (int64_t j = 0; j < keys; ++j) {
-        if (j + kAhead < keys) prefetch_row(v_data, j + kAhead);
-        const T* v_row = row_of(v_data, j);
-        for (int64_t h = 0; h < heads; ++h) {
-          const T* __restrict v = v_row + kv_of[h];
-          float* __restrict a = acc.data() + h * D;
-          const float p = scores[h * keys + j];
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += p * widen(v[d]);
-        }
-      }
-      for (int64_t h = 0; h < heads; ++h) {
-        T* __restrict o = out_data + b * out.stride(0) + (kv_first * G + h) * out.stride(1);
-        const float inverse = 1.f / totals[h];
-        for (int64_t d = 0; d < D; ++d) o[d] = narrow<T>(acc[h * D + d] * inverse);
+        for (int64_t d = 0; d < D_; ++d) s += qh[d] * widen(k[d]);
+        scores[h * keys + j] = s * scale_;
       }
     }
-  });
-}
+    for (int64_t j = 0; j < std::min<int64_t>(kAhead, keys); ++j) prefetch_row(v_, j);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* row = scores.data() + h * keys;
+      const float top = *std::max_element(row, row + keys);
+      for (int64_t j = 0; j < keys; ++j) row[j] = exp_approx(row[j] - top);  // vectorised: libm's expf is not
+      float total = 0.f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t j = 0; j < keys; ++j) total += row[j];
+      totals[h] = total;
+    }
+    for (int64_t j = 0; j < keys; ++j) {
+      if (j + kAhead < keys) prefetch_row(v_, j + kAhead);
+      const T* v_row = row_of(v_, j);
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* __restrict v = v_row + kv_of(h);
+        float* __restrict a = acc.data() + h * D_;
+        const float p = scores[h * keys + j];
+#pragma omp simd
+        for (int64_t d = 0; d < D_; ++d) a[d] += p * widen(v[d]);
+      }
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      T* __restrict o = out_ + b * out_seq_ + (kv_first * G_ + h) * out_head_;
+      const float inverse = 1.f / totals[h];
+      for (int64_t d = 0; d < D_; ++d) o[d] = narrow<T>(acc[h * D_ + d] * inverse);
+    }
+  }
+
+ private:
+  int64_t B_, D_, Hkv_, G_;
+  const T* q_;
+  int64_t q_seq_, q_head_;
+  T* out_;
+  int64_t out_seq_, out_head_;
+  const T* k_;
+  const T* v_;
+  const int64_t* index_;
+  int64_t index_row_;
+  const int64_t* positions_;
+  int64_t row_stride_, head_stride_;  // the same for v_cache
+  float scale_;
+  int64_t window_;
+  int64_t per_chunk_ = 1, chunks_ = 1;
+};
 
 }  // namespace
 
@@ -146,7 +167,13 @@ void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tens
                 "query position outside the sequence's kv_index row");
   if (B == 0) return;
   const float fscale = static_cast<float>(scale);
+  const bool helper = loradock::helper_has_a_cpu();
   loradock::with_element_type(type, [&](auto element) {
-    attend<decltype(element)>(out, q, k_cache, v_cache, kv_index, positions, fscale, window);
+    const DecodeAttention<decltype(element)> call(out, q, k_cache, v_cache, kv_index, positions, fscale, window,
+                                                  at::get_num_threads() + (helper ? 1 : 0));
+    if (helper)
+      loradock::TileHelper::instance().run_alongside(call, [] {});
+    else
+      call.run_all();
   });
 }

@@ -7,11 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
 #include <tuple>
 
 #include "cpu_element.h"
@@ -23,32 +19,13 @@
 namespace {
 
 using loradock::BFloat16;
+using loradock::exp_approx;
 using loradock::narrow;
 using loradock::widen;
 
 void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
               name, ": expected bfloat16 rows [T, C] with unit column stride");
-}
-
-// e^x to about 2e-7 relative, written so that loops over it vectorize (libm's expf does not, nor float-to-int
-// conversions under the default floating-point flags): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series
-// to r^6, 2^n put in the exponent bits; infinity past float32's range, as expf.
-inline float exp_approx(float x) {
-  const bool overflows = x > 88.72f;
-  x = std::min(std::max(x, -87.f), 88.f);
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds x / ln2 to the integer n, in the low bits
-  const float shifted = x * 1.44269504f + kRound;
-  const float n = shifted - kRound;
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // ln2 in two parts: r stays exact
-  const float p =
-      1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
-  int32_t whole;
-  std::memcpy(&whole, &shifted, sizeof whole);
-  const int32_t bits = (whole - 0x4B400000 + 127) << 23;  // 0x4B400000: kRound's bits, leaving n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return overflows ? std::numeric_limits<float>::infinity() : p * scale;
 }
 
 // out = weight * bf16(x * rsqrt(mean(x^2) + eps)) for one row, as HF's LlamaRMSNorm in bfloat16

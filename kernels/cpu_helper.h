@@ -183,6 +183,22 @@ inline int64_t usable_cpus() {
 }
 
 
+// Whether torch's compute threads leave a CPU to the helper thread.
+inline bool helper_has_a_cpu() {
+  static const int64_t cpus = usable_cpus();  // those of the first caller, the engine thread
+  return at::get_num_threads() < cpus;
+}
+
+// Runs call's tiles on the caller and, where there are several and torch's compute threads leave a CPU free, on the
+// helper thread too; else one after another on the caller (each, say a GEMM, free to use all of torch's threads).
+inline void run_with_helper(const Tiles& call) {
+  if (call.num_tiles() > 1 && helper_has_a_cpu()) {
+    TileHelper::instance().run_alongside(call, [] {});
+    return;
+  }
+  for (int64_t tile = 0; tile < call.num_tiles(); ++tile) call.run_tile(tile);
+}
+
 // Several jobs run as one: the first's tiles, then the second's, and so on.
 class TilesList final : public Tiles {
  public:

@@ -57,19 +57,6 @@ at::Tensor LinearChunks::result() const {
   return y_;
 }
 
-bool helper_has_a_cpu() {
-  static const int64_t cpus = usable_cpus();  // those of the first caller, the engine thread
-  return at::get_num_threads() < cpus;
-}
-
-void run_with_helper(const Tiles& call) {
-  if (call.num_tiles() > 1 && helper_has_a_cpu()) {
-    TileHelper::instance().run_alongside(call, [] {});
-    return;
-  }
-  for (int64_t tile = 0; tile < call.num_tiles(); ++tile) call.run_tile(tile);  // each GEMM on all of torch's threads
-}
-
 std::vector<const Tiles*> jobs_of(const std::vector<std::unique_ptr<LinearChunks>>& linears) {
   std::vector<const Tiles*> jobs;
   for (const auto& linear : linears) jobs.push_back(linear.get());

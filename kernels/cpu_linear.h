@@ -46,11 +46,4 @@ class LinearChunks final : public Tiles {
 // Every chunk's tiles of a group of linears as one job (their weights' chunks, module after module).
 std::vector<const Tiles*> jobs_of(const std::vector<std::unique_ptr<LinearChunks>>& linears);
 
-// Runs call's tiles on the caller and, where there are several and torch's compute threads leave a CPU free, on the
-// helper thread too.
-void run_with_helper(const Tiles& call);
-
-// Whether torch's compute threads leave a CPU to the helper thread.
-bool helper_has_a_cpu();
-
 }  // namespace loradock

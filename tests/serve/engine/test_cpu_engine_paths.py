@@ -111,7 +111,7 @@ def decode_step_attention(compiled, dtype, heads, kv_heads, head_dim, window, th
     return attended[0], reference_decode(query[0].transpose(0, 1), cache, requests, scale, window)
 
 
-@pytest.mark.parametrize("threads", [1, 2])  # 2: a sequence's kv heads split over work items
+@pytest.mark.parametrize("threads", [1, 2])  # 1: the helper thread runs work items too; 2: torch's threads do
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (4, 4, 32), (6, 3, 40), (10, 5, 16), (6, 1, 24)])
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_attention_matches_the_written_out_attention(compiled, heads, kv_heads, head_dim, window, threads):
