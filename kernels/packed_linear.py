@@ -26,9 +26,9 @@ from .cpu_build import cpu_ops
 
 PACKED_DTYPES = (torch.bfloat16,)
 PACKED_ENV = "LORADOCK_CPU_PACKED_WEIGHTS"  # "off": plain weights, F.linear (to measure what packing gives)
-# Chunks of a split weight (loadtest/RESULTS.md, "Packed bf16 linears in chunks"): an even count, one or more per
-# thread, since an odd one leaves a thread a chunk more; at most PAIR_ROWS rows per pair of chunks (the output head's
-# 49152 rows go in four); none for a weight under SPLIT_ROWS rows, whose GEMM is too short to share.
+# Chunks of a split weight (loadtest/RESULTS.md, "Weights in chunks shared with the helper thread"): an even
+# count, one or more per thread, since an odd one leaves a thread a chunk more; at most PAIR_ROWS rows per pair of
+# chunks (the output head's 49152 rows go in four); none for a weight under SPLIT_ROWS rows, too short to share.
 SPLIT_ROWS = 256
 PAIR_ROWS = 24576
 
