@@ -25,6 +25,10 @@
 #include <cmath>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include "cpu_element.h"
 #include "cpu_helper.h"
 
@@ -32,10 +36,41 @@ namespace {
 
 constexpr int64_t kAhead = 8;  // keys prefetched ahead
 
+using loradock::BFloat16;
 using loradock::exp_approx;
 using loradock::kLine;
 using loradock::narrow;
 using loradock::widen;
+
+#ifdef __AVX512F__
+// 16 elements as float32 lanes (a bfloat16 is float32's upper half)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const BFloat16* p) {
+  const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
+// Lane i of the result: the sum of the 16 lanes of v[i]. Four rounds, each adding pairs of vectors after a shuffle
+// that lines up halves of their partial sums (15 shuffle pairs and adds instead of 16 sums across lanes); the last
+// round leaves lane 4l + q holding v[4q + l]'s sum, put in order by one permutation.
+inline __m512 sum_lanes_16(const __m512 (&v)[16]) {
+  __m512 halves[8], quarters[4], pairs[2];
+  for (int i = 0; i < 8; ++i)  // v[2i]'s partial sums in 128-bit lanes 0-1, v[2i + 1]'s in 2-3
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                              _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane q: v[4i + q]'s four partial sums
+    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
+                                _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // in lane q: v[8i + q]'s two partial sums in slots 0 and 2, v[8i + 4 + q]'s in 1 and 3
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(quarters[2 * i], quarters[2 * i + 1]),
+                             _mm512_unpackhi_ps(quarters[2 * i], quarters[2 * i + 1]));
+  const __m512 sums = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(pairs[0]), _mm512_castps_pd(pairs[1]))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(pairs[0]), _mm512_castps_pd(pairs[1]))));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, sums);
+}
+#endif
 
 // One call's work: items of a sequence's kv heads in runs, each a tile any thread may run (they write disjoint
 // heads of out). There are enough runs per sequence for the threads to share: torch's, plus the compiled ops' helper
@@ -61,72 +96,183 @@ class DecodeAttention final : public loradock::Tiles {
   int64_t num_tiles() const override { return B_ * chunks_; }
 
   void run_tile(int64_t item) const override {
-    thread_local std::vector<float> scores, acc, queries, totals;  // [heads, keys], [heads, D], [heads, D], [heads]
+    thread_local std::vector<float> scores, queries, totals;  // [heads, keys], [heads, D], [heads]
     const int64_t b = item / chunks_;
     const int64_t kv_first = (item % chunks_) * per_chunk_, kv_end = std::min(Hkv_, kv_first + per_chunk_);
     const int64_t heads = (kv_end - kv_first) * G_;  // query heads kv_first * G .. kv_end * G - 1
     const int64_t last = positions_[b];
     const int64_t first = window_ > 0 ? std::max<int64_t>(0, last - window_ + 1) : 0;
-    const int64_t keys = last - first + 1;
-    scores.resize(heads * keys);
-    acc.assign(heads * D_, 0.f);
+    const Item item_of{index_ + b * index_row_ + first, last - first + 1, kv_first, heads,
+                       (kv_end - kv_first - 1) * head_stride_ + D_};
+    scores.resize(heads * item_of.keys);
     queries.resize(heads * D_);
     totals.resize(heads);
-    const int64_t* slots = index_ + b * index_row_ + first;
     const T* qs = q_ + b * q_seq_ + kv_first * G_ * q_head_;
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t d = 0; d < D_; ++d) queries[h * D_ + d] = widen(qs[h * q_head_ + d]);
-    auto kv_of = [&](int64_t h) { return (h / G_) * head_stride_; };  // query head h's kv head in a cache row
+    T* out = out_ + b * out_seq_ + kv_first * G_ * out_head_;
+#ifdef __AVX512F__
+    if (D_ % kVectorHead == 0) {
+      score_blocks(item_of, queries.data(), scores.data());
+      softmax(item_of, scores.data(), totals.data());
+      weigh_values_vectors(item_of, scores.data(), totals.data(), out);
+      return;
+    }
+#endif
+    score_keys(item_of, queries.data(), scores.data());
+    softmax(item_of, scores.data(), totals.data());
+    weigh_values(item_of, scores.data(), totals.data(), out);
+  }
 
-    // keys are prefetched kAhead ahead: consecutive keys sit in cache blocks scattered over memory
-    const int64_t span = (kv_end - kv_first - 1) * head_stride_ + D_;  // elements of a row the item reads
-    auto row_of = [&](const T* cache, int64_t j) { return cache + slots[j] * row_stride_ + kv_first * head_stride_; };
-    auto prefetch_row = [&](const T* cache, int64_t j) {
-      const T* row = row_of(cache, j);
-      for (int64_t f = 0; f < span; f += kLine<T>) __builtin_prefetch(row + f, 0, 3);  // one 64-byte line each
-    };
-    for (int64_t j = 0; j < std::min<int64_t>(kAhead, keys); ++j) prefetch_row(k_, j);
-    for (int64_t j = 0; j < keys; ++j) {
-      if (j + kAhead < keys) prefetch_row(k_, j + kAhead);
-      const T* k_row = row_of(k_, j);
-      for (int64_t h = 0; h < heads; ++h) {
+ private:
+  struct Item {  // one work item: a sequence's run of kv heads
+    const int64_t* slots;  // [keys] the cache slot of each key it attends to
+    int64_t keys;
+    int64_t kv_first;  // its first kv head
+    int64_t heads;     // its query heads: kv_first * G .. kv_first * G + heads - 1
+    int64_t span;      // elements of a cache row it reads
+  };
+
+  const T* row_of(const T* cache, const Item& item, int64_t j) const {  // key j's row from the item's first kv head
+    return cache + item.slots[j] * row_stride_ + item.kv_first * head_stride_;
+  }
+  int64_t kv_of(int64_t h) const { return (h / G_) * head_stride_; }  // query head h's kv head within a row
+  void prefetch_row(const T* cache, const Item& item, int64_t j) const {
+    const T* row = row_of(cache, item, j);
+    for (int64_t f = 0; f < item.span; f += kLine<T>) __builtin_prefetch(row + f, 0, 3);  // one 64-byte line each
+  }
+
+  // scores[h, j] = scale * q_h . K_j, keys prefetched kAhead ahead: consecutive keys sit in cache blocks scattered
+  // over memory
+  void score_keys(const Item& item, const float* queries, float* scores) const {
+    for (int64_t j = 0; j < std::min<int64_t>(kAhead, item.keys); ++j) prefetch_row(k_, item, j);
+    for (int64_t j = 0; j < item.keys; ++j) {
+      if (j + kAhead < item.keys) prefetch_row(k_, item, j + kAhead);
+      const T* k_row = row_of(k_, item, j);
+      for (int64_t h = 0; h < item.heads; ++h) {
         const T* __restrict k = k_row + kv_of(h);
-        const float* __restrict qh = queries.data() + h * D_;
+        const float* __restrict qh = queries + h * D_;
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
         for (int64_t d = 0; d < D_; ++d) s += qh[d] * widen(k[d]);
-        scores[h * keys + j] = s * scale_;
+        scores[h * item.keys + j] = s * scale_;
       }
     }
-    for (int64_t j = 0; j < std::min<int64_t>(kAhead, keys); ++j) prefetch_row(v_, j);
-    for (int64_t h = 0; h < heads; ++h) {
-      float* row = scores.data() + h * keys;
-      const float top = *std::max_element(row, row + keys);
-      for (int64_t j = 0; j < keys; ++j) row[j] = exp_approx(row[j] - top);  // vectorised: libm's expf is not
+  }
+
+  // each row of scores [heads, keys] -> its exponentials less the row's largest score; totals[h]: their sum
+  void softmax(const Item& item, float* scores, float* totals) const {
+    for (int64_t h = 0; h < item.heads; ++h) {
+      float* row = scores + h * item.keys;
+      const float top = *std::max_element(row, row + item.keys);
+      for (int64_t j = 0; j < item.keys; ++j) row[j] = exp_approx(row[j] - top);  // vectorised: libm's expf is not
       float total = 0.f;
 #pragma omp simd reduction(+ : total)
-      for (int64_t j = 0; j < keys; ++j) total += row[j];
+      for (int64_t j = 0; j < item.keys; ++j) total += row[j];
       totals[h] = total;
     }
-    for (int64_t j = 0; j < keys; ++j) {
-      if (j + kAhead < keys) prefetch_row(v_, j + kAhead);
-      const T* v_row = row_of(v_, j);
-      for (int64_t h = 0; h < heads; ++h) {
+  }
+
+  // out[h] = sum_j scores[h, j] * V_j / totals[h]
+  void weigh_values(const Item& item, const float* scores, const float* totals, T* out) const {
+    thread_local std::vector<float> acc;  // [heads, D]
+    acc.assign(item.heads * D_, 0.f);
+    for (int64_t j = 0; j < std::min<int64_t>(kAhead, item.keys); ++j) prefetch_row(v_, item, j);
+    for (int64_t j = 0; j < item.keys; ++j) {
+      if (j + kAhead < item.keys) prefetch_row(v_, item, j + kAhead);
+      const T* v_row = row_of(v_, item, j);
+      for (int64_t h = 0; h < item.heads; ++h) {
         const T* __restrict v = v_row + kv_of(h);
         float* __restrict a = acc.data() + h * D_;
-        const float p = scores[h * keys + j];
+        const float p = scores[h * item.keys + j];
 #pragma omp simd
         for (int64_t d = 0; d < D_; ++d) a[d] += p * widen(v[d]);
       }
     }
-    for (int64_t h = 0; h < heads; ++h) {
-      T* __restrict o = out_ + b * out_seq_ + (kv_first * G_ + h) * out_head_;
-      const float inverse = 1.f / totals[h];
-      for (int64_t d = 0; d < D_; ++d) o[d] = narrow<T>(acc[h * D_ + d] * inverse);
+    for (int64_t h = 0; h < item.heads; ++h) write_head(out, h, acc.data() + h * D_, 1.f / totals[h]);
+  }
+
+  void write_head(T* out, int64_t h, const float* acc, float inverse) const {  // out row h = acc * inverse, rounded
+    T* __restrict o = out + h * out_head_;
+    for (int64_t d = 0; d < D_; ++d) o[d] = narrow<T>(acc[d] * inverse);
+  }
+
+#ifdef __AVX512F__
+  // The same two products in AVX-512 registers, for head dimensions that are multiples of kVectorHead: the loops
+  // above spend a horizontal sum per key and head, and keep the weighted sums in memory, so they run at a fraction of
+  // the bandwidth two cores have.
+  static constexpr int64_t kVectorHead = 64;  // a head's slice of a value row: four vectors
+
+  // Scores for blocks of 16 keys: a head's 16 dot products as 16 vector sums, summed across lanes together
+  // (sum_lanes_16); the next block's rows prefetched while this one is scored.
+  void score_blocks(const Item& item, const float* queries, float* scores) const {
+    const __m512 scale = _mm512_set1_ps(scale_);
+    for (int64_t j = 0; j < std::min<int64_t>(16, item.keys); ++j) prefetch_row(k_, item, j);
+    for (int64_t j0 = 0; j0 < item.keys; j0 += 16) {
+      const int64_t n = std::min<int64_t>(16, item.keys - j0);
+      for (int64_t j = j0 + 16; j < std::min(j0 + 32, item.keys); ++j) prefetch_row(k_, item, j);
+      const T* rows[16];
+      for (int64_t i = 0; i < 16; ++i) rows[i] = row_of(k_, item, j0 + std::min(i, n - 1));  // a short block repeats
+      for (int64_t h = 0; h < item.heads; ++h) {
+        __m512 sums[16];
+        for (int i = 0; i < 16; ++i) sums[i] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < D_; c += 16) {
+          const __m512 q = _mm512_loadu_ps(queries + h * D_ + c);
+          for (int i = 0; i < 16; ++i) sums[i] = _mm512_fmadd_ps(q, load16(rows[i] + kv_of(h) + c), sums[i]);
+        }
+        const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
+        _mm512_mask_storeu_ps(scores + h * item.keys + j0, lanes, _mm512_mul_ps(sum_lanes_16(sums), scale));
+      }
     }
   }
 
- private:
+  // out[h] = sum_j scores[h, j] * V_j / totals[h], four heads of a kv head at a time, their 64-wide slices of the
+  // weighted sum in registers while the keys stream by.
+  void weigh_values_vectors(const Item& item, const float* scores, const float* totals, T* out) const {
+    bool first_pass = true;
+    for (int64_t kv = 0; kv < item.heads / G_; ++kv)
+      for (int64_t c = 0; c < D_; c += kVectorHead)
+        for (int64_t g = 0; g < G_; g += 4) {
+          const int64_t h = kv * G_ + g;
+          switch (std::min<int64_t>(4, G_ - g)) {
+            case 4: weigh_slice<4>(item, scores, totals, out, h, c, first_pass); break;
+            case 3: weigh_slice<3>(item, scores, totals, out, h, c, first_pass); break;
+            case 2: weigh_slice<2>(item, scores, totals, out, h, c, first_pass); break;
+            default: weigh_slice<1>(item, scores, totals, out, h, c, first_pass); break;
+          }
+          first_pass = false;
+        }
+  }
+
+  // heads h .. h + NG - 1 (one kv head's), columns c .. c + 63; the first pass over the keys prefetches their rows
+  template <int NG>
+  void weigh_slice(const Item& item, const float* scores, const float* totals, T* out, int64_t h, int64_t c,
+                   bool prefetch) const {
+    __m512 acc[NG][4];
+    for (int g = 0; g < NG; ++g)
+      for (int x = 0; x < 4; ++x) acc[g][x] = _mm512_setzero_ps();
+    if (prefetch)
+      for (int64_t j = 0; j < std::min<int64_t>(kAhead, item.keys); ++j) prefetch_row(v_, item, j);
+    const int64_t offset = kv_of(h) + c;
+    for (int64_t j = 0; j < item.keys; ++j) {
+      if (prefetch && j + kAhead < item.keys) prefetch_row(v_, item, j + kAhead);
+      const T* v = row_of(v_, item, j) + offset;
+      const __m512 values[4] = {load16(v), load16(v + 16), load16(v + 32), load16(v + 48)};
+      for (int g = 0; g < NG; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[(h + g) * item.keys + j]);
+        for (int x = 0; x < 4; ++x) acc[g][x] = _mm512_fmadd_ps(p, values[x], acc[g][x]);
+      }
+    }
+    for (int g = 0; g < NG; ++g) {
+      alignas(64) float slice[kVectorHead];
+      const __m512 inverse = _mm512_set1_ps(1.f / totals[h + g]);
+      for (int x = 0; x < 4; ++x) _mm512_store_ps(slice + 16 * x, _mm512_mul_ps(acc[g][x], inverse));
+      T* __restrict o = out + (h + g) * out_head_ + c;
+      for (int64_t d = 0; d < kVectorHead; ++d) o[d] = narrow<T>(slice[d]);
+    }
+  }
+#endif
+
   int64_t B_, D_, Hkv_, G_;
   const T* q_;
   int64_t q_seq_, q_head_;

@@ -111,8 +111,13 @@ def decode_step_attention(compiled, dtype, heads, kv_heads, head_dim, window, th
     return attended[0], reference_decode(query[0].transpose(0, 1), cache, requests, scale, window)
 
 
+# head dims of 64 and 128 take the AVX-512 loops where the CPU has them (keys in blocks of 16, so 1 to 64 tokens end
+# blocks short and full; a value row's slice in registers for up to four heads of a kv head: groups of 1, 2, 4, 7)
+VECTOR_LAYOUTS = [(4, 2, 64), (5, 5, 64), (7, 1, 64), (8, 2, 128)]
+
+
 @pytest.mark.parametrize("threads", [1, 2])  # 1: the helper thread runs work items too; 2: torch's threads do
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (4, 4, 32), (6, 3, 40), (10, 5, 16), (6, 1, 24)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [*VECTOR_LAYOUTS, (4, 4, 32), (6, 3, 40), (10, 5, 16), (6, 1, 24)])
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_attention_matches_the_written_out_attention(compiled, heads, kv_heads, head_dim, window, threads):
     attended, expected = decode_step_attention(compiled, torch.float32, heads, kv_heads, head_dim, window, threads)
@@ -120,7 +125,7 @@ def test_decode_attention_matches_the_written_out_attention(compiled, heads, kv_
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (6, 3, 40), (6, 1, 24)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [*VECTOR_LAYOUTS, (6, 3, 40), (6, 1, 24)])
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_attention_reads_a_bfloat16_cache(compiled, heads, kv_heads, head_dim, window, threads):
     # scores, softmax and the sum of values in float32, the output rounded once: within one bfloat16 rounding
