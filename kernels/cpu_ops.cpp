@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(at::Tensor x, at::Tensor residua
 at::Tensor silu_and_mul(at::Tensor gate, at::Tensor up);  // cpu_fused.cpp
 at::Tensor rotary(at::Tensor x, at::Tensor cos, at::Tensor sin);  // cpu_fused.cpp
 
-void decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+void cached_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                       at::Tensor kv_index, at::Tensor query_pos, double scale,
                       int64_t window);  // cpu_attention.cpp
 
@@ -61,7 +61,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("up"), py::call_guard<py::gil_scoped_release>());
   m.def("rotary", &rotary, "x * cos + rotate_half(x) * sin of bfloat16 x [T, H, D], as HF's rotary", py::arg("x"),
         py::arg("cos"), py::arg("sin"), py::call_guard<py::gil_scoped_release>());
-  m.def("decode_attention", &decode_attention,
-        "decode queries against the paged KV cache, in place (float32 or bfloat16, CPU)",
+  m.def("cached_attention", &cached_attention,
+        "query tokens against the paged KV cache, in place (float32 or bfloat16, CPU)",
         py::call_guard<py::gil_scoped_release>());
 }

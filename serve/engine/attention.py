@@ -5,10 +5,10 @@ The HF modelling code computes q/k/v (and RoPE at each token's own position) for
 attends. The model runs with `attn_implementation=ATTENTION_NAME`, and the step's `ForwardContext` (the cache and the
 metadata) travels down the model's forward kwargs as `loradock_context`. The metadata comes in two kinds:
 
-- `GroupedAttention`, an eager step's (prefill chunks, mixed steps, decodes outside the graphs): each group of
-  queries against copies of its contexts gathered from the cache, through torch's SDPA; the decode group on the CPU
-  (float32 or bfloat16) through the compiled decode attention (`kernels/cpu_attention.cpp`), which reads the cache in
-  place.
+- `GroupedAttention`, an eager step's (prefill chunks, mixed steps, decodes outside the graphs): on the CPU (float32
+  or bfloat16) every group through the compiled attention (`kernels/cpu_attention.cpp`), each query token against
+  its context read in place (a prefill chunk's causal mask is each token's own position); elsewhere each group
+  against copies of its contexts gathered from the cache, through torch's SDPA.
 - `PagedDecodeAttention`, a decode step's from the persistent decode inputs (the CUDA graphs' path): one query per
   sequence through the paged decode attention (`kernels/paged_decode.py`), which reads the cache in place through
   the block tables.
@@ -76,13 +76,14 @@ PAD_POS = torch.iinfo(torch.int32).max
 
 @dataclass
 class AttentionGroup:
-    """Queries `rows` of the flat batch attending to gathered cache slots; B sequences, Q queries, L keys each."""
+    """Queries `rows` of the flat batch attending to cache slots; B sequences, Q queries, L keys each, column j of
+    kv_index holding position j (the compiled attention reads a query's context as columns 0 .. its position).
+    Decodes are one group of B sequences, Q = 1; a prefill chunk is a group of its own, B = 1."""
 
     rows: slice  # the group's tokens are contiguous in the flat batch
     kv_index: torch.Tensor  # [B, L] cache slot of each context token (padding: the query's own slot)
     query_pos: torch.Tensor  # [B, Q] absolute position of each query token
     key_pos: torch.Tensor  # [B, L] absolute position of each context token (padding: PAD_POS)
-    decode: bool = False  # one query per sequence, and column j of kv_index is position j
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -107,21 +108,22 @@ class GroupedAttention:
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot each token's K/V is written to
     groups: list[AttentionGroup]  # the decode group (if any) first, then one group per prefill chunk
-    # the compiled CPU decode attention (`decode_attention` of the CPU ops) for the decode group, or None: SDPA
-    decode_kernel: Callable | None
+    # the compiled CPU attention (`cached_attention` of the CPU ops), or None: SDPA
+    kernel: Callable | None
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scaling: float | None,
                sliding_window: int | None) -> torch.Tensor:
-        """q: [T, H, D] -> [T, H, D]; the decode group through the compiled kernel when it reads these dtypes."""
+        """q: [T, H, D] -> [T, H, D]; through the compiled kernel when it reads these dtypes."""
         out = q.new_empty(q.shape) if len(self.groups) > 1 else None
         for group in self.groups:
-            if group.decode and self.decode_kernel is not None and q.dtype == k_cache.dtype in KERNEL_DTYPES:
-                attended = out[group.rows] if out is not None else q.new_empty(q.shape)  # [B, H, D]
+            if self.kernel is not None and q.dtype == k_cache.dtype in KERNEL_DTYPES:
+                attended = out[group.rows] if out is not None else q.new_empty(q.shape)  # [B*Q, H, D]
+                positions = group.query_pos.view(-1)  # [B*Q]
                 scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-                self.decode_kernel(
-                    attended, q[group.rows], k_cache, v_cache, group.kv_index, group.query_pos.view(-1), scale,
-                    sliding_window or 0,
-                )
+                self.kernel(
+                    attended, q[group.rows], k_cache, v_cache, group.kv_index.expand(len(positions), -1), positions,
+                    scale, sliding_window or 0,
+                )  # a prefill chunk's one kv_index row, [1, L], read by each of its queries
             else:
                 attended = _sdpa(q, group, k_cache, v_cache, scaling, sliding_window)  # [B*Q, H, D]
                 if out is not None:

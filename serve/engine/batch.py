@@ -77,10 +77,10 @@ def build_step(
     entries: list[tuple[Request, int]],
     cache: PagedKVCache,
     device: torch.device,
-    decode_kernel: Callable | None = None,
+    attention_kernel: Callable | None = None,
 ) -> StepBatch:
     """entries: (request, number of its pending tokens to run now). Decodes go first.
-    decode_kernel: the decode group's attention kernel (None: SDPA for every group)."""
+    attention_kernel: the compiled attention for every group (None: SDPA)."""
     entries = sorted(entries, key=lambda e: not is_decode(*e))  # stable: keeps the scheduler's order within each kind
     bs = cache.block_size
     token_ids: list[int] = []
@@ -98,11 +98,7 @@ def build_step(
         valid = key_pos < ctx[:, None]
         # padding reads the query's own slot, just written, so nothing uninitialised enters attention
         kv_index = _slots(blocks, torch.minimum(key_pos, query_pos), bs)
-        groups.append(
-            AttentionGroup(
-                slice(0, len(decodes)), kv_index, query_pos, torch.where(valid, key_pos, PAD_POS), decode=True
-            )
-        )
+        groups.append(AttentionGroup(slice(0, len(decodes)), kv_index, query_pos, torch.where(valid, key_pos, PAD_POS)))
         positions.append(query_pos[:, 0])
         slot_parts.append(torch.gather(kv_index, 1, query_pos)[:, 0])
 
@@ -131,7 +127,7 @@ def build_step(
         input_ids=on_device(torch.tensor(token_ids)[None]),
         position_ids=on_device(torch.cat(positions)[None]),
         adapter_slots=adapter_slots,
-        attention=GroupedAttention(on_device(torch.cat(slot_parts)), groups, decode_kernel),
+        attention=GroupedAttention(on_device(torch.cat(slot_parts)), groups, attention_kernel),
         rows=rows,
         logits_rows=on_device(torch.tensor(rows.indices, dtype=torch.long)),
     )

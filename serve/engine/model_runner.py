@@ -15,13 +15,13 @@ from .graph_runner import DecodeGraphs
 from .request import Request
 
 
-def cpu_decode_attention(device: torch.device, dtype: torch.dtype) -> Callable | None:
-    """The compiled decode attention when the engine runs on the CPU in a dtype it takes (float32, bfloat16) and the
-    CPU ops build, else None."""
+def cpu_cached_attention(device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """The compiled attention against the cache when the engine runs on the CPU in a dtype it takes (float32,
+    bfloat16) and the CPU ops build, else None."""
     if device.type != "cpu" or dtype not in KERNEL_DTYPES:
         return None
     compiled = cpu_ops()
-    return compiled.decode_attention if compiled is not None else None
+    return compiled.cached_attention if compiled is not None else None
 
 
 @dataclass
@@ -50,7 +50,7 @@ class ModelRunner:
         self.context = context
         self.device = device
         self.decode_graphs = decode_graphs
-        self.decode_kernel = cpu_decode_attention(device, context.kv_cache.shape.dtype)
+        self.attention_kernel = cpu_cached_attention(device, context.kv_cache.shape.dtype)
 
     @torch.inference_mode()
     def run(self, entries: list[tuple[Request, int]]) -> StepResult:
@@ -60,7 +60,7 @@ class ModelRunner:
             rows = step_rows(entries)  # every decode is sampled: rows 0..B-1, the graph's
             logits = graphs.run(rows.sampled)
         else:
-            step = build_step(entries, self.context.kv_cache, self.device, self.decode_kernel)
+            step = build_step(entries, self.context.kv_cache, self.device, self.attention_kernel)
             rows = step.rows
             logits = self._run_eager(step)
         return StepResult(logits, rows.sampled, rows.prompt_rows, sum(n for _, n in entries))

@@ -24,7 +24,7 @@ from loradock.kernels.lora import (
     lora_operands,
 )
 from loradock.kernels.torch_lora import TorchBackend
-from loradock.serve.engine.model_runner import cpu_decode_attention
+from loradock.serve.engine.model_runner import cpu_cached_attention
 
 # ---------------------------------------------------------------------------------------------- compiled CPU kernel
 
@@ -261,7 +261,7 @@ def test_cpu_ops_build_failure_leaves_the_torch_paths(monkeypatch, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="loradock.kernels"):
         assert cpu_ops() is None
     assert "could not be built" in caplog.text
-    assert cpu_decode_attention(torch.device("cpu"), torch.float32) is None  # the engine's attention: SDPA
+    assert cpu_cached_attention(torch.device("cpu"), torch.float32) is None  # the engine's attention: SDPA
     case = CASES[0]
     y_storage, y, x, A, B, scales, ranks, clean_A, clean_B = make_operands(case, layout="rank_outermost")
     expected = expected_output(case, y_storage, x, clean_A, clean_B, scales, ranks)

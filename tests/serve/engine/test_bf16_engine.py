@@ -20,7 +20,7 @@ def kernel_calls(monkeypatch):
     """Counts of the compiled ops the engine calls and of the torch LoRA fallback."""
     compiled = cpu_ops()
     assert compiled is not None, "the compiled CPU ops did not build: see the loradock.kernels warning"
-    counted = {"lora_linear": 0, "decode_attention": 0, "torch": 0}
+    counted = {"lora_linear": 0, "cached_attention": 0, "torch": 0}
 
     def counting(name, function):
         def wrapper(*args):
@@ -29,7 +29,7 @@ def kernel_calls(monkeypatch):
 
         return wrapper
 
-    for name in ("lora_linear", "decode_attention"):
+    for name in ("lora_linear", "cached_attention"):
         monkeypatch.setattr(compiled, name, counting(name, getattr(compiled, name)))
     monkeypatch.setattr(TorchBackend, "_add", counting("torch", TorchBackend._add))
     return counted
@@ -42,7 +42,7 @@ def test_bf16_engine_agrees_with_peft_in_bf16_on_a_mixed_batch(model_dir, adapte
     ))
     with engine:
         generated = generate_greedy(engine, workload, MAX_NEW)
-    assert kernel_calls["lora_linear"] > 0 and kernel_calls["decode_attention"] > 0 and kernel_calls["torch"] == 0
+    assert kernel_calls["lora_linear"] > 0 and kernel_calls["cached_attention"] > 0 and kernel_calls["torch"] == 0
     found = agreement(peft_bf16(model_dir("llama"), {name: adapter_dir / name for name in ADAPTERS}), workload,
                       generated)
     # on these requests PEFT in bf16 is itself ~0.03 nats (mean) and ~0.01 in probability from the exact fp32 engine

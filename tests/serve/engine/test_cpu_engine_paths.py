@@ -83,7 +83,7 @@ def decode_step_attention(compiled, dtype, heads, kv_heads, head_dim, window, th
 
     def kernel(*args):
         calls.append(args)
-        return compiled.decode_attention(*args)
+        return compiled.cached_attention(*args)
 
     step = build_step([(r, 1) for r in requests], cache, CPU, kernel)
     used = {r.blocks[p // 8] * 8 + p % 8 for r in requests for p in range(r.num_tokens)}
@@ -135,32 +135,41 @@ def test_decode_attention_reads_a_bfloat16_cache(compiled, heads, kv_heads, head
     torch.testing.assert_close(attended.float(), expected, rtol=2**-7, atol=1e-4)
 
 
-def test_decode_attention_and_sdpa_give_the_same_mixed_step(compiled):
-    """A step of decodes and a prefill chunk: the compiled kernel takes the decode group, SDPA the chunk."""
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("window", [None, 6])
+def test_the_compiled_attention_and_sdpa_give_the_same_mixed_step(compiled, dtype, tolerance, head_dim, window):
+    """A step of decodes and two prefill chunks (one a whole prompt, one a tail after 8 cached tokens): the compiled
+    kernel takes every group, each chunk's tokens masked by their own positions; SDPA over gathered copies agrees."""
     outputs = []
-    for kernel in (compiled.decode_attention, None):
-        cache = filled_cache(2, 16, seed=7)
+    for kernel in (compiled.cached_attention, None):
+        calls = []
+        cache = filled_cache(2, head_dim, seed=7, dtype=dtype)
         decodes = cached_requests([5, 30, 12], cache, seed=3)
+        free = [b for b in range(cache.num_blocks) if all(b not in r.blocks for r in decodes)]
         prefill = Request("p", list(range(10, 30)), SamplingParams(), None)
-        prefill.blocks = [b for b in range(cache.num_blocks) if all(b not in r.blocks for r in decodes)][:3]
-        step = build_step([(prefill, 20), *[(r, 1) for r in decodes]], cache, CPU, kernel)
-        assert [g.decode for g in step.attention.groups] == [True, False]
+        prefill.blocks = free[:3]
+        tail = Request("t", list(range(40, 61)), SamplingParams(), None)
+        tail.blocks, tail.num_computed = free[3:6], 8  # its first block's keys and values are in the cache
+        step = build_step([(prefill, 20), (tail, 13), *[(r, 1) for r in decodes]], cache, CPU,
+                          kernel and (lambda *args: calls.append(args) or kernel(*args)))
+        assert len(step.attention.groups) == 3
         generator = torch.Generator().manual_seed(2)
-        query = torch.randn(1, 4, 23, 16, generator=generator)
-        key = torch.randn(1, 2, 23, 16, generator=generator)
-        value = torch.randn(1, 2, 23, 16, generator=generator)
+        query, key, value = (torch.randn(1, heads, 36, head_dim, generator=generator).to(dtype) for heads in (4, 2, 2))
         module = torch.nn.Module()
         module.layer_idx = 0
         context = eager_context(cache, step)
-        outputs.append(paged_attention(module, query, key, value, None, scaling=0.25, loradock_context=context)[0])
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+        outputs.append(paged_attention(module, query, key, value, None, scaling=0.25, sliding_window=window,
+                                       loradock_context=context)[0].float())
+        assert len(calls) == (3 if kernel else 0)  # a call per group
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=tolerance, atol=tolerance)
 
 
 def test_decode_attention_refuses_positions_outside_the_context(compiled):
     cache = filled_cache(2, 16, seed=1)
     out = torch.empty(1, 4, 16)
     with pytest.raises(RuntimeError, match="query position"):
-        compiled.decode_attention(
+        compiled.cached_attention(
             out, torch.randn(1, 4, 16), cache.keys[0], cache.values[0], torch.zeros(1, 4, dtype=torch.long),
             torch.tensor([4]), 0.25, 0,
         )
@@ -173,9 +182,9 @@ def test_engine_greedy_equals_hf_with_and_without_the_compiled_attention(model_d
     expected = [hf_greedy(reference, p, 12, ignore_eos=True) for p in prompts]
     for compiled_attention in (True, False):
         engine = start_engine(path)
-        assert engine.runner.decode_kernel is not None  # the CPU engine's default
+        assert engine.runner.attention_kernel is not None  # the CPU engine's default
         if not compiled_attention:
-            engine.runner.decode_kernel = None  # SDPA for every group
+            engine.runner.attention_kernel = None  # SDPA for every group
         try:
             got = engine_greedy(engine, prompts, 12)
         finally:
