@@ -104,9 +104,9 @@ class CachedAttention final : public loradock::Tiles {
     const int64_t heads = (kv_end - kv_first) * G_;  // query heads kv_first * G .. kv_end * G - 1
     const int64_t last = positions_[t];
     const int64_t first = window_ > 0 ? std::max<int64_t>(0, last - window_ + 1) : 0;
-    const Item item_of{index_ + t * index_row_ + first, last - first + 1, kv_first, heads,
+    const Item work{index_ + t * index_row_ + first, last - first + 1, kv_first, heads,
                        (kv_end - kv_first - 1) * head_stride_ + D_};
-    scores.resize(heads * item_of.keys);
+    scores.resize(heads * work.keys);
     queries.resize(heads * D_);
     totals.resize(heads);
     const T* qs = q_ + t * q_row_ + kv_first * G_ * q_head_;
@@ -115,15 +115,15 @@ class CachedAttention final : public loradock::Tiles {
     T* out = out_ + t * out_row_ + kv_first * G_ * out_head_;
 #ifdef __AVX512F__
     if (D_ % kVectorHead == 0) {
-      score_blocks(item_of, queries.data(), scores.data());
-      softmax(item_of, scores.data(), totals.data());
-      weigh_values_vectors(item_of, scores.data(), totals.data(), out);
+      score_blocks(work, queries.data(), scores.data());
+      softmax(work, scores.data(), totals.data());
+      weigh_values_vectors(work, scores.data(), totals.data(), out);
       return;
     }
 #endif
-    score_keys(item_of, queries.data(), scores.data());
-    softmax(item_of, scores.data(), totals.data());
-    weigh_values(item_of, scores.data(), totals.data(), out);
+    score_keys(work, queries.data(), scores.data());
+    softmax(work, scores.data(), totals.data());
+    weigh_values(work, scores.data(), totals.data(), out);
   }
 
  private:

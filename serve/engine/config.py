@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..models.dtype import DtypeName
 
 
+# A step's token budget where --max-batch-tokens is not given. On a GPU up to a few thousand tokens cost about what
+# one does; on a CPU a step's time grows with its tokens from a few dozen on (its cores reach their matrix peak
+# there), so a larger step only makes every prefill in it wait for the others, and the running streams for all of
+# them (loadtest/RESULTS.md, "The step's token budget on the CPU").
+DEFAULT_BATCH_TOKENS = {"cuda": 2048, "cpu": 512}
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -28,7 +35,10 @@ class EngineConfig(BaseModel):
         "float32 on other CPUs",
     )
     device: Literal["cpu", "cuda"] | None = Field(default=None, description="default: cuda when available")
-    max_batch_tokens: int = Field(default=2048, ge=1, description="tokens per engine step: decodes + prefill chunks")
+    max_batch_tokens: int | None = Field(
+        default=None, ge=1, description="tokens per engine step: decodes + prefill chunks (default: 2048 on CUDA, 512 "
+        "on the CPU, where a step takes time in proportion to its tokens)",
+    )
     max_num_seqs: int = Field(default=256, ge=1, description="requests running at once; more wait in the queue")
     scheduling: Literal["fcfs", "fair"] = Field(
         default="fair", description="admission order of waiting requests: fair (the tenant, or adapter, with the "

@@ -38,7 +38,7 @@ from ...kernels.paged_decode import select_paged_decode
 from ..models.dtype import DtypeChoice, choose_dtype
 from ..models.loader import default_quantize, eos_ids, load_model, resolve_device
 from ..models.source import resolve_model_path
-from .config import EngineConfig
+from .config import DEFAULT_BATCH_TOKENS, EngineConfig
 from .decode_inputs import DecodeInputs
 from .errors import RequestError
 from .forward_context import ForwardContext
@@ -167,7 +167,8 @@ class Engine:
         )
         self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_token_ids, config.max_num_seqs, device,
                                  config.grammar_compile_timeout)
-        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_num_seqs, config.scheduling,
+        self.max_batch_tokens = config.max_batch_tokens or DEFAULT_BATCH_TOKENS[device.type]
+        self.scheduler = Scheduler(self.cache, self.max_batch_tokens, config.max_num_seqs, config.scheduling,
                                    config.prefix_caching)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self.adapters: AdapterManager | None = None
@@ -248,7 +249,7 @@ class Engine:
         config = self.config
         return DecodeInputs(config.max_num_seqs, self.cache, self.max_model_len, self.device,
                             select_paged_decode(self.device), num_slots=config.max_gpu_adapters,
-                            lora_tokens=max(config.max_batch_tokens, config.max_num_seqs), lora_rows=head)
+                            lora_tokens=max(self.max_batch_tokens, config.max_num_seqs), lora_rows=head)
 
     def _forward_context(self, decode_inputs: DecodeInputs | None, head: bool) -> ForwardContext:
         """The one forward context of every step; its LoRA metadata (the tokens', and the logits rows' when the output
@@ -258,7 +259,7 @@ class Engine:
         slots = self.config.max_gpu_adapters
 
         def meta() -> LoraMeta:
-            return LoraMeta(self.config.max_batch_tokens, slots, self.device)
+            return LoraMeta(self.max_batch_tokens, slots, self.device)
 
         return ForwardContext(self.cache, meta() if slots else None, meta() if slots and head else None)
 

@@ -49,3 +49,22 @@ def test_nf4_engine_equals_hf_generate_on_the_same_quantized_model(model_dir, to
     reference, _ = load_model(path, "nf4", torch.float32, CPU)
     for prompt, (ids, _text, _reason) in zip(prompts, results):
         assert ids == hf_greedy(reference, prompt, MAX_NEW)
+
+
+@pytest.mark.parametrize("budget,prefill_steps", [(None, 3), (2048, 1)])
+def test_the_cpu_step_budget_chunks_a_long_prompt_and_keeps_hf_greedy(model_dir, tokenizer, budget, prefill_steps):
+    # on the CPU the default budget is 512 tokens a step: a 1200-token prompt takes three steps before its first
+    # token, and the chunks attend to what the earlier ones cached exactly as one pass does
+    path = model_dir("llama")
+    ids = [token for p in varied_prompts(tokenizer, 40) for token in p][:1200]
+    assert len(ids) == 1200
+    engine = start_engine(path, kv_cache_memory="8MiB", **({} if budget is None else {"max_batch_tokens": budget}))
+    try:
+        assert engine.max_batch_tokens == (budget or 512) == engine.scheduler.max_batch_tokens
+        steps_before = engine.steps
+        (got, _text, _reason), = asyncio.run(run_staggered(engine, [ids], SamplingParams(max_tokens=4, temperature=0)))
+    finally:
+        engine.shutdown()
+    assert engine.steps - steps_before == prefill_steps + 3  # the prefill's steps, then a step per further token
+    reference, _ = load_model(path, "none", torch.float32, CPU)
+    assert got == hf_greedy(reference, ids, 4)
