@@ -45,7 +45,7 @@ def paged_case(queries: int, sequences: int, length: int, heads: int, kv_heads: 
     k_cache = torch.randn(sequences * blocks_per * BLOCK, kv_heads, head_dim, generator=generator).to(dtype)
     v_cache = torch.randn(k_cache.shape, generator=generator).to(dtype)
     tables = order.view(sequences, blocks_per)
-    slots = (tables[:, :, None] * BLOCK + torch.arange(BLOCK)).view(sequences, -1)[:, :length]  # [B, L]
+    slots = (tables[:, :, None] * BLOCK + torch.arange(BLOCK)).view(sequences, -1)[:, :length].contiguous()  # [B, L]
     q = torch.randn(queries * sequences, heads, head_dim, generator=generator).to(dtype)
     positions = torch.arange(length - queries, length)
     if queries == 1:
