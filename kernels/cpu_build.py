@@ -1,4 +1,5 @@
-"""The compiled CPU ops (`cpu_ops.cpp`: the gathered-LoRA kernel of `cpu_lora.cpp` and the decode attention of
+"""The compiled CPU ops (`cpu_ops.cpp`: the gathered-LoRA kernel of `cpu_lora.cpp`, the chunked linears of
+`cpu_linear.cpp`, the fused layer ops of `cpu_fused.cpp` and the attention against the paged KV cache of
 `cpu_attention.cpp`, each for float32 and bfloat16 tensors), built on first use and cached.
 
 They are compiled with torch's extension loader (needs a C++ compiler and ninja; about half a minute on an idle
