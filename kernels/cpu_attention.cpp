@@ -143,13 +143,18 @@ class CachedAttention final : public loradock::Tiles {
     const T* row = row_of(cache, item, j);
     for (int64_t f = 0; f < item.span; f += kLine<T>) __builtin_prefetch(row + f, 0, 3);  // one 64-byte line each
   }
+  // Before key j's row is read: the rows kAhead keys on (at the first key, the first kAhead as well), as consecutive
+  // keys sit in cache blocks scattered over memory.
+  void prefetch_ahead(const T* cache, const Item& item, int64_t j) const {
+    if (j == 0)
+      for (int64_t i = 0; i < std::min<int64_t>(kAhead, item.keys); ++i) prefetch_row(cache, item, i);
+    if (j + kAhead < item.keys) prefetch_row(cache, item, j + kAhead);
+  }
 
-  // scores[h, j] = scale * q_h . K_j, keys prefetched kAhead ahead: consecutive keys sit in cache blocks scattered
-  // over memory
+  // scores[h, j] = scale * q_h . K_j
   void score_keys(const Item& item, const float* queries, float* scores) const {
-    for (int64_t j = 0; j < std::min<int64_t>(kAhead, item.keys); ++j) prefetch_row(k_, item, j);
     for (int64_t j = 0; j < item.keys; ++j) {
-      if (j + kAhead < item.keys) prefetch_row(k_, item, j + kAhead);
+      prefetch_ahead(k_, item, j);
       const T* k_row = row_of(k_, item, j);
       for (int64_t h = 0; h < item.heads; ++h) {
         const T* __restrict k = k_row + kv_of(h);
@@ -179,9 +184,8 @@ class CachedAttention final : public loradock::Tiles {
   void weigh_values(const Item& item, const float* scores, const float* totals, T* out) const {
     thread_local std::vector<float> acc;  // [heads, D]
     acc.assign(item.heads * D_, 0.f);
-    for (int64_t j = 0; j < std::min<int64_t>(kAhead, item.keys); ++j) prefetch_row(v_, item, j);
     for (int64_t j = 0; j < item.keys; ++j) {
-      if (j + kAhead < item.keys) prefetch_row(v_, item, j + kAhead);
+      prefetch_ahead(v_, item, j);
       const T* v_row = row_of(v_, item, j);
       for (int64_t h = 0; h < item.heads; ++h) {
         const T* __restrict v = v_row + kv_of(h);
@@ -191,12 +195,11 @@ class CachedAttention final : public loradock::Tiles {
         for (int64_t d = 0; d < D_; ++d) a[d] += p * widen(v[d]);
       }
     }
-    for (int64_t h = 0; h < item.heads; ++h) write_head(out, h, acc.data() + h * D_, 1.f / totals[h]);
-  }
-
-  void write_head(T* out, int64_t h, const float* acc, float inverse) const {  // out row h = acc * inverse, rounded
-    T* __restrict o = out + h * out_head_;
-    for (int64_t d = 0; d < D_; ++d) o[d] = narrow<T>(acc[d] * inverse);
+    for (int64_t h = 0; h < item.heads; ++h) {
+      T* __restrict o = out + h * out_head_;
+      const float inverse = 1.f / totals[h];
+      for (int64_t d = 0; d < D_; ++d) o[d] = narrow<T>(acc[h * D_ + d] * inverse);
+    }
   }
 
 #ifdef __AVX512F__
@@ -253,11 +256,9 @@ class CachedAttention final : public loradock::Tiles {
     __m512 acc[NG][4];
     for (int g = 0; g < NG; ++g)
       for (int x = 0; x < 4; ++x) acc[g][x] = _mm512_setzero_ps();
-    if (prefetch)
-      for (int64_t j = 0; j < std::min<int64_t>(kAhead, item.keys); ++j) prefetch_row(v_, item, j);
     const int64_t offset = kv_of(h) + c;
     for (int64_t j = 0; j < item.keys; ++j) {
-      if (prefetch && j + kAhead < item.keys) prefetch_row(v_, item, j + kAhead);
+      if (prefetch) prefetch_ahead(v_, item, j);
       const T* v = row_of(v_, item, j) + offset;
       const __m512 values[4] = {load16(v), load16(v + 16), load16(v + 32), load16(v + 48)};
       for (int g = 0; g < NG; ++g) {
