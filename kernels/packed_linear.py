@@ -41,8 +41,10 @@ def chunk_count(out_features: int, split: bool) -> int:
 
 
 def packing_available() -> bool:
-    """oneDNN is built into this torch and offers the packed linear ops."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """oneDNN is built into this torch, offers the packed linear ops and runs them in bf16 on this CPU (it needs
+    AVX512BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU has neither)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):

@@ -15,7 +15,7 @@ from loradock.kernels.packed_linear import (
 )
 from loradock.serve.engine import Engine, EngineConfig, SamplingParams
 
-pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN")
+pytestmark = pytest.mark.skipif(not packing_available(), reason="oneDNN cannot pack bf16 weights on this CPU")
 
 
 @pytest.mark.parametrize("threads", [1, 2])  # one: the helper thread has the other core and runs chunks
