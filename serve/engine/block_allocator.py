@@ -21,6 +21,7 @@ class BlockAllocator:
         self.by_hash: dict[bytes, int] = {}
         self._empty = list(range(num_blocks - 1, -1, -1))  # free, no hash: taken first, from the end
         self._cached: dict[int, None] = {}  # free with a hash, least recently freed first
+        self.used_below = 0  # every block handed out so far has a lower id (the never-used ones are taken in order)
 
     @property
     def num_free(self) -> int:
@@ -47,6 +48,7 @@ class BlockAllocator:
             taken.append(block)
         for block in taken:
             self.refs[block] = 1
+        self.used_below = max([self.used_below, *(block + 1 for block in taken)])
         return taken
 
     def free(self, blocks: list[int]) -> None:

@@ -418,7 +418,8 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         idle = True
-        while self._drain_commands(block=idle):
+        # idle: commit a piece of KV memory for the requests to come, and wait for a command once none is left
+        while self._drain_commands(block=idle and not self.cache.commit_ahead()):
             self._assign_adapter_slots()
             entries = self.scheduler.schedule()
             idle = not entries  # nothing can run until a command arrives (a request, an adapter read)

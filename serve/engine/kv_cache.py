@@ -15,7 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from .block_allocator import BlockAllocator
-from .host_memory import huge_page_empty
+from .host_memory import HUGE_PAGE, huge_page_empty
+
+# The most KV memory the engine commits while idle past the blocks used so far (`PagedKVCache.commit_ahead`): a
+# bound, so that an idle server with the default budget (most of the host's free memory) never takes it all at once
+COMMIT_AHEAD_BYTES = 512 << 20
+PAGE = 4096  # the smallest page: one write in each commits all of them
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -54,7 +59,8 @@ class CacheShape:
 
 
 class PagedKVCache:
-    def __init__(self, shape: CacheShape, num_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, shape: CacheShape, num_blocks: int, block_size: int, device: torch.device,
+                 commit_ahead_bytes: int = COMMIT_AHEAD_BYTES):
         if num_blocks < 1:
             raise ValueError("the KV cache budget is too small for even one block")
         self.shape = shape
@@ -66,12 +72,19 @@ class PagedKVCache:
         # (pages are committed as they are used); attention only ever reads slots written earlier in the same or a
         # previous step
         whole = (2, shape.num_layers, slots, shape.num_kv_heads, shape.head_dim)
-        if torch.device(device).type == "cpu":
+        lazy = torch.device(device).type == "cpu"
+        if lazy:
             storage = huge_page_empty(whole, shape.dtype)
         else:
             storage = torch.empty(whole, dtype=shape.dtype, device=device)
         self.keys = list(storage[0])
         self.values = list(storage[1])
+        # commit_ahead's state: slots committed so far in each layer's keys, then values (none to do on CUDA); the
+        # slots used when it last ran; how far ahead to commit (the most a busy stretch has taken) and its bound
+        self._committed = [0] * (2 * shape.num_layers) if lazy else []
+        self._used_at_idle, self._ahead_slots = 0, 0
+        self._max_ahead_slots = commit_ahead_bytes // shape.bytes_per_token
+        self._piece_slots = max(1, HUGE_PAGE // (shape.bytes_per_token // (2 * shape.num_layers)))
 
     @classmethod
     def from_budget(
@@ -95,3 +108,24 @@ class PagedKVCache:
     def blocks_to_grow(self, blocks: list[int], num_tokens: int) -> int:
         """How many blocks to add to `blocks` for them to hold `num_tokens` tokens."""
         return max(0, self.blocks_needed(num_tokens) - len(blocks))
+
+    def commit_ahead(self) -> bool:
+        """Commit the next piece (a huge page of one layer's keys or values) of the never-used KV memory past the
+        blocks used so far, as far ahead as the busiest stretch between two calls used fresh blocks (at most
+        `commit_ahead_bytes`); False when there is none. The engine calls it while idle: fresh CPU memory is zeroed
+        by the kernel on its first write, and without this a request that takes a block never used before waits for
+        that (every new block while a prefix cache keeps the freed ones findable)."""
+        used = self.allocator.used_below * self.block_size  # slots below were handed out: never written here
+        self._ahead_slots = min(self._max_ahead_slots, max(self._ahead_slots, used - self._used_at_idle))
+        self._used_at_idle = used
+        limit = min(self.capacity_tokens, used + self._ahead_slots)
+        for index, committed in enumerate(self._committed):
+            start = max(committed, used)
+            if start < limit:
+                end = min(limit, start + self._piece_slots)
+                layers = self.keys if index < len(self.keys) else self.values
+                piece = layers[index % len(self.keys)][start:end].view(-1)  # [slots * kv_heads * head_dim]
+                piece[:: PAGE // piece.element_size()].zero_()  # zeros on zeros: a write in each page commits it
+                self._committed[index] = end
+                return True
+        return False

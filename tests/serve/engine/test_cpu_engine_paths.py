@@ -209,16 +209,22 @@ def thp_mode() -> str:
     return found.group(1) if found else "unsupported"
 
 
-def huge_page_eligible(address: int) -> bool:
-    """Whether the kernel lets the mapping holding `address` use transparent huge pages (/proc/self/smaps)."""
-    eligible, inside = None, False
+def smaps_field(address: int, field: str) -> int:
+    """A field of the mapping holding `address` in /proc/self/smaps (THPeligible: 0 or 1; Rss: kB); 0 if absent.
+    The kernel merges neighbouring anonymous mappings: read changes in Rss, not its value."""
+    value, inside = 0, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         header = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
         if header:
             inside = int(header.group(1), 16) <= address < int(header.group(2), 16)
-        elif inside and line.startswith("THPeligible:"):
-            eligible = line.split()[1] == "1"
-    return bool(eligible)
+        elif inside and line.startswith(f"{field}:"):
+            value = int(line.split()[1])
+    return value
+
+
+def huge_page_eligible(address: int) -> bool:
+    """Whether the kernel lets the mapping holding `address` use transparent huge pages."""
+    return smaps_field(address, "THPeligible") == 1
 
 
 def test_huge_page_buffer_is_aligned_zeroed_and_advised():
@@ -229,6 +235,34 @@ def test_huge_page_buffer_is_aligned_zeroed_and_advised():
     buffer.fill_(7)  # writable: the pages are committed now
     if thp_mode() in ("always", "madvise"):
         assert huge_page_eligible(buffer.data_ptr())
+
+
+def test_an_idle_cpu_cache_commits_fresh_memory_as_far_ahead_as_a_busy_stretch_took():
+    # 1 KiB a token in each of the 4 tensors (2 layers' keys and values): a piece (2 MiB) is 2048 slots
+    shape = CacheShape(num_layers=2, num_kv_heads=4, head_dim=64, dtype=torch.float32)
+    cache = PagedKVCache(shape, num_blocks=1024, block_size=16, device=CPU, commit_ahead_bytes=8 << 20)
+    tensors = [*cache.keys, *cache.values]
+
+    def resident() -> int:  # bytes of the cache's mapping the kernel has committed
+        return smaps_field(cache.keys[0].data_ptr(), "Rss") << 10
+
+    def commit_all() -> int:  # pieces committed until there are none left
+        return sum(iter(cache.commit_ahead, False))
+
+    start = resident()
+    assert commit_all() == 0 and resident() == start  # nothing used: nothing to commit
+    blocks = cache.allocator.allocate(300)  # slots [0, 4800)
+    for tensor in tensors:
+        tensor[:160] = 1.0  # requests' keys and values in the first 10 blocks
+    before = resident()
+    assert commit_all() == 4  # 4800 slots taken, 2048 (8 MiB over the 4 tensors) ahead: one piece in each
+    assert 8 << 20 <= resident() - before <= (8 << 20) + 4 * HUGE_PAGE  # the kernel rounds up to its page
+    cache.allocator.free(blocks)
+    cache.allocator.allocate(300)  # the same blocks again: nothing fresh taken, nothing more to commit
+    assert commit_all() == 0
+    cache.allocator.allocate(100)  # [4800, 6400): fresh blocks, already committed; commit on to 6400 + 2048
+    assert commit_all() == 4
+    assert all(t[:160].eq(1).all() and not t[160:].any() for t in tensors)  # what was written stays, the rest zeros
 
 
 def test_packing_keeps_values_ties_and_strides():
