@@ -6,7 +6,8 @@
 Every variant's server runs at once (an idle server costs ~1% of a core); each round loads every variant in turn,
 the order rotating from round to round, so a slow stretch of a shared machine hits each variant alike. The load is
 `loradock loadtest`'s: `--requests` at `--concurrency`, prompts of `--prompt-len` random token ids, `--max-tokens`
-new tokens each (greedy, streamed), request i naming adapter i mod `--adapters` (`--adapters 0`: the base model).
+new tokens each (greedy, streamed), request i naming adapter i mod `--adapters` (`--adapters 0`: the base model),
+new prompts each round (the same for every variant: a server's prefix cache never finds an earlier round's).
 Per variant: output tokens/s, TTFT p50, and the server's CPU seconds per 1000 output tokens, per round; then the
 medians, and each variant's tokens/s over the first's in the same round (the paired ratio: a machine whose speed
 drifts during the run moves both sides of it alike), their median and range. A variant is `NAME:` (no change),
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         for round_index in range(args.rounds):
             shift = round_index % len(servers)
             for variant, server in list(zip(args.variant, servers))[shift:] + list(zip(args.variant, servers))[:shift]:
-                spec = load_spec(args, server.url, models, "distinct", args.requests, ordinary, warmup=args.concurrency)
+                spec = load_spec(args, server.url, models, "distinct", args.requests, ordinary, warmup=args.concurrency,
+                                 seed=args.seed + round_index)  # every variant the same prompts, new each round
                 row = run_round(variant, server, servers, spec, args)
                 print(f"round {round_index + 1} {variant.name:>12}: {row['output_tokens_per_s']:7.1f} tok/s, TTFT p50 "
                       f"{row['ttft_p50_ms']:7.1f} ms, {row['server_cpu_s_per_1k_tokens']:.2f} server CPU s per 1k "

@@ -328,10 +328,12 @@ def trim(report: dict) -> dict:
 
 
 def load_spec(args, url: str, models: list[str], distribution: str, requests: int, ordinary: list[int],
-              warmup: int) -> lt.LoadSpec:
+              warmup: int, seed: int) -> lt.LoadSpec:
+    """The load of one run; each round takes a `seed` of its own, as servers with a prefix cache (loradock, vLLM)
+    would find the prompts of an earlier run with the same one."""
     options = lt.RequestOptions(max_tokens=args.max_tokens, stream=True, timeout=600.0)
     return lt.LoadSpec(url=url, models=models, distribution=distribution, concurrency=args.concurrency,
-                       requests=requests, prompt_len=args.prompt_len, seed=args.seed, options=options,
+                       requests=requests, prompt_len=args.prompt_len, seed=seed, options=options,
                        ordinary_ids=ordinary, warmup=warmup, time_limit=900.0)
 
 
@@ -409,11 +411,13 @@ def headline(args, setup: Setup, ordinary: list[int]) -> dict:
             started.append(server.__enter__())
         everyone = list(servers.values())
         for label, key, models, is_loradock in configs:  # warm every path once (adapters loaded, caches filled)
-            spec = load_spec(args, servers[key].url, models, "distinct", len(models), ordinary, warmup=2 * len(models))
+            spec = load_spec(args, servers[key].url, models, "distinct", len(models), ordinary, warmup=2 * len(models),
+                             seed=args.seed + args.repeats)  # a seed no round takes
             asyncio.run(lt.run_load(spec))
         for round_ in range(args.repeats):
             for label, key, models, is_loradock in configs:
-                spec = load_spec(args, servers[key].url, models, "distinct", args.requests, ordinary, warmup=0)
+                spec = load_spec(args, servers[key].url, models, "distinct", args.requests, ordinary, warmup=0,
+                                 seed=args.seed + round_)
                 row, result = measure(spec, servers[key], everyone, args, is_loradock)
                 measured[label].runs.append(row)
                 if row is measured[label].best:
@@ -520,7 +524,8 @@ def sweep(args, setup: Setup, ordinary: list[int]) -> list[dict]:
             print(f"sweep: {system}, {k} adapters, {slots} device slots", file=sys.stderr, flush=True)
             with server:
                 # no warm-up of the adapters: the first request of each adapter finds it cold (on disk)
-                spec = load_spec(args, server.url, names, "zipf:1.0", args.sweep_requests, ordinary, warmup=0)
+                spec = load_spec(args, server.url, names, "zipf:1.0", args.sweep_requests, ordinary, warmup=0,
+                                 seed=args.seed)
                 row, _ = measure(spec, server, [server], args, system.startswith("loradock"))
             rows.append({"system": system, "adapters": k, "slots": slots, **row})
             print(f"  {row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, cold TTFT p50 "
@@ -583,7 +588,8 @@ def profile_loradock(args, server: Server, names: list[str], ordinary: list[int]
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     time.sleep(1.0)
     try:
-        spec = load_spec(args, server.url, names, "distinct", args.requests, ordinary, warmup=0)
+        spec = load_spec(args, server.url, names, "distinct", args.requests, ordinary, warmup=0,
+                         seed=args.seed + args.repeats + 1)
         result = asyncio.run(lt.run_load(spec))
     finally:
         spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT

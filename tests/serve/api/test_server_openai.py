@@ -240,9 +240,9 @@ def test_reload_changes_outputs_for_new_requests_only(model_dir, adapters, promp
     assert new_ids == v2
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir, tmp_path):
+def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir):
     port = free_port()
-    env = {**os.environ, "LORADOCK_CACHE_DIR": str(tmp_path / "cache")}
+    env = dict(os.environ)  # the session's cache (conftest), its compiled CPU ops built once
     process = subprocess.Popen(
         [sys.executable, "-m", "loradock", "serve", "--model", str(model_dir("llama")), "--port", str(port),
          "--max-gpu-adapters", "0", "--drain-timeout", "60"],
