@@ -3,17 +3,17 @@
     python -m loradock.loadtest.ab_bench --variant helper: --variant no-helper:LORADOCK_CPU_LORA_HELPER=off \\
         --adapters 8 --rounds 8 [--model DIR|NAME] [--serve-arg=--max-num-seqs=32 ...]
 
-Every variant's server runs at once (an idle server costs ~1% of a core); each round loads every variant in turn,
-the order rotating from round to round, so a slow stretch of a shared machine hits each variant alike. The load is
+Every variant's server runs at once (an idle server costs ~1% of a core); each round loads every variant in turn, the
+order rotating from round to round, so a slow stretch of a shared machine hits each variant alike. The load is
 `loradock loadtest`'s: `--requests` at `--concurrency`, prompts of `--prompt-len` random token ids, `--max-tokens`
-new tokens each (greedy, streamed), request i naming adapter i mod `--adapters` (`--adapters 0`: the base model),
-new prompts each round (the same for every variant: a server's prefix cache never finds an earlier round's).
-Per variant: output tokens/s, TTFT p50, and the server's CPU seconds per 1000 output tokens, per round; then the
-medians, and each variant's tokens/s over the first's in the same round (the paired ratio: a machine whose speed
-drifts during the run moves both sides of it alike), their median and range. A variant is `NAME:` (no change),
-`NAME:VAR=VALUE,VAR=VALUE`, with `--variant-args NAME=--flag=value,...` adding `loradock serve` flags to one variant,
-and `--dora-variant NAME` giving it DoRA adapters (the same rank, targets and seeds, plus magnitude vectors) instead
-of plain ones. DoRA's cost:
+new tokens each (greedy, streamed), request i naming adapter i mod `--adapters` (`--adapters 0`: the base model), new
+prompts each round (the same for every variant: a server's prefix cache never finds an earlier round's). Per variant:
+output tokens/s, TTFT p50, and the server's CPU seconds per 1000 output tokens (and the kernel's part of them: page
+faults, fresh memory zeroed), per round; then the medians, and each variant's tokens/s over the first's in the same
+round (the paired ratio: a machine whose speed drifts during the run moves both sides of it alike), their median and
+range. A variant is `NAME:` (no change), `NAME:VAR=VALUE,VAR=VALUE`, with `--variant-args NAME=--flag=value,...`
+adding `loradock serve` flags to one variant, and `--dora-variant NAME` giving it DoRA adapters (the same rank,
+targets and seeds, plus magnitude vectors) instead of plain ones. DoRA's cost:
 
     python -m loradock.loadtest.ab_bench --variant plain: --variant dora: --dora-variant dora --adapters 8 --rank 16
 
@@ -79,6 +79,7 @@ def run_round(variant: Variant, server: Server, servers: list[Server], spec: lt.
         "output_tokens_per_s": report["output_tokens_per_s"],
         "ttft_p50_ms": report["latency_ms"]["ttft"]["p50"],
         "server_cpu_s_per_1k_tokens": 1000 * watch.cores["servers"] * report["duration_s"] / max(tokens, 1),
+        "server_kernel_s_per_1k_tokens": 1000 * watch.cores["servers_kernel"] * report["duration_s"] / max(tokens, 1),
         "server_cores": watch.cores["servers"],
         "others_cores": watch.cores["others"],
         "errors": report["requests"] - report["ok"],
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
                 row = run_round(variant, server, servers, spec, args)
                 print(f"round {round_index + 1} {variant.name:>12}: {row['output_tokens_per_s']:7.1f} tok/s, TTFT p50 "
                       f"{row['ttft_p50_ms']:7.1f} ms, {row['server_cpu_s_per_1k_tokens']:.2f} server CPU s per 1k "
-                      f"tokens, others {row['others_cores']:.2f} cores", flush=True)
+                      f"tokens ({row['server_kernel_s_per_1k_tokens']:.2f} in the kernel), others "
+                      f"{row['others_cores']:.2f} cores", flush=True)
     finally:
         for server in started:
             server.__exit__()
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {variant.name:>12}: {tok:7.1f} tok/s; to {first.name}, round by round: median "
               f"{statistics.median(ratios):.3f}, {min(ratios):.2f}-{max(ratios):.2f}; TTFT p50 "
               f"{variant.median('ttft_p50_ms'):.0f} ms, server CPU s per 1k tokens "
-              f"{variant.median('server_cpu_s_per_1k_tokens'):.2f}")
+              f"{variant.median('server_cpu_s_per_1k_tokens'):.2f} "
+              f"({variant.median('server_kernel_s_per_1k_tokens'):.2f} in the kernel)")
     if args.json:
         Path(args.json).write_text(json.dumps({v.name: {"env": v.env, "serve_args": v.serve_args, "dora": v.dora,
                                                          "rounds": v.rounds} for v in args.variant}, indent=1))

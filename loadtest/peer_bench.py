@@ -175,7 +175,11 @@ class Server:
 
     def cpu_ticks(self) -> int:
         """utime + stime of every live process in this server's session."""
-        return sum(ticks for sid, ticks in _process_ticks() if sid == self.process.pid)
+        return sum(user + kernel for sid, user, kernel in _process_ticks() if sid == self.process.pid)
+
+    def kernel_ticks(self) -> int:
+        """stime alone: what the kernel spent for it (page faults: zeroing fresh memory, among others)."""
+        return sum(kernel for sid, _, kernel in _process_ticks() if sid == self.process.pid)
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples (loradock's /metrics), name{labels} -> value."""
@@ -213,7 +217,7 @@ def _process_ticks():
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        yield int(fields[3]), int(fields[11]) + int(fields[12])  # session id, utime + stime
+        yield int(fields[3]), int(fields[11]), int(fields[12])  # session id, utime, stime
 
 
 def _busy_ticks() -> int:
@@ -232,6 +236,7 @@ class CpuWatch:
         self.t0, self.busy0 = time.perf_counter(), _busy_ticks()
         self.own0 = time.process_time()
         self.server0 = sum(s.cpu_ticks() for s in self.servers)
+        self.kernel0 = sum(s.kernel_ticks() for s in self.servers)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -239,7 +244,8 @@ class CpuWatch:
         busy = (_busy_ticks() - self.busy0) / HZ
         server = (sum(s.cpu_ticks() for s in self.servers) - self.server0) / HZ
         own = time.process_time() - self.own0
-        self.cores = {"servers": server / wall, "load_generator": own / wall,
+        kernel = (sum(s.kernel_ticks() for s in self.servers) - self.kernel0) / HZ
+        self.cores = {"servers": server / wall, "servers_kernel": kernel / wall, "load_generator": own / wall,
                       "others": max(busy - server - own, 0.0) / wall}
 
 
