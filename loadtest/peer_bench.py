@@ -173,13 +173,11 @@ class Server:
         self.process = None
         self.log.close()
 
-    def cpu_ticks(self) -> int:
-        """utime + stime of every live process in this server's session."""
-        return sum(user + kernel for sid, user, kernel in _process_ticks() if sid == self.process.pid)
-
-    def kernel_ticks(self) -> int:
-        """stime alone: what the kernel spent for it (page faults: zeroing fresh memory, among others)."""
-        return sum(kernel for sid, _, kernel in _process_ticks() if sid == self.process.pid)
+    def ticks(self) -> tuple[int, int]:
+        """(utime, stime) of every live process in this server's session, from one pass over /proc; stime is what
+        the kernel spent for it (page faults: zeroing fresh memory, among others)."""
+        mine = [(user, kernel) for sid, user, kernel in _process_ticks() if sid == self.process.pid]
+        return sum(user for user, _ in mine), sum(kernel for _, kernel in mine)
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples (loradock's /metrics), name{labels} -> value."""
@@ -235,16 +233,20 @@ class CpuWatch:
     def __enter__(self) -> Self:
         self.t0, self.busy0 = time.perf_counter(), _busy_ticks()
         self.own0 = time.process_time()
-        self.server0 = sum(s.cpu_ticks() for s in self.servers)
-        self.kernel0 = sum(s.kernel_ticks() for s in self.servers)
+        self.user0, self.kernel0 = self._server_ticks()
         return self
+
+    def _server_ticks(self) -> tuple[int, int]:
+        ticks = [s.ticks() for s in self.servers]
+        return sum(user for user, _ in ticks), sum(kernel for _, kernel in ticks)
 
     def __exit__(self, *exc) -> None:
         wall = time.perf_counter() - self.t0
         busy = (_busy_ticks() - self.busy0) / HZ
-        server = (sum(s.cpu_ticks() for s in self.servers) - self.server0) / HZ
+        user, kernel = self._server_ticks()
+        kernel = (kernel - self.kernel0) / HZ
+        server = (user - self.user0) / HZ + kernel
         own = time.process_time() - self.own0
-        kernel = (sum(s.kernel_ticks() for s in self.servers) - self.kernel0) / HZ
         self.cores = {"servers": server / wall, "servers_kernel": kernel / wall, "load_generator": own / wall,
                       "others": max(busy - server - own, 0.0) / wall}
 
