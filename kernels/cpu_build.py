@@ -1,6 +1,6 @@
 """The compiled CPU ops (`cpu_ops.cpp`: the gathered-LoRA kernel of `cpu_lora.cpp`, the chunked linears of
-`cpu_linear.cpp`, the fused layer ops of `cpu_fused.cpp` and the attention against the paged KV cache of
-`cpu_attention.cpp`, each for float32 and bfloat16 tensors), built on first use and cached.
+`cpu_linear.cpp`, the fused layer ops of `cpu_fused.cpp`, the attention against the paged KV cache of
+`cpu_attention.cpp` and the greedy tokens of `cpu_greedy.cpp`, each for float32 and bfloat16 tensors), built on first use and cached.
 
 They are compiled with torch's extension loader (needs a C++ compiler and ninja; about half a minute on an idle
 2-core machine) for this machine's CPU (`-march=native`), and cached under `$LORADOCK_CACHE_DIR` or the user cache
@@ -26,7 +26,7 @@ from .cpu_features import cpu_flags_line
 log = logging.getLogger("loradock.kernels")
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "cpu_lora.cpp", "cpu_linear.cpp",
-                                                      "cpu_fused.cpp", "cpu_attention.cpp")]
+                                                      "cpu_fused.cpp", "cpu_attention.cpp", "cpu_greedy.cpp")]
 # included by the sources: part of the build's key
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_element.h", "cpu_helper.h", "cpu_linear.h")]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the tensors' dtypes the compiled ops take

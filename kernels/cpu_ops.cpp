@@ -33,6 +33,8 @@ void cached_attention(at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tens
                       at::Tensor kv_index, at::Tensor query_pos, double scale,
                       int64_t window);  // cpu_attention.cpp
 
+at::Tensor greedy_tokens(at::Tensor logits);  // cpu_greedy.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Like torch's own ops they run without the GIL: the server's event loop thread goes on meanwhile.
   // The output affine's three tensors come last and default to None (no slot mapped).
@@ -64,4 +66,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cached_attention", &cached_attention,
         "query tokens against the paged KV cache, in place (float32 or bfloat16, CPU)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("greedy_tokens", &greedy_tokens, "each row's argmax, as torch.argmax (float32 or bfloat16 logits, CPU)",
+        py::arg("logits"), py::call_guard<py::gil_scoped_release>());
 }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ...kernels.cpu_build import KERNEL_DTYPES, cpu_ops
 from .guide import Guide
 
 
@@ -103,8 +104,7 @@ def sample(
 ) -> tuple[list[int], list[Logprobs | None]]:
     """Pick one token per row; with it, log-probabilities for the rows that asked. Greedy rows by one argmax,
     sampled rows together (`_sample_rows`); everything the host needs comes back in one transfer."""
-    # [N]: greedy everywhere, sampled rows overwritten below; from float32, where the CPU's argmax is twice as fast
-    tokens = logits.float().argmax(dim=-1)
+    tokens = greedy_tokens(logits)  # [N]: greedy everywhere, sampled rows overwritten below
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)  # [n]
@@ -122,6 +122,16 @@ def sample(
     for i, row_logprobs in zip(asking, _unpack(host[len(params) :], tops)):
         logprobs[i] = row_logprobs
     return [int(t) for t in host[: len(params)]], logprobs
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax, [N, vocab] -> [N] int64: on the CPU through the compiled ops (torch's argmax takes 2 ms of
+    a decode step of 32 rows over a 49152-token vocabulary; loadtest/RESULTS.md, "Greedy tokens"), elsewhere torch's
+    from float32, where the CPU's argmax is twice as fast as from bfloat16."""
+    compiled = cpu_ops() if logits.device.type == "cpu" and logits.dtype in KERNEL_DTYPES else None
+    if compiled is None or logits.stride(-1) != 1:
+        return logits.float().argmax(dim=-1)
+    return compiled.greedy_tokens(logits)
 
 
 def score_tokens(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[Logprobs]:
