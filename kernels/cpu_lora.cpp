@@ -14,7 +14,9 @@
 //
 // A decode step reads every used slot's weights once, mostly from memory (a step's adapter weights rarely stay
 // in the caches between steps), so the last tile of a segment prefetches the next segment's weights, row by row,
-// as it reads its own.
+// as it reads its own; and the shrink prefetches the tile's own B, a rank row per row of A it reads, so B streams in
+// while the shrink runs instead of when the expand asks for it (loadtest/RESULTS.md, "Greedy tokens, and the AMX
+// host again").
 //
 // Two entry points: lora_apply adds the deltas into y (tiles spread over torch's intra-op threads); lora_linear
 // is a whole LoRA layer, the base linear plus the deltas, the base GEMM's chunks and the kernel's tiles shared by
@@ -175,7 +177,7 @@ void dot_rows(float (&dots)[kTile], const BFloat16* const* xs, const BFloat16* _
 }
 #endif
 
-// h[k][j] = scale * x_j . A[k0 + k] for the TL tokens x_j, k < count
+// h[k][j] = scale * x_j . A[k0 + k] for the TL tokens x_j, k < count; B's rows k0 .. k0 + count prefetched meanwhile
 template <int TL, typename T>
 void shrink(float (*h)[kTile], const T* const* xs, const SlotWeights<T>& w, int64_t in, int64_t k0, int64_t count,
             const NextWeights<T>& next) {
@@ -184,6 +186,8 @@ void shrink(float (*h)[kTile], const T* const* xs, const SlotWeights<T>& w, int6
     if (next.A != nullptr)  // one 64-byte line per prefetch, into L2
       for (int64_t c = 0; c < in; c += kLine<T>)
         __builtin_prefetch(next.A + (k0 + k) * w.a_rank_stride + c, 0, 2);
+    for (int64_t o = 0; o < w.out; o += kLine<T>)  // rank row k of this tile's B, read by the expand next
+      __builtin_prefetch(w.B + (k0 + k) * w.b_rank_stride + o, 0, 2);
     float dots[kTile];
     dot_rows<TL>(dots, xs, a, in);
     for (int j = 0; j < TL; ++j) h[k][j] = dots[j] * w.scale;
