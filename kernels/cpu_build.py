@@ -1,6 +1,7 @@
 """The compiled CPU ops (`cpu_ops.cpp`: the gathered-LoRA kernel of `cpu_lora.cpp`, the chunked linears of
 `cpu_linear.cpp`, the fused layer ops of `cpu_fused.cpp`, the attention against the paged KV cache of
-`cpu_attention.cpp` and the greedy tokens of `cpu_greedy.cpp`, each for float32 and bfloat16 tensors), built on first use and cached.
+`cpu_attention.cpp` and the greedy tokens of `cpu_greedy.cpp`, each for float32 and bfloat16 tensors), built on
+first use and cached.
 
 They are compiled with torch's extension loader (needs a C++ compiler and ninja; about half a minute on an idle
 2-core machine) for this machine's CPU (`-march=native`), and cached under `$LORADOCK_CACHE_DIR` or the user cache

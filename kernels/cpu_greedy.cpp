@@ -1,7 +1,7 @@
-// The greedy token of each row of a step's logits, for the CPU: torch's argmax over a [N, vocab] row runs at well
-// under a float per cycle on one thread (2.1 ms for 32 rows of a 49152-token vocabulary in float32, plus 0.4 ms to
-// widen bfloat16 logits first); two vectorized passes over each row, the rows shared with the helper thread, take a
-// fraction of that (loadtest/RESULTS.md, "Greedy tokens").
+// The greedy token of each row of a step's logits, for the CPU: torch's argmax scans a row one element at a time on
+// one thread (and bfloat16 logits are widened first), which over a large vocabulary costs a decode step as much as
+// some of its layers; two vectorized passes over each row, the rows shared with the helper thread, take a fraction
+// of that (figures: loadtest/RESULTS.md, "Greedy tokens, and the AMX host again").
 //
 // Same answer as torch.argmax: the first index of the row's largest value, NaN counting as larger than any number
 // (the first NaN wins where there is one).

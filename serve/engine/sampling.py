@@ -125,9 +125,9 @@ def sample(
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's argmax, [N, vocab] -> [N] int64: on the CPU through the compiled ops (torch's argmax takes 2 ms of
-    a decode step of 32 rows over a 49152-token vocabulary; loadtest/RESULTS.md, "Greedy tokens"), elsewhere torch's
-    from float32, where the CPU's argmax is twice as fast as from bfloat16."""
+    """Each row's argmax, [N, vocab] -> [N] int64: on the CPU through the compiled ops (torch's argmax there is a
+    scalar scan, milliseconds a step over a large vocabulary: loadtest/RESULTS.md, "Greedy tokens, and the AMX host
+    again"), elsewhere torch's, from float32."""
     compiled = cpu_ops() if logits.device.type == "cpu" and logits.dtype in KERNEL_DTYPES else None
     if compiled is None or logits.stride(-1) != 1:
         return logits.float().argmax(dim=-1)
